@@ -1,0 +1,183 @@
+"""Argument checks shared by every backend: each failure names the argument, expected and given."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """``3 -> (3, 3)``; ``(2, 3) -> (2, 3)``; anything else raises naming ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, Sequence) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return int(value[0]), int(value[1])
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def require_tensor(t: object, name: str, ndim: int) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    return t
+
+
+def require_like(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
+    """``t`` must share ``ref``'s dtype and device."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
+
+
+def check_deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    mask: Tensor | None,
+) -> tuple[int, int]:
+    """Validate a deform_conv2d call; returns (weight groups, offset groups)."""
+    require_tensor(input, "input", 4)
+    require_tensor(offset, "offset", 4)
+    require_tensor(weight, "weight", 4)
+    require_like(offset, input, "offset", "input")
+    require_like(weight, input, "weight", "input")
+    if bias is not None:
+        require_tensor(bias, "bias", 1)
+        require_like(bias, input, "bias", "input")
+    if mask is not None:
+        require_tensor(mask, "mask", 4)
+        require_like(mask, input, "mask", "input")
+    if min(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if min(padding) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+
+    n, c, h, w = input.shape
+    out_c, c_per_group, kh, kw = weight.shape
+    if kh < 1 or kw < 1 or c_per_group < 1 or out_c < 1:
+        raise ValueError(f"weight must have non-empty dimensions, got shape {tuple(weight.shape)}")
+    if c % c_per_group != 0:
+        raise ValueError(
+            f"weight expects {c_per_group} input channels per group, which does not divide "
+            f"input's {c} channels (input shape {tuple(input.shape)}, weight shape {tuple(weight.shape)})"
+        )
+    groups = c // c_per_group
+    if out_c % groups != 0:
+        raise ValueError(f"weight's {out_c} output channels are not divisible by the {groups} groups implied by input")
+    if bias is not None and bias.shape[0] != out_c:
+        raise ValueError(f"bias must have shape ({out_c},), got {tuple(bias.shape)}")
+
+    ho = (h + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
+    wo = (w + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"input of spatial size {(h, w)} is too small for kernel {(kh, kw)}, dilation {dilation}, "
+            f"padding {padding}: output would be {(ho, wo)}"
+        )
+    taps = kh * kw
+    if offset.shape[0] != n or offset.shape[2:] != (ho, wo) or offset.shape[1] % (2 * taps) != 0 or offset.shape[1] == 0:
+        raise ValueError(
+            f"offset must have shape ({n}, 2*offset_groups*{kh}*{kw}, {ho}, {wo}) for input {tuple(input.shape)} "
+            f"and weight {tuple(weight.shape)}, got {tuple(offset.shape)}"
+        )
+    offset_groups = offset.shape[1] // (2 * taps)
+    if c % offset_groups != 0:
+        raise ValueError(f"offset implies {offset_groups} offset groups, which does not divide input's {c} channels")
+    if mask is not None and tuple(mask.shape) != (n, offset_groups * taps, ho, wo):
+        raise ValueError(
+            f"mask must have shape {(n, offset_groups * taps, ho, wo)} (offset_groups={offset_groups}), "
+            f"got {tuple(mask.shape)}"
+        )
+    return groups, offset_groups
+
+
+def rois_to_tensor(rois: Tensor | Sequence[Tensor], input: Tensor) -> Tensor:
+    """Accept (K, 5) ``[batch_index, x1, y1, x2, y2]`` or a list of per-image (Ki, 4) boxes; return (K, 5)."""
+    if isinstance(rois, Tensor):
+        if rois.dim() != 2 or rois.shape[1] != 5:
+            raise ValueError(f"rois must have shape (K, 5) [batch_index, x1, y1, x2, y2], got {tuple(rois.shape)}")
+        require_like(rois, input, "rois", "input")
+        return rois
+    if isinstance(rois, (list, tuple)):
+        parts = []
+        for i, boxes in enumerate(rois):
+            if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
+                shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+                raise ValueError(f"rois[{i}] must be a (Ki, 4) tensor of [x1, y1, x2, y2], got {shape}")
+            require_like(boxes, input, f"rois[{i}]", "input")
+            parts.append(torch.cat([boxes.new_full((boxes.shape[0], 1), float(i)), boxes], dim=1))
+        if not parts:
+            return input.new_zeros((0, 5))
+        return torch.cat(parts, dim=0)
+    raise TypeError(f"rois must be a (K, 5) tensor or a list of (Ki, 4) tensors, got {type(rois).__name__}")
+
+
+def check_roi_pool(
+    input: Tensor,
+    rois: Tensor,
+    offset: Tensor | None,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    position_sensitive: bool,
+) -> int:
+    """Validate a deformable (PS) RoI pooling call; returns the number of output channels."""
+    require_tensor(input, "input", 4)
+    ph, pw = output_size
+    if ph < 1 or pw < 1:
+        raise ValueError(f"output_size must be positive, got {output_size}")
+    if sampling_ratio < 1:
+        raise ValueError(f"sampling_ratio must be >= 1, got {sampling_ratio}")
+    if not spatial_scale > 0:
+        raise ValueError(f"spatial_scale must be > 0, got {spatial_scale}")
+    c = input.shape[1]
+    if position_sensitive:
+        if c % (ph * pw) != 0:
+            raise ValueError(
+                f"input channels ({c}) must be divisible by output_size[0]*output_size[1] = {ph * pw} "
+                f"for position-sensitive pooling (input shape {tuple(input.shape)})"
+            )
+        out_c = c // (ph * pw)
+    else:
+        out_c = c
+    k = rois.shape[0]
+    if k > 0:
+        idx = rois[:, 0]
+        if bool(((idx < 0) | (idx >= input.shape[0]) | (idx != idx.floor())).any()):
+            bad = idx[(idx < 0) | (idx >= input.shape[0]) | (idx != idx.floor())][0].item()
+            raise ValueError(
+                f"rois[:, 0] must hold integer batch indices in [0, {input.shape[0] - 1}] for input of batch "
+                f"{input.shape[0]}, got {bad}"
+            )
+    if offset is not None:
+        require_tensor(offset, "offset", 4)
+        require_like(offset, input, "offset", "input")
+        if offset.shape[0] != k or offset.shape[1] % 2 != 0 or offset.shape[1] == 0:
+            raise ValueError(
+                f"offset must have shape ({k}, 2*n, P, P) for {k} rois (n offset classes), got {tuple(offset.shape)}"
+            )
+        if offset.shape[2] < 1 or offset.shape[3] < 1:
+            raise ValueError(f"offset must have a non-empty part grid, got shape {tuple(offset.shape)}")
+        n_cls = offset.shape[1] // 2
+        if out_c % n_cls != 0:
+            raise ValueError(
+                f"offset has {n_cls} offset classes, which must divide the {out_c} output channels "
+                f"(offset shape {tuple(offset.shape)}, input shape {tuple(input.shape)})"
+            )
+    return out_c

@@ -1,0 +1,140 @@
+"""Deformable convolution (paper section 2.1): functional op and module."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from ._validate import check_deform_conv2d, pair
+from .dispatch import backend_for, deform_conv2d_op
+
+
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Deformable convolution; a drop-in for ``torchvision.ops.deform_conv2d``.
+
+    Args:
+        input: (N, C, H, W).
+        offset: (N, 2*G*kh*kw, Ho, Wo); for offset group g and tap k = i*kw + j, channel
+            2k of the group's block is the row offset dy and 2k+1 the column offset dx, in pixels.
+        weight: (O, C/groups, kh, kw); the weight groups follow from C / weight.shape[1].
+        bias: (O,) or None.
+        stride, padding, dilation: int or (h, w).
+        mask: (N, G*kh*kw, Ho, Wo) modulation (v2), or None (v1).
+
+    Returns:
+        (N, O, Ho, Wo).
+    """
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    backend = backend_for(input)
+    if backend == "reference":
+        return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    return deform_conv2d_op(
+        input.contiguous(), offset.contiguous(), weight.contiguous(),
+        None if bias is None else bias.contiguous(), None if mask is None else mask.contiguous(),
+        list(stride), list(padding), list(dilation), backend,
+    )
+
+
+class DeformConv2d(nn.Module):
+    """A deformable convolution that owns its offset branch (and mask branch when ``modulated``).
+
+    The offset branch is a conv with the same kernel, stride, padding and dilation on the same input,
+    producing 2*offset_groups*kh*kw channels (3*... with the mask), initialized to zero: a fresh layer
+    computes exactly the plain convolution (v1), or the plain convolution scaled by sigmoid(0) = 0.5
+    (v2, as in DCNv2).
+
+    Input (N, in_channels, H, W) -> (N, out_channels, Ho, Wo). The offset branch trains at the base
+    learning rate (``offset_lr_mult`` = beta = 1, paper section 2.3).
+    """
+
+    offset_lr_mult = 1.0
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        offset_groups: int = 1,
+        bias: bool = True,
+        modulated: bool = False,
+    ) -> None:
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels ({out_channels})")
+        if in_channels % offset_groups:
+            raise ValueError(f"offset_groups ({offset_groups}) must divide in_channels ({in_channels})")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
+        self.dilation = pair(dilation, "dilation")
+        self.groups, self.offset_groups, self.modulated = groups, offset_groups, modulated
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        self.offset_conv = nn.Conv2d(
+            in_channels, (3 if modulated else 2) * offset_groups * taps, self.kernel_size,
+            stride=self.stride, padding=self.padding, dilation=self.dilation, bias=True,
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weight and bias as ``nn.Conv2d``; offset (and mask) branch zero."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight.shape[1] * self.kernel_size[0] * self.kernel_size[1]
+            nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        nn.init.zeros_(self.offset_conv.weight)
+        nn.init.zeros_(self.offset_conv.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        offset, mask = self.offsets(input)
+        return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
+    def offsets(self, input: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The offset branch: (N, 2*G*kh*kw, Ho, Wo) offsets and the (N, G*kh*kw, Ho, Wo) mask or None."""
+        out = self.offset_conv(input)
+        if not self.modulated:
+            return out, None
+        n_offset = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
+        return out[:, :n_offset], torch.sigmoid(out[:, n_offset:])
+
+    def offset_parameters(self) -> list[nn.Parameter]:
+        return list(self.offset_conv.parameters())
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"offset_groups={self.offset_groups}, bias={self.bias is not None}, modulated={self.modulated}"
+        )
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, offset_groups: int = 1, modulated: bool = False) -> "DeformConv2d":
+        """A deformable twin of ``conv`` holding the same weight and bias (fresh: same output)."""
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, offset_groups, conv.bias is not None, modulated,
+        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+

@@ -1,0 +1,214 @@
+"""Backend choice per call, and the kernel backends' registration as ``torch.library`` custom ops.
+
+Three backends compute the same operators:
+
+- ``reference``: pure PyTorch (``dcnbench.ops.reference``); any device, autograd of its own.
+- ``native``: C++ CPU kernels, built on first use (``dcnbench.ops.native``).
+- ``cuda``: CUDA kernels through cupy (``dcnbench.ops.cuda``).
+
+The kernel backends run inside the custom ops ``dcnbench::deform_conv2d`` and
+``dcnbench::deform_roi_pool`` (and their ``_backward`` twins), which carry fake implementations and
+autograd formulas, so ``torch.compile(fullgraph=True)`` traces through them.
+
+A call uses the first available of native (CPU) or cuda (CUDA), else the reference. Force one with
+``use_backend("reference")`` (a context manager) or the environment variable ``DCNBENCH_BACKEND``;
+``backend_for(tensor)`` tells which one a call on that tensor would use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("reference", "native", "cuda")
+_KERNEL_MODULES = {"native": "dcnbench.ops.native", "cuda": "dcnbench.ops.cuda"}
+_local = threading.local()
+_warned: set[str] = set()
+
+
+def _kernel_module(name: str) -> ModuleType:
+    return importlib.import_module(_KERNEL_MODULES[name])
+
+
+def backend_status(name: str) -> tuple[bool, str]:
+    """(available, one-line reason) for backend ``name``; may build the native extension."""
+    if name == "reference":
+        return True, "pure PyTorch, any device"
+    if name not in _KERNEL_MODULES:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return _kernel_module(name).status()
+
+
+def available_backends() -> dict[str, str]:
+    """Every backend with its status line, e.g. ``{"native": "available: built ...", ...}``."""
+    result = {}
+    for name in BACKENDS:
+        ok, why = backend_status(name)
+        result[name] = ("available: " if ok else "unavailable: ") + why
+    return result
+
+
+def _forced() -> str | None:
+    name = getattr(_local, "forced", None) or os.environ.get("DCNBENCH_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"DCNBENCH_BACKEND / use_backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force backend ``name`` (or automatic choice with None) for calls in this thread."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous = getattr(_local, "forced", None)
+    _local.forced = name
+    try:
+        yield
+    finally:
+        _local.forced = previous
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def backend_for(tensor: Tensor) -> str:
+    """The backend a call on ``tensor`` runs on now."""
+    device_backend = {"cpu": "native", "cuda": "cuda"}.get(tensor.device.type)
+    forced = _forced()
+    if forced is not None:
+        if forced != "reference" and forced != device_backend:
+            raise ValueError(f"backend {forced!r} cannot run tensors on {tensor.device}")
+        if forced != "reference":
+            ok, why = backend_status(forced)
+            if not ok:
+                raise RuntimeError(f"backend {forced!r} was forced but is unavailable: {why}")
+        return forced
+    if device_backend is None:
+        return "reference"
+    ok, why = backend_status(device_backend)
+    if ok:
+        return device_backend
+    _warn_once(device_backend, f"dcnbench: {device_backend} backend unavailable ({why}); using the pure-PyTorch reference")
+    return "reference"
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops over the kernel backends.
+
+def _or_none(t: Tensor) -> Tensor | None:
+    return t if t.numel() > 0 else None
+
+
+def _conv_out_size(input: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
+    kh, kw = weight.shape[2:]
+    ho = (input.shape[2] + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
+    wo = (input.shape[3] + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+    return ho, wo
+
+
+@torch.library.custom_op("dcnbench::deform_conv2d", mutates_args=())
+def deform_conv2d_op(
+    input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], backend: str,
+) -> Tensor:
+    return _kernel_module(backend).deform_conv2d_forward(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+@deform_conv2d_op.register_fake
+def _(input, offset, weight, bias, mask, stride, padding, dilation, backend):
+    ho, wo = _conv_out_size(input, weight, stride, padding, dilation)
+    return input.new_empty((input.shape[0], weight.shape[0], ho, wo))
+
+
+@torch.library.custom_op("dcnbench::deform_conv2d_backward", mutates_args=())
+def deform_conv2d_backward_op(
+    grad_output: Tensor, input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns grads of (input, offset, weight, bias, mask); an absent bias/mask gets an empty tensor."""
+    gi, go, gw, gb, gm = _kernel_module(backend).deform_conv2d_backward(
+        grad_output, input, offset, weight, bias, stride, padding, dilation, mask
+    )
+    empty = input.new_empty((0,))
+    return gi, go, gw, empty if gb is None else gb, empty if gm is None else gm
+
+
+@deform_conv2d_backward_op.register_fake
+def _(grad_output, input, offset, weight, bias, mask, stride, padding, dilation, backend):
+    empty = input.new_empty((0,))
+    return (torch.empty_like(input), torch.empty_like(offset), torch.empty_like(weight),
+            empty if bias is None else torch.empty_like(bias), empty if mask is None else torch.empty_like(mask))
+
+
+def _deform_conv2d_setup(ctx, inputs, output):
+    input, offset, weight, bias, mask, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(input, offset, weight, bias, mask)
+    ctx.args = (stride, padding, dilation, backend)
+
+
+def _deform_conv2d_backward(ctx, grad_output):
+    input, offset, weight, bias, mask = ctx.saved_tensors
+    gi, go, gw, gb, gm = deform_conv2d_backward_op(grad_output.contiguous(), input, offset, weight, bias, mask, *ctx.args)
+    return gi, go, gw, _or_none(gb), _or_none(gm), None, None, None, None
+
+
+deform_conv2d_op.register_autograd(_deform_conv2d_backward, setup_context=_deform_conv2d_setup)
+
+
+@torch.library.custom_op("dcnbench::deform_roi_pool", mutates_args=())
+def deform_roi_pool_op(
+    input: Tensor, rois: Tensor, offset: Tensor | None, output_size: list[int], spatial_scale: float,
+    sampling_ratio: int, gamma: float, position_sensitive: bool, backend: str,
+) -> Tensor:
+    return _kernel_module(backend).roi_pool_forward(
+        input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive
+    )
+
+
+@deform_roi_pool_op.register_fake
+def _(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive, backend):
+    c = input.shape[1] // (output_size[0] * output_size[1]) if position_sensitive else input.shape[1]
+    return input.new_empty((rois.shape[0], c, output_size[0], output_size[1]))
+
+
+@torch.library.custom_op("dcnbench::deform_roi_pool_backward", mutates_args=())
+def deform_roi_pool_backward_op(
+    grad_output: Tensor, input: Tensor, rois: Tensor, offset: Tensor | None, output_size: list[int],
+    spatial_scale: float, sampling_ratio: int, gamma: float, position_sensitive: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Returns grads of (input, offset); without offset the second is an empty tensor."""
+    gi, go = _kernel_module(backend).roi_pool_backward(
+        grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive
+    )
+    return gi, input.new_empty((0,)) if go is None else go
+
+
+@deform_roi_pool_backward_op.register_fake
+def _(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive, backend):
+    return torch.empty_like(input), input.new_empty((0,)) if offset is None else torch.empty_like(offset)
+
+
+def _roi_pool_setup(ctx, inputs, output):
+    input, rois, offset, *args = inputs
+    ctx.save_for_backward(input, rois, offset)
+    ctx.args = args
+
+
+def _roi_pool_backward(ctx, grad_output):
+    input, rois, offset = ctx.saved_tensors
+    gi, go = deform_roi_pool_backward_op(grad_output.contiguous(), input, rois, offset, *ctx.args)
+    return gi, None, _or_none(go), None, None, None, None, None, None
+
+
+deform_roi_pool_op.register_autograd(_roi_pool_backward, setup_context=_roi_pool_setup)
