@@ -113,10 +113,12 @@ def roi_pool(
     device, dtype = input.device, input.dtype
     rois = rois.detach()
 
-    start_x = rois[:, 1].round() * spatial_scale - 0.5
-    start_y = rois[:, 2].round() * spatial_scale - 0.5
-    roi_w = ((rois[:, 3].round() + 1) * spatial_scale - 0.5 - start_x).clamp(min=0.1)
-    roi_h = ((rois[:, 4].round() + 1) * spatial_scale - 0.5 - start_y).clamp(min=0.1)
+    # C's round(): halves away from zero (torch.round would round them to even).
+    corners = rois[:, 1:].sign() * (rois[:, 1:].abs() + 0.5).floor()
+    start_x = corners[:, 0] * spatial_scale - 0.5
+    start_y = corners[:, 1] * spatial_scale - 0.5
+    roi_w = ((corners[:, 2] + 1) * spatial_scale - 0.5 - start_x).clamp(min=0.1)
+    roi_h = ((corners[:, 3] + 1) * spatial_scale - 0.5 - start_y).clamp(min=0.1)
     bin_w, bin_h = roi_w / pw, roi_h / ph
 
     i = torch.arange(ph, device=device, dtype=dtype)

@@ -1,0 +1,119 @@
+"""Modules own their offset branches; fresh (zero-initialized) layers equal their plain versions."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcnbench.ops import (
+    DeformConv2d,
+    DeformPSRoIPool,
+    DeformRoIPool,
+    backend_for,
+    deform_ps_roi_pool,
+    deform_roi_pool,
+    offset_param_groups,
+    use_backend,
+)
+
+
+def test_fresh_deform_conv_equals_conv2d(cpu_backend):
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2).double()
+    layer = DeformConv2d.from_conv(conv, offset_groups=2)
+    x = torch.randn(2, 4, 11, 9, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-12, atol=1e-12)
+    assert layer.offset_conv.out_channels == 2 * 2 * 9
+    assert (layer.offset_conv.kernel_size, layer.offset_conv.stride, layer.offset_conv.padding,
+            layer.offset_conv.dilation) == ((3, 3), (2, 2), (2, 2), (2, 2))
+
+
+def test_fresh_modulated_layer_is_half_conv_plus_bias(cpu_backend):
+    """Modulated (v2): mask = sigmoid(0) = 0.5 on every tap of a fresh layer."""
+    layer = DeformConv2d(3, 5, (3, 2), padding=1, modulated=True).double()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    want = 0.5 * F.conv2d(x, layer.weight, None, padding=1) + layer.bias.reshape(1, -1, 1, 1)
+    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+    offset, mask = layer.offsets(x)
+    assert offset.shape == (2, 12, 7, 8) and mask.shape == (2, 6, 7, 8)
+
+
+def test_offset_branch_learns(cpu_backend):
+    """Gradients reach the zero-initialized offset conv, so a fresh layer can start deforming."""
+    layer = DeformConv2d(2, 2, 3, padding=1)
+    layer(torch.randn(1, 2, 6, 6)).square().sum().backward()
+    assert layer.offset_conv.weight.grad.abs().sum() > 0
+
+
+def test_fresh_deform_roi_pool_equals_plain(cpu_backend):
+    pool = DeformRoIPool(3, output_size=3, spatial_scale=0.5, sampling_ratio=2).double()
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    rois = torch.tensor([[0, 1.0, 2.0, 12.0, 15.0], [1, 4.0, 0.0, 9.0, 9.0]], dtype=torch.float64)
+    want = deform_roi_pool(x, rois, None, 3, 0.5, 2)
+    torch.testing.assert_close(pool(x, rois), want, rtol=0, atol=0)
+    assert pool.offset_fc.in_features == 3 * 9 and pool.offset_fc.out_features == 2 * 9
+
+
+def test_fresh_deform_ps_roi_pool_equals_plain(cpu_backend):
+    pool = DeformPSRoIPool(in_channels=5, out_channels=4, output_size=3, spatial_scale=0.5,
+                           sampling_ratio=2, offset_groups=4).double()
+    scores = torch.randn(2, 4 * 9, 10, 10, dtype=torch.float64)
+    features = torch.randn(2, 5, 10, 10, dtype=torch.float64)
+    rois = [torch.tensor([[1.0, 2.0, 12.0, 15.0]], dtype=torch.float64),
+            torch.tensor([[4.0, 0.0, 9.0, 9.0]], dtype=torch.float64)]
+    torch.testing.assert_close(pool(scores, features, rois), deform_ps_roi_pool(scores, rois, None, 3, 0.5, 2),
+                               rtol=0, atol=0)
+    assert pool.offset_conv.out_channels == 2 * 4 * 9
+
+
+def test_offset_param_groups_apply_paper_multipliers():
+    """Base lr for the network, lr x 1 for conv offset branches, lr x 0.01 for the RoI offset fc."""
+    model = nn.ModuleDict({
+        "conv": DeformConv2d(2, 2, 3),
+        "pool": DeformRoIPool(2, output_size=3),
+        "head": nn.Linear(4, 4),
+    })
+    groups = offset_param_groups(model, lr=0.1, weight_decay=1e-4)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(lr_of) == len(list(model.parameters()))
+    fc_ids = {id(p) for p in model["pool"].offset_fc.parameters()}
+    for p in model.parameters():
+        assert lr_of[id(p)] == pytest.approx(0.001 if id(p) in fc_ids else 0.1)
+    assert all(g["weight_decay"] == 1e-4 for g in groups)
+
+
+def test_use_backend_forces_reference():
+    x = torch.randn(1, 2, 4, 4)
+    with use_backend("reference"):
+        assert backend_for(x) == "reference"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with use_backend("fortran"):
+            pass
+
+
+def test_environment_variable_forces_backend():
+    code = "import torch; from dcnbench.ops import backend_for; print(backend_for(torch.zeros(1)))"
+    env = {"DCNBENCH_BACKEND": "reference", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+
+
+def test_torch_compile_fullgraph_matches_eager(cpu_backend):
+    """A model using the deformable ops compiles with fullgraph=True; forward and grads equal eager."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), DeformConv2d(4, 4, 3, padding=1, modulated=True), nn.ReLU())
+    with torch.no_grad():
+        model[1].offset_conv.weight.normal_(0, 0.3)
+    x = torch.randn(2, 3, 8, 8)
+    eager = model(x)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,166 @@
+"""Deformable (PS) RoI pooling against a brute-force loop written from the semantics note."""
+
+import math
+
+import pytest
+import torch
+
+from dcnbench.ops import deform_ps_roi_pool, deform_roi_pool
+
+
+def c_round(v: float) -> float:
+    """C's round(): halves away from zero, as the released kernel rounds RoI corners."""
+    return math.copysign(math.floor(abs(v) + 0.5), v)
+
+
+def brute_force(input, rois, offset, k, scale, samples, gamma, position_sensitive):
+    """One scalar at a time, straight from shared/notes/operator-semantics.md (differentiable)."""
+    n, c_in, h, w = input.shape
+    c_out = c_in // (k * k) if position_sensitive else c_in
+    out = []
+    for r in range(rois.shape[0]):
+        b, x1, y1, x2, y2 = rois[r].tolist()
+        start_x = c_round(x1) * scale - 0.5
+        start_y = c_round(y1) * scale - 0.5
+        roi_w = max((c_round(x2) + 1) * scale - 0.5 - start_x, 0.1)
+        roi_h = max((c_round(y2) + 1) * scale - 0.5 - start_y, 0.1)
+        bin_w, bin_h = roi_w / k, roi_h / k
+        for c in range(c_out):
+            for i in range(k):
+                for j in range(k):
+                    dx = dy = 0.0
+                    if offset is not None:
+                        n_cls, parts = offset.shape[1] // 2, offset.shape[2]
+                        cls = c // (c_out // n_cls)
+                        pi, pj = math.floor(i / k * parts), math.floor(j / k * parts)
+                        dx = gamma * offset[r, 2 * cls, pi, pj] * roi_w
+                        dy = gamma * offset[r, 2 * cls + 1, pi, pj] * roi_h
+                    channel = (c * k + i) * k + j if position_sensitive else c
+                    plane = input[int(b), channel]
+                    total, count = 0.0, 0
+                    for v in range(samples):
+                        for u in range(samples):
+                            x = j * bin_w + start_x + dx + u * bin_w / samples
+                            y = i * bin_h + start_y + dy + v * bin_h / samples
+                            x = torch.as_tensor(x, dtype=input.dtype)
+                            y = torch.as_tensor(y, dtype=input.dtype)
+                            if x.item() < -0.5 or x.item() > w - 0.5 or y.item() < -0.5 or y.item() > h - 0.5:
+                                continue
+                            x, y = x.clamp(0, w - 1), y.clamp(0, h - 1)
+                            xf, yf = math.floor(x.item()), math.floor(y.item())
+                            xc, yc = math.ceil(x.item()), math.ceil(y.item())
+                            lx, ly = x - xf, y - yf
+                            total = total + ((1 - ly) * (1 - lx) * plane[yf, xf] + (1 - ly) * lx * plane[yf, xc]
+                                             + ly * (1 - lx) * plane[yc, xf] + ly * lx * plane[yc, xc])
+                            count += 1
+                    out.append(total / count if count else torch.zeros((), dtype=input.dtype))
+    if not out:
+        return input.new_zeros((0, c_out, k, k))
+    return torch.stack([torch.as_tensor(v, dtype=input.dtype) for v in out]).reshape(-1, c_out, k, k)
+
+
+def make_case(position_sensitive, n_cls=2, k=3, c_out=4, n=2, h=9, w=11, scale=0.5, dtype=torch.float64):
+    c_in = c_out * k * k if position_sensitive else c_out
+    input = torch.randn(n, c_in, h, w, dtype=dtype)
+    rois = torch.tensor([
+        [0, 2.0, 3.0, 14.0, 12.0],      # inside
+        [1, -6.0, -4.0, 8.0, 6.0],      # partly outside (top-left)
+        [1, 15.0, 10.0, 30.0, 25.0],    # partly outside (bottom-right)
+        [0, 40.0, 40.0, 60.0, 60.0],    # wholly outside
+        [1, 5.3, 7.7, 5.6, 7.9],        # degenerate: roi_w clamped to 0.1 region
+        [0, 2.5, -1.5, 9.5, 6.5],       # corners at halves: C round() goes away from zero
+    ], dtype=dtype)
+    offset = torch.randn(rois.shape[0], 2 * n_cls, k, k, dtype=dtype) * 1.5
+    return input, rois, offset, dict(output_size=k, spatial_scale=scale, sampling_ratio=2, gamma=0.1)
+
+
+OPS = [(deform_roi_pool, False), (deform_ps_roi_pool, True)]
+IDS = ["deform_roi_pool", "deform_ps_roi_pool"]
+
+
+def grads(fn, input, rois, offset, kw, grad_out=None):
+    x = input.detach().clone().requires_grad_()
+    o = None if offset is None else offset.detach().clone().requires_grad_()
+    out = fn(x, rois, o, **kw)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    return out.detach(), x.grad, None if o is None else o.grad, grad_out
+
+
+@pytest.mark.parametrize("with_offset", [True, False], ids=["offset", "no_offset"])
+@pytest.mark.parametrize("op,ps", OPS, ids=IDS)
+def test_matches_brute_force_loop(cpu_backend, op, ps, with_offset):
+    """Output, input gradient and offset gradient equal the per-element loop."""
+    input, rois, offset, kw = make_case(ps)
+    offset = offset if with_offset else None
+    out, gi, go, grad_out = grads(op, input, rois, offset, kw)
+
+    def loop(x, rois, o, output_size, spatial_scale, sampling_ratio, gamma):
+        return brute_force(x, rois, o, output_size, spatial_scale, sampling_ratio, gamma, ps)
+
+    want, wgi, wgo, _ = grads(loop, input, rois, offset, kw, grad_out)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gi, wgi, rtol=1e-10, atol=1e-12)
+    if with_offset:
+        torch.testing.assert_close(go, wgo, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("op,ps", OPS, ids=IDS)
+def test_gradcheck_float64(cpu_backend, op, ps):
+    """Input and offset gradients match finite differences (RoIs inside, partly and wholly outside)."""
+    input, rois, offset, kw = make_case(ps, c_out=2, n=2, h=7, w=8)
+    input.requires_grad_()
+    offset.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, o: op(x, rois, o, **kw), (input, offset), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op,ps", OPS, ids=IDS)
+def test_zero_offsets_equal_no_offsets(cpu_backend, op, ps):
+    input, rois, offset, kw = make_case(ps)
+    torch.testing.assert_close(op(input, rois, torch.zeros_like(offset), **kw), op(input, rois, None, **kw),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op,ps", OPS, ids=IDS)
+def test_list_of_boxes_equals_batch_index_format(cpu_backend, op, ps):
+    input, rois, offset, kw = make_case(ps)
+    order = torch.argsort(rois[:, 0], stable=True)
+    rois, offset = rois[order], offset[order]
+    boxes = [rois[rois[:, 0] == b, 1:] for b in range(input.shape[0])]
+    torch.testing.assert_close(op(input, boxes, offset, **kw), op(input, rois, offset, **kw), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op,ps", OPS, ids=IDS)
+def test_zero_rois_give_empty_result(cpu_backend, op, ps):
+    input, _, _, kw = make_case(ps)
+    rois = torch.zeros(0, 5, dtype=input.dtype)
+    offset = torch.zeros(0, 4, 3, 3, dtype=input.dtype)
+    input.requires_grad_()
+    out = op(input, rois, offset, **kw)
+    assert out.shape == (0, 4, 3, 3)
+    out.sum().backward()
+    assert torch.equal(input.grad, torch.zeros_like(input))
+
+
+def test_position_sensitive_channel_layout(cpu_backend):
+    """Output channel c at bin (i, j) reads input channel (c*k + i)*k + j and nothing else."""
+    k, c_out = 3, 2
+    input = torch.zeros(1, c_out * k * k, 6, 6, dtype=torch.float64)
+    for ch in range(c_out * k * k):
+        input[0, ch] = ch
+    rois = torch.tensor([[0, 0.0, 0.0, 5.0, 5.0]], dtype=torch.float64)
+    out = deform_ps_roi_pool(input, rois, None, output_size=k, sampling_ratio=2)
+    expected = torch.arange(c_out * k * k, dtype=torch.float64).reshape(1, c_out, k, k)
+    torch.testing.assert_close(out, expected)
+
+
+def test_class_specific_offsets_move_only_their_channels(cpu_backend):
+    """With n offset classes, shifting class 1's offsets changes only output channels of class 1."""
+    input, rois, offset, kw = make_case(True, n_cls=2, c_out=4)
+    base = deform_ps_roi_pool(input, rois, offset, **kw)
+    moved = offset.clone()
+    moved[:, 2:4] += 0.7
+    out = deform_ps_roi_pool(input, rois, moved, **kw)
+    torch.testing.assert_close(out[:, :2], base[:, :2], rtol=0, atol=0)
+    assert not torch.allclose(out[:, 2:], base[:, 2:])

@@ -1,0 +1,99 @@
+"""Bad input raises ValueError/TypeError naming the argument with expected vs given; never a crash."""
+
+import pytest
+import torch
+
+from dcnbench.ops import deform_conv2d, deform_ps_roi_pool, deform_roi_pool
+
+
+def conv_args(**overrides):
+    args = dict(
+        input=torch.randn(2, 4, 8, 8),
+        offset=torch.randn(2, 18, 8, 8),
+        weight=torch.randn(6, 4, 3, 3),
+        bias=None,
+        stride=1,
+        padding=1,
+        dilation=1,
+        mask=None,
+    )
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides,error,pattern",
+    [
+        (dict(input=torch.randn(4, 8, 8)), ValueError, r"input must be 4-D, got shape \(4, 8, 8\)"),
+        (dict(offset=torch.randn(2, 17, 8, 8)), ValueError, r"offset must have shape \(2, 2\*offset_groups\*3\*3, 8, 8\).*got \(2, 17, 8, 8\)"),
+        (dict(offset=torch.randn(2, 18, 7, 8)), ValueError, r"offset must have shape .*got \(2, 18, 7, 8\)"),
+        (dict(offset=torch.randn(3, 18, 8, 8)), ValueError, r"offset must have shape \(2, .*got \(3, 18, 8, 8\)"),
+        (dict(mask=torch.rand(2, 18, 8, 8)), ValueError, r"mask must have shape \(2, 9, 8, 8\).*got \(2, 18, 8, 8\)"),
+        (dict(weight=torch.randn(6, 3, 3, 3)), ValueError, r"weight expects 3 input channels per group.*input's 4 channels"),
+        (dict(weight=torch.randn(5, 2, 3, 3)), ValueError, r"5 output channels are not divisible by the 2 groups"),
+        (dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\), got \(5,\)"),
+        (dict(offset=torch.randn(2, 18, 8, 8, dtype=torch.float64)), TypeError, r"offset has dtype torch.float64 but input has dtype torch.float32"),
+        (dict(weight=torch.randn(6, 4, 3, 3).half()), TypeError, r"weight has dtype torch.float16"),
+        (dict(input=torch.randint(0, 3, (2, 4, 8, 8))), TypeError, r"input must be a floating-point tensor, got dtype torch.int64"),
+        (dict(input=torch.randn(2, 4, 8, 8).numpy()), TypeError, r"input must be a torch.Tensor, got ndarray"),
+        (dict(stride=0), ValueError, r"stride must be >= 1"),
+        (dict(padding=(1, 2, 3)), TypeError, r"padding must be an int or a pair of ints"),
+        (dict(input=torch.randn(2, 4, 1, 1), padding=0), ValueError, r"input of spatial size \(1, 1\) is too small"),
+        (dict(offset=torch.randn(2, 54, 8, 8)), ValueError, r"3 offset groups, which does not divide input's 4 channels"),
+    ],
+)
+def test_deform_conv2d_bad_input(overrides, error, pattern):
+    args = conv_args(**overrides)
+    with pytest.raises(error, match=pattern):
+        deform_conv2d(**args)
+
+
+def test_deform_conv2d_device_mismatch():
+    args = conv_args(offset=torch.randn(2, 18, 8, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"offset is on meta but input is on cpu"):
+        deform_conv2d(**args)
+
+
+def roi_args(**overrides):
+    args = dict(
+        input=torch.randn(2, 2 * 9, 8, 8),
+        rois=torch.tensor([[0, 0.0, 0.0, 4.0, 4.0], [1, 1.0, 1.0, 6.0, 6.0]]),
+        offset=None,
+        output_size=3,
+    )
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("op", [deform_roi_pool, deform_ps_roi_pool])
+@pytest.mark.parametrize(
+    "overrides,error,pattern",
+    [
+        (dict(rois=torch.randn(2, 4)), ValueError, r"rois must have shape \(K, 5\).*got \(2, 4\)"),
+        (dict(rois=torch.tensor([[2, 0.0, 0.0, 4.0, 4.0]])), ValueError, r"rois\[:, 0\] must hold integer batch indices in \[0, 1\].*got 2"),
+        (dict(rois=torch.tensor([[-1, 0.0, 0.0, 4.0, 4.0]])), ValueError, r"batch indices .* got -1"),
+        (dict(rois=torch.tensor([[0.5, 0.0, 0.0, 4.0, 4.0]])), ValueError, r"batch indices .* got 0.5"),
+        (dict(rois=[torch.randn(2, 5)]), ValueError, r"rois\[0\] must be a \(Ki, 4\) tensor"),
+        (dict(rois=torch.tensor([[0, 0.0, 0.0, 4.0, 4.0]], dtype=torch.float64)), TypeError, r"rois has dtype torch.float64"),
+        (dict(offset=torch.randn(3, 2, 3, 3)), ValueError, r"offset must have shape \(2, 2\*n, P, P\).*got \(3, 2, 3, 3\)"),
+        (dict(offset=torch.randn(2, 3, 3, 3)), ValueError, r"offset must have shape .*got \(2, 3, 3, 3\)"),
+        (dict(offset=torch.randn(2, 2, 3)), ValueError, r"offset must be 4-D"),
+        (dict(input=torch.randn(2, 18, 8)), ValueError, r"input must be 4-D"),
+        (dict(output_size=0), ValueError, r"output_size must be positive"),
+        (dict(sampling_ratio=0), ValueError, r"sampling_ratio must be >= 1"),
+        (dict(rois="boxes"), TypeError, r"rois must be a \(K, 5\) tensor or a list"),
+    ],
+)
+def test_roi_pool_bad_input(op, overrides, error, pattern):
+    with pytest.raises(error, match=pattern):
+        op(**roi_args(**overrides))
+
+
+def test_ps_roi_pool_channels_not_divisible():
+    with pytest.raises(ValueError, match=r"input channels \(10\) must be divisible by .* = 9"):
+        deform_ps_roi_pool(**roi_args(input=torch.randn(2, 10, 8, 8)))
+
+
+def test_offset_classes_must_divide_output_channels():
+    with pytest.raises(ValueError, match=r"offset has 4 offset classes, which must divide the 18 output channels"):
+        deform_roi_pool(**roi_args(offset=torch.randn(2, 8, 3, 3)))
