@@ -1,0 +1,100 @@
+"""Results CSVs: one row per finished run, written atomically; provenance of every row.
+
+Columns: the key (table, tier, task, variant, seed), the metrics of the run, then wall_s, device,
+threads, backend, config_hash, git_commit, date, machine, torch. A row is only written when its run
+has finished, by rewriting the file to a temporary sibling and ``os.replace``-ing it, so a sweep
+killed at any moment leaves the previous complete file.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+KEY_COLUMNS = ["table", "tier", "task", "variant", "seed"]
+PROVENANCE_COLUMNS = ["wall_s", "device", "threads", "backend", "config_hash", "git_commit", "date", "machine", "torch"]
+
+
+def git_commit() -> str:
+    """Short commit of the dcnbench checkout, with ``+dirty`` when it has uncommitted changes."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def machine() -> str:
+    """CPU model and core count, e.g. ``Intel Xeon ... x2``."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()}"
+
+
+def provenance() -> dict:
+    """The run-independent provenance columns."""
+    return {
+        "git_commit": git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(),
+        "torch": torch.__version__,
+    }
+
+
+def read_rows(path: Path) -> list[dict]:
+    """All rows of a results CSV (empty when the file does not exist)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Add ``row`` atomically: rewrite to ``<name>.tmp``, fsync, ``os.replace``.
+
+    Columns are the union of the existing ones and the row's, key first, provenance last.
+    """
+    rows = read_rows(path) + [{k: _format(v) for k, v in row.items()}]
+    metric_cols: list[str] = []
+    for r in rows:
+        metric_cols += [c for c in r if c not in KEY_COLUMNS + PROVENANCE_COLUMNS and c not in metric_cols]
+    columns = KEY_COLUMNS + metric_cols + PROVENANCE_COLUMNS
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        f.write(buffer.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def finished_keys(rows: list[dict]) -> set[tuple[str, str, int, str]]:
+    """(task, variant, seed, config_hash) of every row: the cells resume skips."""
+    return {(r["task"], r["variant"], int(r["seed"]), r["config_hash"]) for r in rows}

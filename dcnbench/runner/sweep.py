@@ -1,0 +1,106 @@
+"""Run a list of cells: resume, parallel worker processes, progress with ETA, one log per run."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .experiment import Cell
+from .results import KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, finished_keys, provenance, read_rows
+
+
+@dataclass
+class SweepReport:
+    ran: int
+    skipped: int
+    failed: list[tuple[str, str]]  # (cell name, log path)
+
+
+def _run_in_worker(config: dict, log_path: str, threads: int) -> dict:
+    """Worker entry: fixed thread count, log to file, return metrics + run provenance."""
+    import torch
+
+    from .train import run_cell
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            metrics = run_cell(config, log)
+        except Exception:
+            log.write(traceback.format_exc())
+            raise
+    metrics["wall_s"] = round(time.perf_counter() - start, 2)
+    metrics["threads"] = threads
+    return metrics
+
+
+def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, jobs: int = 1,
+              console: Console | None = None) -> SweepReport:
+    """Run every cell not already in ``csv_path``; append one row per finished run.
+
+    Cells run in ``jobs`` worker processes (spawned, one cell each) with ``cpu_count // jobs``
+    threads apiece; only this process writes the CSV. A failing cell is logged and reported; the
+    others go on.
+    """
+    console = console or Console()
+    done = finished_keys(read_rows(csv_path))
+    todo = [c for c in cells if c.key not in done]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    failed: list[tuple[str, str]] = []
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress, ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
+    ) as pool:
+        bar = progress.add_task(f"{csv_path.stem}", total=len(todo))
+        pending = {}
+        queue = list(todo)
+        while queue or pending:
+            while queue and len(pending) < jobs:
+                cell = queue.pop(0)
+                log_path = log_dir / f"{cell.name}.log"
+                pending[pool.submit(_run_in_worker, cell.config, str(log_path), threads)] = (cell, log_path)
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                cell, log_path = pending.pop(future)
+                try:
+                    metrics = future.result()
+                except Exception as exc:  # the run failed; its log has the traceback
+                    failed.append((cell.name, str(log_path)))
+                    console.print(f"[red]failed[/red] {cell.name}: {type(exc).__name__}: {exc} (log: {log_path})")
+                else:
+                    row = {"table": cell.table, "tier": cell.tier, "task": cell.task, "variant": cell.variant,
+                           "seed": cell.seed, **metrics, "config_hash": cell.config_hash, **provenance()}
+                    append_row(csv_path, row)
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "wall_s")
+                    progress.console.print(f"done {cell.name}: {shown} ({metrics['wall_s']:.0f} s)")
+                progress.advance(bar)
+    return SweepReport(ran=len(todo) - len(failed), skipped=len(cells) - len(todo), failed=failed)
+
+
+def summarize(csv_path: Path, cells: list[Cell]) -> pd.DataFrame:
+    """Mean, std and count over seeds per (task, variant) and metric, for rows of these cells' configs."""
+    rows = read_rows(csv_path)
+    wanted = {(c.task, c.variant, c.config_hash) for c in cells}
+    rows = [r for r in rows if (r["task"], r["variant"], r["config_hash"]) in wanted]
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    metrics = [c for c in frame.columns if c not in KEY_COLUMNS + PROVENANCE_COLUMNS]
+    frame[metrics] = frame[metrics].apply(pd.to_numeric, errors="coerce")
+    order = {(c.task, c.variant): i for i, c in enumerate(cells)}
+    long = frame.melt(id_vars=["task", "variant"], value_vars=metrics, var_name="metric").dropna(subset=["value"])
+    stats = long.groupby(["task", "variant", "metric"], sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
+    stats["order"] = [order.get((t, v), 0) for t, v in zip(stats["task"], stats["variant"])]
+    return stats.sort_values(["order", "metric"]).drop(columns="order").reset_index(drop=True)
