@@ -27,5 +27,44 @@ def backends() -> None:
     Console().print(table)
 
 
+@main.group()
+def data() -> None:
+    """Datasets: generate the synthetic benchmark (real datasets are read from --data-root)."""
+
+
+@data.command()
+@click.option("--task", type=click.Choice(["seg", "det"]), default="seg", show_default=True,
+              help="seg: VOC segmentation layout; det: COCO layout (or VOC with --layout voc).")
+@click.option("--num", type=click.IntRange(1), default=2000, show_default=True, help="Number of images.")
+@click.option("--size", type=click.IntRange(8), default=128, show_default=True, help="Image side in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder (only it is written).")
+@click.option("--classes", type=click.IntRange(1, 10), default=6, show_default=True, help="Number of shape classes.")
+@click.option("--min-size", type=float, help="Smallest object extent in px [default: size/16].")
+@click.option("--max-size", type=float, help="Largest object extent in px [default: 3/4 of size].")
+@click.option("--val-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="The last fraction of images forms the val split.")
+@click.option("--layout", type=click.Choice(["voc", "coco"]), help="Disk layout [default: voc for seg, coco for det].")
+def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction, layout) -> None:
+    """Write the synthetic benchmark to disk in a real dataset's layout."""
+    from rich.progress import Progress
+
+    from dcnbench.data import SynthConfig, write_synthetic
+
+    try:
+        config = SynthConfig(size=size, num_classes=classes, min_size=min_size or size / 16,
+                             max_size=max_size or size * 0.75)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    if task == "seg" and layout == "coco":
+        raise click.UsageError("--task seg writes the VOC segmentation layout only (--layout voc)")
+    with Progress() as progress:
+        bar = progress.add_task(f"synth {task} -> {out}", total=num)
+        summary = write_synthetic(out, task, num, config, seed, val_fraction, layout,
+                                  progress=lambda done: progress.update(bar, completed=done))
+    click.echo(f"wrote {summary['train']} train + {summary['val']} val images ({summary['objects']} objects, "
+               f"{summary['layout']} layout) to {out}")
+
+
 if __name__ == "__main__":
     main()
