@@ -27,6 +27,27 @@ def backends() -> None:
     Console().print(table)
 
 
+@main.command()
+@click.option("--table", type=click.IntRange(1, 3), required=True, help="Paper table to reproduce (1, 2 or 3).")
+@click.option("--task", "tasks", multiple=True, type=click.Choice(["deeplab", "rpn", "faster", "rfcn"]),
+              help="Restrict to these tasks (repeatable); default: all of the table's tasks.")
+@click.option("--tier", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu", show_default=True,
+              help="smoke: minutes; cpu: the CPU-scale reproduction; paper: ResNet-101 on the real datasets.")
+@click.option("--seeds", type=click.IntRange(1), help="Seeds per cell (default: the tier's).")
+@click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Cells run in parallel processes.")
+@click.option("--out", type=click.Path(file_okay=False), default="results/ablate", show_default=True,
+              help="Output folder: table<N>_<tier>.csv, logs/ and checkpoints/ go here.")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Root of the real datasets (paper tier).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="ImageNet ResNet-101 state dict (paper tier).")
+def ablate(table, tasks, tier, seeds, jobs, out, data_root, weights) -> None:
+    """Rerun an ablation of the paper: one CSV row per finished run, resumable."""
+    from dcnbench.runner.ablate import run_ablation
+
+    failed = run_ablation(table, tier, list(tasks), seeds, jobs, out, data_root, weights)
+    if failed:
+        raise SystemExit(1)
+
+
 @main.group()
 def data() -> None:
     """Datasets: generate the synthetic benchmark (real datasets are read from --data-root)."""

@@ -1,0 +1,52 @@
+"""``dcnbench ablate``: expand a table's cells, run the sweep, print mean ± std per cell."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .experiment import Cell, expand_cells, load_experiment
+from .sweep import run_sweep, summarize
+
+
+def ablation_cells(table: int, tier: str, tasks: list[str] | None = None, seeds: int | None = None,
+                   data_root: str | None = None, weights: str | None = None) -> list[Cell]:
+    """The table's cells at ``tier``; ``data_root`` / ``weights`` go into every cell's config."""
+    cells = expand_cells(load_experiment(table), tier, tasks or None, seeds)
+    for cell in cells:
+        if data_root:
+            cell.config["data"]["root"] = str(Path(data_root).resolve())
+        if weights:
+            cell.config["model"]["weights"] = str(Path(weights).resolve())
+    return cells
+
+
+def run_ablation(table: int, tier: str, tasks: list[str], seeds: int | None, jobs: int, out: str,
+                 data_root: str | None = None, weights: str | None = None,
+                 console: Console | None = None) -> list[tuple[str, str]]:
+    """Run (or resume) the sweep into ``<out>/table<N>_<tier>.csv``; returns the failed cells."""
+    console = console or Console()
+    cells = ablation_cells(table, tier, tasks, seeds, data_root, weights)
+    out_dir = Path(out)
+    csv_path = out_dir / f"table{table}_{tier}.csv"
+    console.print(f"Table {table}, tier {tier}: {len(cells)} runs -> {csv_path}")
+    report = run_sweep(cells, csv_path, out_dir / "logs" / csv_path.stem, jobs, console)
+    console.print(f"{report.ran} ran, {report.skipped} already done, {len(report.failed)} failed")
+    print_summary(csv_path, cells, console)
+    return report.failed
+
+
+def print_summary(csv_path: Path, cells: list[Cell], console: Console) -> None:
+    stats = summarize(csv_path, cells)
+    if stats.empty:
+        console.print("no finished runs yet")
+        return
+    view = Table(title=f"{csv_path.stem}: mean ± std over seeds")
+    for column in ("task", "variant", "metric", "mean ± std", "seeds"):
+        view.add_column(column)
+    for row in stats.itertuples():
+        spread = "" if row.count < 2 else f" ± {row.std:.2f}"
+        view.add_row(row.task, row.variant, row.metric, f"{row.mean:.2f}{spread}", str(row.count))
+    console.print(view)

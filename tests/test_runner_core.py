@@ -1,0 +1,66 @@
+"""Experiment expansion and the results CSV: cells, config hashes, atomic rows, resume keys."""
+
+import csv
+
+import pytest
+
+from dcnbench.runner.experiment import TASKS, expand_cells, load_experiment
+from dcnbench.runner.results import KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, finished_keys, read_rows
+
+
+def test_table_definitions_expand_to_the_papers_cells():
+    """Table 1: 5 placements x 4 tasks; Table 3: 5 rows x 4 tasks + 2 RoI-pooling rows x 2 detectors."""
+    t1 = expand_cells(load_experiment(1), "smoke", seeds=1)
+    assert len(t1) == 20 and {c.task for c in t1} == set(TASKS)
+    assert [c.variant for c in t1 if c.task == "deeplab"] == ["none", "res5c", "res5b-c", "res5a-c", "res5+res4b20-22"]
+    t3 = expand_cells(load_experiment(3), "smoke", seeds=1)
+    assert len(t3) == 5 * 4 + 2 * 2
+    assert not [c for c in t3 if c.task in ("deeplab", "rpn") and "roi-pool" in c.variant]
+    t2 = expand_cells(load_experiment(2), "cpu")
+    assert {c.task for c in t2} == {"rfcn"} and all(c.config["eval"]["effective_dilation"] for c in t2)
+
+
+def test_merge_order_tier_then_task_then_variant():
+    cells = expand_cells(load_experiment(3), "cpu", tasks=["faster"], seeds=2)
+    by_variant = {c.variant: c for c in cells if c.seed == 0}
+    assert by_variant["atrous-6"].config["model"]["dilation"] == 6
+    assert by_variant["deform-roi-pool"].config["model"]["deformable_roi_pool"] is True
+    tier = load_experiment(3)["tiers"]["cpu"]
+    assert by_variant["atrous-6"].config["train"] == tier["train"]
+    assert [c.seed for c in cells if c.variant == "atrous-2"] == [0, 1]
+
+
+def test_config_hash_ignores_seed_but_not_settings():
+    a, b = expand_cells(load_experiment(1), "smoke", tasks=["deeplab"], seeds=2)[:2]
+    assert a.variant == b.variant and a.seed != b.seed and a.config_hash == b.config_hash
+    other = expand_cells(load_experiment(1), "smoke", tasks=["deeplab"], seeds=1)[1]
+    assert other.config_hash != a.config_hash
+
+
+def test_unknown_names_are_rejected_clearly():
+    with pytest.raises(ValueError, match="has no tier 'huge'"):
+        expand_cells(load_experiment(1), "huge")
+    with pytest.raises(ValueError, match=r"table 2 has no task\(s\) \['deeplab'\]"):
+        expand_cells(load_experiment(2), "cpu", tasks=["deeplab"])
+    with pytest.raises(FileNotFoundError, match="no experiment definition for table 9"):
+        load_experiment(9)
+
+
+def row(task, variant, seed, **metrics):
+    return {"table": 1, "tier": "smoke", "task": task, "variant": variant, "seed": seed, **metrics,
+            "wall_s": 1.0, "device": "cpu", "threads": 1, "backend": "reference", "config_hash": "abc",
+            "git_commit": "x", "date": "d", "machine": "m", "torch": "t"}
+
+
+def test_rows_accumulate_with_union_of_metric_columns(tmp_path):
+    path = tmp_path / "out" / "table1_smoke.csv"
+    append_row(path, row("deeplab", "none", 0, miou=50.0))
+    append_row(path, row("rpn", "none", 0, map50=30.0, map70=10.0))
+    with path.open() as f:
+        header = next(csv.reader(f))
+    assert header == KEY_COLUMNS + ["miou", "map50", "map70"] + PROVENANCE_COLUMNS
+    rows = read_rows(path)
+    assert [r["task"] for r in rows] == ["deeplab", "rpn"]
+    assert rows[0]["map50"] == "" and rows[1]["map50"] == "30"
+    assert finished_keys(rows) == {("deeplab", "none", 0, "abc"), ("rpn", "none", 0, "abc")}
+    assert not list(path.parent.glob("*.tmp"))
