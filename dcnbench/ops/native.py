@@ -1,7 +1,165 @@
-"""Native C++ CPU kernels (built on first use). Not written yet: reports itself unavailable."""
+"""Native C++ CPU kernels (``dcnbench/csrc/dcn_cpu.cpp``), compiled on first use and cached.
+
+The first call of :func:`status` (made by the dispatch before the first native op) compiles the
+extension with the system C++ compiler through ``torch.utils.cpp_extension.load`` into
+``~/.cache/dcnbench/native/<key>`` (``$DCNBENCH_CACHE_DIR`` or ``$XDG_CACHE_HOME`` move it), where
+``<key>`` hashes the sources, the shared ``kernels/dcn_math.h``, the torch version, the compiler
+flags and the CPU's instruction-set flags; later processes load the cached build in about a second.
+Without a compiler (or with ``DCNBENCH_NO_NATIVE=1``) :func:`status` reports the backend unavailable
+and the dispatch falls back to the pure-PyTorch reference with a one-line warning.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+_CSRC = Path(__file__).resolve().parents[1] / "csrc"
+_SOURCES = ("dcn_cpu.cpp",)
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_failure: str | None = None
+_built_from: str = ""
+
+
+def _kernels_dir() -> Path | None:
+    """The directory holding ``dcn_math.h`` (the repository's ``kernels/``, or a packaged copy)."""
+    for candidate in (Path(__file__).resolve().parents[2] / "kernels", Path(__file__).resolve().parents[1] / "kernels"):
+        if (candidate / "dcn_math.h").is_file():
+            return candidate
+    return None
+
+
+def _cpu_flags() -> str:
+    """The CPU's instruction-set flags (part of the cache key, since we compile for the host CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.machine() + " " + platform.processor()
+
+
+def _cache_root() -> Path:
+    if os.environ.get("DCNBENCH_CACHE_DIR"):
+        return Path(os.environ["DCNBENCH_CACHE_DIR"]) / "native"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dcnbench" / "native"
+
+
+def _arch_flags() -> list[str]:
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i686"):
+        return ["-march=native"]
+    if machine in ("aarch64", "arm64"):
+        return ["-mcpu=native"]
+    return []
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX", "c++")
+    return shutil.which(cxx)
+
+
+def _try_build(kernels: Path, arch: list[str]) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=off", *arch]
+    ldflags = ["-fopenmp"]
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((_CSRC / name).read_bytes())
+    digest.update((kernels / "dcn_math.h").read_bytes())
+    digest.update(" ".join([torch.__version__, *cflags, *ldflags, _cpu_flags(), str(_compiler())]).encode())
+    key = digest.hexdigest()[:16]
+    build_dir = _cache_root() / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=f"dcnbench_native_{key}",
+        sources=[str(_CSRC / name) for name in _SOURCES],
+        extra_include_paths=[str(kernels)],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
+        build_directory=str(build_dir),
+        verbose=False,
+    )
+
+
+def _build() -> None:
+    global _module, _failure, _built_from
+    kernels = _kernels_dir()
+    if kernels is None:
+        _failure = "kernels/dcn_math.h not found next to the package"
+        return
+    if _compiler() is None:
+        _failure = f"no C++ compiler found ({os.environ.get('CXX', 'c++')} is not on PATH)"
+        return
+    errors = []
+    for arch in (_arch_flags(), []):
+        try:
+            _module = _try_build(kernels, arch)
+            _built_from = "-O3 " + " ".join(arch) if arch else "-O3"
+            return
+        except Exception as exc:  # compiler missing/broken, ninja missing, compile error
+            first = str(exc).strip().splitlines()
+            errors.append(f"{type(exc).__name__}: {first[0] if first else ''}")
+        if not arch:
+            break
+    _failure = "native build failed: " + "; ".join(errors)
+
 
 def status() -> tuple[bool, str]:
-    return False, "native CPU kernels are not implemented yet"
+    """(available, one-line reason); builds the extension on the first call in a process."""
+    if os.environ.get("DCNBENCH_NO_NATIVE", "") not in ("", "0"):
+        return False, "disabled by DCNBENCH_NO_NATIVE"
+    if _module is None and _failure is None:
+        with _lock:
+            if _module is None and _failure is None:
+                _build()
+    if _module is not None:
+        return True, f"C++ CPU kernels ({_built_from}, cached under {_cache_root()})"
+    return False, str(_failure)
+
+
+def _ext() -> ModuleType:
+    ok, why = status()
+    if not ok:
+        raise RuntimeError(f"dcnbench native backend unavailable: {why}")
+    assert _module is not None
+    return _module
+
+
+def deform_conv2d_forward(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
+                          dilation, mask: Tensor | None) -> Tensor:
+    return _ext().deform_conv2d_forward(input, offset, weight, bias, list(stride), list(padding), list(dilation), mask)
+
+
+def deform_conv2d_backward(grad_out: Tensor, input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None,
+                           stride, padding, dilation, mask: Tensor | None):
+    gi, go, gw, gb, gm = _ext().deform_conv2d_backward(grad_out, input, offset, weight, bias, list(stride),
+                                                       list(padding), list(dilation), mask)
+    # Absent grads come back as distinct empty tensors, not None: the custom op turns None into one
+    # shared empty tensor, which torch.library rejects as two aliasing outputs (see dispatch.py).
+    return gi, go, gw, input.new_empty((0,)) if gb is None else gb, input.new_empty((0,)) if gm is None else gm
+
+
+def roi_pool_forward(input: Tensor, rois: Tensor, offset: Tensor | None, output_size, spatial_scale: float,
+                     sampling_ratio: int, gamma: float, position_sensitive: bool) -> Tensor:
+    return _ext().roi_pool_forward(input, rois, offset, list(output_size), float(spatial_scale), int(sampling_ratio),
+                                   float(gamma), bool(position_sensitive))
+
+
+def roi_pool_backward(grad_out: Tensor, input: Tensor, rois: Tensor, offset: Tensor | None, output_size,
+                      spatial_scale: float, sampling_ratio: int, gamma: float, position_sensitive: bool):
+    return _ext().roi_pool_backward(grad_out, input, rois, offset, list(output_size), float(spatial_scale),
+                                    int(sampling_ratio), float(gamma), bool(position_sensitive))
