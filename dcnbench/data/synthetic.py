@@ -142,6 +142,12 @@ class SynthConfig:
     max_tries: int = 12  # placement attempts per object
 
     def __post_init__(self) -> None:
+        # Canonical types, so equal configs serialise identically (synth_config.json).
+        for name in ("min_size", "max_size", "max_aspect", "warp", "min_visible", "occluder_prob"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("objects_per_image", "clutter"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        object.__setattr__(self, "background_level", tuple(float(v) for v in self.background_level))
         if not 1 <= self.num_classes <= len(_SHAPES):
             raise ValueError(f"num_classes must be in 1..{len(_SHAPES)} (shapes: {', '.join(SHAPE_NAMES)})")
         if not 0 < self.min_size <= self.max_size:
@@ -392,7 +398,7 @@ def _save_png(array: np.ndarray, path: Path, palette: list[int] | None = None) -
     if palette is not None:
         img = img.convert("P") if img.mode != "P" else img
         img.putpalette(palette)
-    img.save(path, format="PNG", compress_level=6)
+    img.save(path, format="PNG", compress_level=1)
 
 
 def _split_counts(num: int, val_fraction: float) -> tuple[int, int]:
