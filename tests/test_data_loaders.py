@@ -147,7 +147,7 @@ def test_voc_detection_07_12(tmp_path):
     test = VOCDetection(tmp_path, "2007-test", keep_difficult=True)
     _, tgt = test[0]
     assert len(test) == 1 and tgt["difficult"].tolist() == [False, True, False]
-    torch.testing.assert_close(tgt["areas"], torch.tensor([110.0, 192.0, 20.0])  # (x2 - xmin + 1) * (y2 - ymin + 1))
+    torch.testing.assert_close(tgt["areas"], torch.tensor([110.0, 192.0, 20.0]))  # (xmax - xmin + 1) * (ymax - ymin + 1)
     ds = build_dataset("voc_det", tmp_path, "07test", train=False, normalize=False)
     img, tgt = ds[0]
     assert min(img.shape[-2:]) == 600 and tgt["difficult"].sum() == 1
