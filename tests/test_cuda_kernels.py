@@ -1,0 +1,491 @@
+"""The CUDA backend (kernels/*.cu through cupy) without and with a GPU.
+
+Without a GPU:
+- every ``kernels/*.cu`` compiles with nvcc for sm_80 and sm_90, each template instantiation the
+  backend asks NVRTC for included; the exact NVRTC translation unit compiles with NVRTC itself
+  (cupy's nvrtc binding needs no device);
+- the kernels, compiled as host C++ with one emulated thread (blockIdx = threadIdx = 0,
+  gridDim = blockDim = 1, atomicAdd = +=), run under the backend's own host code (chunking, GEMMs,
+  deterministic sort/gather, offset reductions) on CPU tensors against the reference, in float64
+  and float32, both gradient paths;
+- ``status()`` says why the backend is unavailable, and the ops still run on the CPU.
+With a GPU (``-m cuda``): the ops on CUDA against the CPU reference, fp16/bf16 against fp32,
+bitwise reproducibility in deterministic mode, autocast.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+# torch refuses cuBLAS in deterministic mode without this; it must precede cuBLAS initialization.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import pytest
+import torch
+
+from dcnbench.ops import cuda, deform_conv2d, deform_ps_roi_pool, deform_roi_pool, reference, use_backend
+from dcnbench.ops.dispatch import backend_status
+
+KERNEL_DIR = cuda.KERNEL_DIR
+CU_FILES = sorted(KERNEL_DIR.glob("*.cu"))
+NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
+CXX = shutil.which("g++") or shutil.which("c++")
+HAS_CUDA = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def kernels_defined_in(path: Path) -> list[str]:
+    return re.findall(r"__global__\s+void\s+(\w+)\s*\(", path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile checks (no GPU needed).
+
+def test_every_kernel_is_declared_once():
+    defined = [name for path in CU_FILES for name in kernels_defined_in(path)]
+    assert sorted(defined) == sorted(cuda.KERNELS), "kernels/*.cu and cuda.KERNELS disagree"
+    assert {p.name for p in CU_FILES} == set(cuda.KERNEL_FILES)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("cu_file", [p.name for p in CU_FILES])
+def test_nvcc_compiles(cu_file, arch, tmp_path):
+    """Every template instantiation of the file's kernels compiles, warnings as errors."""
+    names = kernels_defined_in(KERNEL_DIR / cu_file)
+    assert names
+    lines = [f'#include "{cu_file}"', "void* dcn_instantiations[] = {"]
+    lines += [f"  (void*)&{name}<{ctype}>," for name in names for ctype in cuda.CTYPES.values()]
+    lines += ["};"]
+    unit = tmp_path / "instantiate.cu"
+    unit.write_text("\n".join(lines) + "\n")
+    result = subprocess.run(
+        [NVCC, f"-arch={arch}", "--std=c++17", f"-I{KERNEL_DIR}", "-Werror", "all-warnings",
+         "-c", str(unit), "-o", str(tmp_path / "out.o")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_nvrtc_compiles(arch):
+    """The translation unit and options the backend gives cupy.RawModule compile with NVRTC."""
+    pytest.importorskip("cupy", reason="cupy not installed")
+    from cupy.cuda import nvrtc
+    try:
+        options = cuda.nvrtc_options()
+    except Exception as error:  # cupy present but cannot locate the toolkit headers
+        pytest.skip(f"CUDA headers not found: {error}")
+    if not any(opt != f"-I{KERNEL_DIR}" and opt.startswith("-I") for opt in options):
+        pytest.skip("cupy found no CUDA include directory (cuda_fp16.h)")
+    program = nvrtc.createProgram(cuda.nvrtc_source(), "dcnbench_kernels.cu", [], [])
+    try:
+        for name in cuda.name_expressions():
+            nvrtc.addNameExpression(program, name)
+        try:
+            nvrtc.compileProgram(program, [*options, f"-arch={arch}"])
+        except nvrtc.NVRTCError as error:
+            pytest.fail(f"{error}\n{nvrtc.getProgramLog(program)}")
+        for name in cuda.name_expressions():
+            assert nvrtc.getLoweredName(program, name).startswith("_Z")
+        assert ".entry" in nvrtc.getPTX(program).decode(errors="replace")
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+# ----------------------------------------------------------------------------------------------
+# Status without a GPU.
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the message given without a GPU")
+def test_status_without_gpu():
+    ok, reason = cuda.status()
+    assert not ok
+    assert "CUDA" in reason and "torch.cuda.is_available()" in reason
+    ok2, reason2 = backend_status("cuda")
+    assert (ok2, reason2) == (ok, reason)
+
+
+def test_missing_cupy_names_the_extra(monkeypatch):
+    import importlib.util
+    import sys
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cupy" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+    cuda._status.cache_clear()
+    try:
+        ok, reason = cuda.status()
+    finally:
+        cuda._status.cache_clear()
+    assert not ok
+    assert "pip install 'dcnbench[cuda]'" in reason
+
+
+def test_cupy_not_imported_by_dcnbench():
+    code = "import sys, dcnbench, dcnbench.ops, dcnbench.ops.cuda; assert 'cupy' not in sys.modules"
+    subprocess.run([os.sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_cpu_ops_work_regardless():
+    x = torch.randn(1, 2, 5, 5)
+    w = torch.randn(3, 2, 3, 3)
+    off = torch.randn(1, 18, 3, 3)
+    out = deform_conv2d(x, off, w)
+    torch.testing.assert_close(out, reference.deform_conv2d(x, off, w, None, (1, 1), (0, 0), (1, 1), None))
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernels on the CPU: host C++ build with one emulated thread.
+
+EMULATION_PRELUDE = r"""
+// Host emulation of the CUDA launch model for kernels/*.cu: one thread, grid-stride loops run
+// every index. Only what the kernels use.
+#include <cstdint>
+#define __global__
+#define __restrict__
+struct DcnEmuDim3 { unsigned x, y, z; };
+static const DcnEmuDim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0}, blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
+template <typename T> inline T atomicAdd(T* address, T value) { T old = *address; *address = old + value; return old; }
+struct DcnAnyPtr {
+  void* p;
+  template <typename U> operator U*() const { return static_cast<U*>(p); }
+};
+"""
+_CTYPE_OF_KIND = {"p": ctypes.c_void_p, "i": ctypes.c_longlong, "d": ctypes.c_double}
+_HOST_TYPES = {torch.float32: "float", torch.float64: "double"}
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """A launcher running the kernels as host code (float32/float64 only)."""
+    if CXX is None:
+        pytest.skip("no C++ compiler")
+    lines = [EMULATION_PRELUDE] + [f'#include "{name}"' for name in cuda.KERNEL_FILES]
+    for name, kinds in cuda.KERNELS.items():
+        params = ", ".join(f"{'void*' if k == 'p' else 'long long' if k == 'i' else 'double'} a{i}"
+                           for i, k in enumerate(kinds))
+        args = ", ".join(f"DcnAnyPtr{{a{i}}}" if k == "p" else f"a{i}" for i, k in enumerate(kinds))
+        for ctype in _HOST_TYPES.values():
+            lines.append(f'extern "C" void emu_{name}_{ctype}({params}) {{ {name}<{ctype}>({args}); }}')
+    build = tmp_path_factory.mktemp("emu")
+    source, library = build / "emu.cpp", build / "libdcnemu.so"
+    source.write_text("\n".join(lines) + "\n")
+    result = subprocess.run(
+        [CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unused-function",
+         f"-I{KERNEL_DIR}", str(source), "-o", str(library)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lib = ctypes.CDLL(str(library))
+    calls = []
+
+    def launch(name, dtype, total, args):
+        packed = cuda.pack_args(name, args)
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                assert a.device.type == "cpu"
+        calls.append((name, dtype, total))
+        if total <= 0:
+            return
+        fn = getattr(lib, f"emu_{name}_{_HOST_TYPES[dtype]}")
+        fn.restype = None
+        fn.argtypes = [_CTYPE_OF_KIND[k] for k, _ in packed]
+        fn(*[v for _, v in packed])
+
+    launch.calls = calls
+    return launch
+
+
+def _conv_case(dtype, mask=True, groups=1, offset_groups=2, n=3, integer_offsets=False, bias=True):
+    c, o = 4, 6
+    x = torch.randn(n, c, 7, 8, dtype=dtype)
+    w = torch.randn(o, c // groups, 3, 2, dtype=dtype)
+    stride, padding, dilation = (2, 1), (1, 2), (1, 2)
+    ho = (7 + 2 - 3) // 2 + 1
+    wo = (8 + 4 - 3) // 1 + 1
+    taps = 6
+    if integer_offsets:  # integer coordinates, incl. -1 and the far edge: one-sided derivatives
+        off = torch.randint(-3, 4, (n, 2 * offset_groups * taps, ho, wo)).to(dtype)
+    else:
+        off = 2.5 * torch.randn(n, 2 * offset_groups * taps, ho, wo, dtype=dtype)
+    m = torch.rand(n, offset_groups * taps, ho, wo, dtype=dtype) if mask else None
+    b = torch.randn(o, dtype=dtype) if bias else None
+    return x, off, w, b, stride, padding, dilation, m
+
+
+def _reference_conv_grads(x, off, w, b, stride, padding, dilation, m, grad):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, off, w, b, m)]
+    out = reference.deform_conv2d(leaves[0], leaves[1], leaves[2], leaves[3], stride, padding, dilation, leaves[4])
+    inputs = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, inputs, grad))
+    return out.detach(), [next(grads) if t is not None else None for t in leaves]
+
+
+def _tol(dtype):
+    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", [
+    dict(), dict(mask=False, bias=False), dict(groups=2, offset_groups=1), dict(integer_offsets=True),
+], ids=["v2", "v1", "groups", "integer-offsets"])
+def test_emulated_deform_conv2d(emulated, dtype, case, deterministic, monkeypatch):
+    x, off, w, b, stride, padding, dilation, m = _conv_case(dtype, **case)
+    monkeypatch.setattr(cuda, "_COLUMN_BUDGET", 2 * x.shape[1] * 6 * off.shape[2] * off.shape[3])  # 2 images a chunk
+    grad = torch.randn(x.shape[0], w.shape[0], off.shape[2], off.shape[3], dtype=dtype)
+    expected, expected_grads = _reference_conv_grads(x, off, w, b, stride, padding, dilation, m, grad)
+    out = cuda._deform_conv2d_forward(emulated, x, off, w, b, stride, padding, dilation, m)
+    torch.testing.assert_close(out, expected, **_tol(dtype))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    emulated.calls.clear()
+    try:
+        grads = cuda._deform_conv2d_backward(emulated, grad, x, off, w, b, stride, padding, dilation, m)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    used = {name for name, _, _ in emulated.calls}
+    assert ("dcn_col2im_gather" in used) == deterministic and ("dcn_col2im" in used) != deterministic
+    for name, got, want in zip(("input", "offset", "weight", "bias", "mask"), grads, expected_grads):
+        if want is None:
+            assert got is None, name
+        else:
+            assert got.dtype == dtype, name
+            torch.testing.assert_close(got, want, **_tol(dtype), msg=lambda s: f"grad {name}: {s}")
+
+
+def _roi_case(dtype, position_sensitive, with_offset, classes=2, parts=3):
+    k_bins = 3
+    c_out = 4
+    c_in = c_out * k_bins * k_bins if position_sensitive else c_out
+    x = torch.randn(2, c_in, 9, 11, dtype=dtype)
+    boxes = torch.tensor([[0, 3.2, 4.1, 30.7, 25.3],  # spills over the right/bottom edge at scale 0.5
+                          [1, -6.3, -2.6, 9.4, 12.2],  # starts off the map
+                          [1, 7.1, 5.3, 7.2, 5.4],  # tiny
+                          [0, 1.1, 1.3, 19.6, 15.8]], dtype=dtype)
+    offset = 3 * torch.randn(boxes.shape[0], 2 * classes, parts, parts, dtype=dtype) if with_offset else None
+    return x, boxes, offset, (k_bins, k_bins), 0.5, 2, 0.3
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("position_sensitive", [False, True], ids=["plain", "ps"])
+@pytest.mark.parametrize("offset_case", ["none", "same-parts", "fewer-parts", "more-parts"])
+def test_emulated_roi_pool(emulated, dtype, position_sensitive, offset_case, deterministic):
+    parts = {"none": 3, "same-parts": 3, "fewer-parts": 2, "more-parts": 4}[offset_case]
+    x, rois, offset, size, scale, s, gamma = _roi_case(dtype, position_sensitive, offset_case != "none", parts=parts)
+    leaves = [x.clone().requires_grad_(), None if offset is None else offset.clone().requires_grad_()]
+    expected = reference.roi_pool(leaves[0], rois, leaves[1], size, scale, s, gamma, position_sensitive)
+    grad = torch.randn_like(expected)
+    wanted = torch.autograd.grad(expected, [t for t in leaves if t is not None], grad)
+    out = cuda._roi_pool_forward(emulated, x, rois, offset, size, scale, s, gamma, position_sensitive)
+    torch.testing.assert_close(out, expected.detach(), **_tol(dtype))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        gi, go = cuda._roi_pool_backward(emulated, grad, x, rois, offset, size, scale, s, gamma, position_sensitive)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    torch.testing.assert_close(gi, wanted[0], **_tol(dtype))
+    if offset is None:
+        assert go is None
+    else:
+        torch.testing.assert_close(go, wanted[1], **_tol(dtype))
+
+
+def test_emulated_empty_rois(emulated):
+    x = torch.randn(1, 3, 5, 5)
+    rois = torch.zeros(0, 5)
+    out = cuda._roi_pool_forward(emulated, x, rois, None, (2, 2), 1.0, 2, 0.1, False)
+    assert out.shape == (0, 3, 2, 2)
+    torch.use_deterministic_algorithms(True)
+    try:
+        gi, go = cuda._roi_pool_backward(emulated, out, x, rois, None, (2, 2), 1.0, 2, 0.1, False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert go is None and torch.equal(gi, torch.zeros_like(x))
+
+
+def test_pack_args_rejects_wrong_arity_and_types():
+    with pytest.raises(TypeError, match="takes"):
+        cuda.pack_args("dcn_im2col", [None])
+    args = [None] * 4 + [1] * 15
+    args[5] = 2.0
+    with pytest.raises(TypeError, match="must be an int"):
+        cuda.pack_args("dcn_im2col", args)
+    args[5] = 1
+    args[0] = torch.zeros(2, 3).t()
+    with pytest.raises(ValueError, match="contiguous"):
+        cuda.pack_args("dcn_im2col", args)
+
+
+# ----------------------------------------------------------------------------------------------
+# On the GPU.
+
+def _require_cuda_backend():
+    ok, why = cuda.status()
+    if not ok:
+        pytest.skip(f"cuda backend unavailable: {why}")
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_status():
+    ok, why = cuda.status()
+    if not ok:
+        pytest.skip(why)
+    assert torch.cuda.get_device_name() in why
+
+
+def _run_conv(device, dtype, args, grad, backend):
+    x, off, w, b, stride, padding, dilation, m = [
+        t.detach().to(device=device, dtype=dtype).requires_grad_() if isinstance(t, torch.Tensor) else t for t in args
+    ]
+    with use_backend(backend):
+        out = deform_conv2d(x, off, w, b, stride, padding, dilation, m)
+    leaves = [t for t in (x, off, w, b, m) if t is not None]
+    return out, torch.autograd.grad(out, leaves, grad.to(device=device, dtype=dtype))
+
+
+def _run_roi(device, dtype, args, grad, backend, ps):
+    x, rois, offset, size, scale, s, gamma = args
+    x = x.detach().to(device=device, dtype=dtype).requires_grad_()
+    rois = rois.to(device=device, dtype=dtype)
+    offset = None if offset is None else offset.detach().to(device=device, dtype=dtype).requires_grad_()
+    fn = deform_ps_roi_pool if ps else deform_roi_pool
+    with use_backend(backend):
+        out = fn(x, rois, offset, size, scale, s, gamma)
+    leaves = [t for t in (x, offset) if t is not None]
+    return out, torch.autograd.grad(out, leaves, grad.to(device=device, dtype=dtype))
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("integer_offsets", [False, True])
+def test_gpu_deform_conv2d_matches_cpu_reference(dtype, integer_offsets, deterministic):
+    _require_cuda_backend()
+    args = _conv_case(torch.float64, integer_offsets=integer_offsets, n=5)
+    grad = torch.randn(5, 6, args[1].shape[2], args[1].shape[3], dtype=torch.float64)
+    want_out, want_grads = _run_conv("cpu", dtype, args, grad, "reference")
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out, grads = _run_conv("cuda", dtype, args, grad, "cuda")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.testing.assert_close(out.cpu(), want_out, **_tol(dtype))
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got.cpu(), want, **_tol(dtype))
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("ps", [False, True], ids=["plain", "ps"])
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_gpu_roi_pool_matches_cpu_reference(dtype, ps, with_offset, deterministic):
+    _require_cuda_backend()
+    args = _roi_case(torch.float64, ps, with_offset)
+    x = args[0]
+    c_out = x.shape[1] // 9 if ps else x.shape[1]
+    grad = torch.randn(args[1].shape[0], c_out, 3, 3, dtype=torch.float64)
+    want_out, want_grads = _run_roi("cpu", dtype, args, grad, "reference", ps)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out, grads = _run_roi("cuda", dtype, args, grad, "cuda", ps)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.testing.assert_close(out.cpu(), want_out, **_tol(dtype))
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got.cpu(), want, **_tol(dtype))
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_low_precision_close_to_fp32(dtype):
+    _require_cuda_backend()
+    args = _conv_case(torch.float32, n=4)
+    grad = torch.randn(4, 6, args[1].shape[2], args[1].shape[3])
+    out32, grads32 = _run_conv("cuda", torch.float32, args, grad, "cuda")
+    out, grads = _run_conv("cuda", dtype, args, grad, "cuda")
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert _rel_err(out, out32) < 1e-2
+    for got, want in zip(grads, grads32):
+        assert _rel_err(got, want) < 1e-2
+    for ps in (False, True):
+        roi_args = _roi_case(torch.float32, ps, True)
+        c_out = roi_args[0].shape[1] // 9 if ps else roi_args[0].shape[1]
+        rgrad = torch.randn(roi_args[1].shape[0], c_out, 3, 3)
+        out32, grads32 = _run_roi("cuda", torch.float32, roi_args, rgrad, "cuda", ps)
+        out, grads = _run_roi("cuda", dtype, roi_args, rgrad, "cuda", ps)
+        assert _rel_err(out, out32) < 1e-2
+        for got, want in zip(grads, grads32):
+            assert _rel_err(got, want) < 2e-2  # offset grads go through 2-3 roundings of the sample position
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_deterministic_mode_is_bitwise_reproducible(dtype):
+    _require_cuda_backend()
+    torch.manual_seed(1)
+    # Many samples landing on the same pixels: atomics would reorder additions between runs.
+    x = torch.randn(4, 16, 24, 24, dtype=dtype, device="cuda", requires_grad=True)
+    w = torch.randn(32, 16, 3, 3, dtype=dtype, device="cuda", requires_grad=True)
+    off = (0.3 * torch.randn(4, 18, 24, 24, device="cuda")).to(dtype).requires_grad_()
+    m = torch.rand(4, 9, 24, 24, device="cuda").to(dtype).requires_grad_()
+    rois = torch.tensor([[0, 2, 2, 40, 40], [1, 0, 0, 47, 47], [0, 3, 3, 41, 41]] * 20, dtype=dtype, device="cuda")
+    feats = torch.randn(2, 4 * 49, 24, 24, dtype=dtype, device="cuda", requires_grad=True)
+    roff = (0.1 * torch.randn(rois.shape[0], 2, 7, 7, device="cuda")).to(dtype).requires_grad_()
+
+    def run():
+        out = deform_conv2d(x, off, w, None, 1, 1, 1, m)
+        pooled = deform_ps_roi_pool(feats, rois, roff, 7, 0.5, 4, 0.1)
+        loss = (out * out).sum() + (pooled * pooled).sum()
+        return torch.autograd.grad(loss, [x, off, w, m, feats, roff])
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        with use_backend("cuda"):
+            first = run()
+            for _ in range(3):
+                again = run()
+                for a, b in zip(first, again):
+                    assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_autocast():
+    """Under autocast the conv producing the input/offsets runs in fp16; the op still runs."""
+    _require_cuda_backend()
+    from dcnbench.ops import DeformConv2d
+
+    layer = DeformConv2d(8, 16, 3, padding=1, modulated=True).cuda()
+    nn_init = torch.nn.init
+    nn_init.normal_(layer.offset_conv.weight, std=0.01)
+    x = torch.randn(2, 8, 16, 16, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.float16):
+        with use_backend("cuda"):
+            out = layer(x)
+        loss = out.float().square().mean()
+    loss.backward()
+    with use_backend("reference"):
+        want = layer(x)
+    assert _rel_err(out.float(), want) < 1e-2
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert layer.weight.grad is not None and layer.offset_conv.weight.grad is not None
