@@ -25,7 +25,7 @@ class SweepReport:
     failed: list[tuple[str, str]]  # (cell name, log path)
 
 
-def _run_in_worker(config: dict, log_path: str, threads: int) -> dict:
+def _run_in_worker(config: dict, log_path: Path, checkpoint: Path, threads: int) -> dict:
     """Worker entry: fixed thread count, log to file, return metrics + run provenance."""
     import torch
 
@@ -35,7 +35,7 @@ def _run_in_worker(config: dict, log_path: str, threads: int) -> dict:
     start = time.perf_counter()
     with open(log_path, "w") as log:
         try:
-            metrics = run_cell(config, log)
+            metrics = run_cell(config, log, checkpoint)
         except Exception:
             log.write(traceback.format_exc())
             raise
@@ -44,10 +44,11 @@ def _run_in_worker(config: dict, log_path: str, threads: int) -> dict:
     return metrics
 
 
-def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, jobs: int = 1,
+def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: Path, jobs: int = 1,
               console: Console | None = None) -> SweepReport:
     """Run every cell not already in ``csv_path``; append one row per finished run.
 
+    Each run logs to ``log_dir/<cell>.log`` and saves its weights to ``checkpoint_dir/<cell>.pt``.
     Cells run in ``jobs`` worker processes (spawned, one cell each) with ``cpu_count // jobs``
     threads apiece; only this process writes the CSV. A failing cell is logged and reported; the
     others go on.
@@ -70,7 +71,8 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, jobs: int = 1,
             while queue and len(pending) < jobs:
                 cell = queue.pop(0)
                 log_path = log_dir / f"{cell.name}.log"
-                pending[pool.submit(_run_in_worker, cell.config, str(log_path), threads)] = (cell, log_path)
+                checkpoint = checkpoint_dir / f"{cell.name}.pt"
+                pending[pool.submit(_run_in_worker, cell.config, log_path, checkpoint, threads)] = (cell, log_path)
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
                 cell, log_path = pending.pop(future)
