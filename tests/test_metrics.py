@@ -1,0 +1,239 @@
+"""mIoU, VOC/COCO detection mAP and effective dilation: perfect scores, hand-computed cases, thresholds."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dcnbench.data import SyntheticDataset
+from dcnbench.evaluation import (
+    PAPER_AREA_THRESHOLDS,
+    DetectionEvaluator,
+    DilationStats,
+    SegmentationMetric,
+    area_map_at,
+    box_iou_np,
+    categorize_areas,
+    confusion_matrix,
+    dilation_by_object,
+    effective_dilation,
+    object_area_map,
+    record_offsets,
+    tercile_area_ranges,
+    tercile_thresholds,
+    voc_ap,
+)
+from dcnbench.ops import DeformConv2d
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_miou_perfect_is_one():
+    ds = SyntheticDataset(6, seed=0)
+    metric = SegmentationMetric(7)
+    for i in range(len(ds)):
+        mask = ds[i][1]["mask"]
+        metric.update(mask, mask)
+    out = metric.compute()
+    assert out["miou"] == 1.0 and out["pixel_acc"] == 1.0
+
+
+def test_miou_hand_computed_with_ignore():
+    target = torch.tensor([[0, 0, 1, 1], [0, 2, 2, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 2, 0, 1]])  # the last pixel is ignored
+    cm = confusion_matrix(pred, target, 3)
+    assert cm.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 1]]
+    metric = SegmentationMetric(3)
+    metric.update(pred, target)
+    out = metric.compute()
+    # IoU: class 0: 2/(3+3-2)=1/2, class 1: 2/(2+3-2)=2/3, class 2: 1/(2+1-1)=1/2.
+    torch.testing.assert_close(out["iou"], torch.tensor([0.5, 2 / 3, 0.5], dtype=torch.float64))
+    assert out["miou"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
+    assert out["pixel_acc"] == pytest.approx(5 / 7)
+
+
+def test_miou_accumulates_skips_absent_classes_and_takes_logits():
+    metric = SegmentationMetric(4)
+    metric.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    metric.update(torch.tensor([1, 1]), torch.tensor([1, 0]))
+    out = metric.compute()
+    assert math.isnan(out["iou"][3]) and math.isnan(out["iou"][2])
+    assert out["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)  # class 0: 1/(2+1-1), class 1: 2/(2+3-2)
+    logits = torch.zeros(1, 4, 1, 2)
+    logits[0, 2, 0, 0] = 1.0
+    logits[0, 3, 0, 1] = 1.0
+    assert confusion_matrix(logits, torch.tensor([[2, 3]]), 4).diag().tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError):
+        confusion_matrix(torch.tensor([4]), torch.tensor([0]), 4)
+    with pytest.raises(ValueError):
+        confusion_matrix(torch.tensor([0]), torch.tensor([7]), 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection
+# ---------------------------------------------------------------------------------------------
+
+
+def _pred(boxes, scores, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.tensor(labels)}
+
+
+def _gt(boxes, labels, **extra):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels), **extra}
+
+
+def test_detection_perfect_predictions_score_one():
+    ds = SyntheticDataset(30, seed=2)
+    ev = DetectionEvaluator(6, area_ranges="terciles")
+    for i in range(len(ds)):
+        t = ds[i][1]
+        ev.update([_pred(t["boxes"].tolist(), [1.0] * len(t["labels"]), t["labels"].tolist())], [t])
+    out = ev.compute()
+    for key in ("mAP@0.5", "mAP@0.7", "coco_mAP", "coco_mAP@0.5", "coco_mAP@0.7", "coco_mAP@0.75",
+                "coco_mAP_small", "coco_mAP_medium", "coco_mAP_large"):
+        assert out[key] == pytest.approx(1.0), key
+
+
+def test_voc_ap_hand_computed():
+    # g1, g2 in one image; detections by score: hit g1, miss, hit g2 -> P = 1, 1/2, 2/3; R = 1/2, 1/2, 1.
+    gt = _gt([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 1])
+    dets = _pred([[0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30]], [0.9, 0.8, 0.7], [1, 1, 1])
+    ev = DetectionEvaluator(1, coco=False)
+    ev.update([dets], [gt])
+    assert ev.compute()["mAP@0.5"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    ev07 = DetectionEvaluator(1, coco=False, use_07_metric=True)
+    ev07.update([dets], [gt])
+    assert ev07.compute()["mAP@0.5"] == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
+    assert voc_ap(np.array([0.5, 0.5, 1.0]), np.array([1.0, 0.5, 2 / 3])) == pytest.approx(5 / 6)
+
+
+def test_duplicates_difficult_and_missing_classes():
+    gt = _gt([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 2], difficult=torch.tensor([False, True]))
+    # class 1: a hit then a duplicate (FP): P = 1, 1/2 at R = 1, 1 -> AP 1; but ranked the other way round:
+    dets = _pred([[0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]], [0.5, 0.9, 0.8], [1, 1, 2])
+    ev = DetectionEvaluator(3, coco=False)
+    ev.update([dets], [gt])
+    out = ev.compute()
+    aps = out["ap_per_class"]["0.5"]
+    assert aps[0] == pytest.approx(1.0)  # the duplicate ranks after the hit
+    assert math.isnan(aps[1]) and math.isnan(aps[2])  # only-difficult and absent classes: no AP
+    assert out["mAP@0.5"] == pytest.approx(1.0)
+    # A false positive ranked first halves the precision at full recall.
+    ev.reset()
+    ev.update([_pred([[40, 40, 50, 50], [0, 0, 10, 10]], [0.9, 0.5], [1, 1])], [_gt([[0, 0, 10, 10]], [1])])
+    assert ev.compute()["mAP@0.5"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("width,shift,threshold", [(30.0, 10.0, 0.5), (34.0, 6.0, 0.7)])
+def test_shifted_box_drops_exactly_at_the_iou_threshold(width, shift, threshold):
+    # IoU of a box shifted by d along its width w: (w - d) / (w + d): exactly 0.5 at 30/10, 0.7 at 34/6.
+    assert box_iou_np([[shift, 0, width + shift, 10]], [[0, 0, width, 10]])[0, 0] == threshold
+    gt = _gt([[0, 0, width, 10]], [1])
+    key = f"mAP@{threshold:g}"
+    for d, expected in ((shift, 1.0), (shift + 1e-3, 0.0)):
+        ev = DetectionEvaluator(1)
+        ev.update([_pred([[d, 0, width + d, 10]], [1.0], [1])], [gt])
+        out = ev.compute()
+        assert out[key] == pytest.approx(expected)
+        assert out["coco_" + key] == pytest.approx(expected)
+    # COCO averages 10 thresholds: at IoU exactly 0.7 the box passes 0.5..0.7 (5 of 10).
+    if threshold == 0.7:
+        assert out["coco_mAP"] == pytest.approx(0.4)
+        assert out["coco_mAP@0.5"] == pytest.approx(1.0)
+
+
+def test_coco_area_ranges():
+    small, large = [0, 0, 10, 10], [0, 0, 120, 120]
+    gts = [_gt([small], [1]), _gt([large], [1])]
+    preds = [_pred([small], [1.0], [1]), _pred([], [], [])]  # the large object is missed
+    ev = DetectionEvaluator(1)
+    ev.update(preds, gts)
+    out = ev.compute()
+    assert out["coco_mAP_small"] == pytest.approx(1.0) and out["coco_mAP_large"] == pytest.approx(0.0)
+    assert math.isnan(out["coco_mAP_medium"])
+    # Mask areas (not box areas) decide the range when the targets carry them.
+    gts[1]["areas"] = torch.tensor([2000.0])
+    ev = DetectionEvaluator(1)
+    ev.update(preds, gts)
+    out = ev.compute()
+    assert out["coco_mAP_medium"] == pytest.approx(0.0) and math.isnan(out["coco_mAP_large"])
+    assert tercile_area_ranges([1, 2, 3, 4, 5, 6])["medium"] == pytest.approx((8 / 3, 13 / 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Effective dilation
+# ---------------------------------------------------------------------------------------------
+
+
+def _grid(kh=3, kw=3, d=1):
+    ys, xs = torch.meshgrid(torch.arange(kh) * d, torch.arange(kw) * d, indexing="ij")
+    return torch.stack([ys, xs], -1).reshape(-1, 2).float()  # (taps, 2) dy, dx
+
+
+def test_effective_dilation_hand_cases():
+    assert torch.equal(effective_dilation(torch.zeros(2, 18, 4, 5), 3), torch.full((2, 4, 5), 3.0))
+    # Offsets that scale the grid by s about its corner: sampling positions s * d * (i, j).
+    grid = _grid(d=2)
+    offset = (grid * 1.5).reshape(1, 18, 1, 1)  # positions 2.5 * grid -> effective dilation 5
+    assert effective_dilation(offset, 2).item() == pytest.approx(5.0)
+    # A common translation does not change it.
+    assert effective_dilation(torch.full((1, 18, 1, 1), 7.0), 2).item() == pytest.approx(2.0)
+    # Move the centre tap by (0, 1): its four neighbour distances become 2, 0, sqrt2, sqrt2 (was 1 each).
+    offset = torch.zeros(1, 18, 1, 1)
+    offset[0, 2 * 4 + 1] = 1.0
+    expected = (8 * 1 + 2 + 0 + 2 * math.sqrt(2)) / 12
+    assert effective_dilation(offset, 1).item() == pytest.approx(expected)
+    # Offset groups average; rectangular kernels count kh(kw-1) + (kh-1)kw pairs.
+    two = torch.cat([torch.zeros(1, 18, 1, 1), (_grid() * 1.0).reshape(1, 18, 1, 1)], dim=1)
+    assert effective_dilation(two, 1).item() == pytest.approx(1.5)
+    assert effective_dilation(torch.zeros(1, 2 * 6, 1, 1), (1, 4), kernel=(2, 3)).item() == pytest.approx((3 * 1 + 4 * 4) / 7)
+
+
+def test_object_area_map_and_categories():
+    amap = object_area_map(torch.tensor([[0.0, 0.0, 8.0, 8.0], [2.0, 2.0, 4.0, 6.0]]), (10, 10))
+    assert amap[0, 0] == 64 and amap[3, 3] == 8 and amap[9, 9] == 0  # smallest covering box wins
+    cats = categorize_areas(torch.tensor([0.0, 5.0, 96.0**2, 224.0**2 + 1]), PAPER_AREA_THRESHOLDS)
+    assert cats.tolist() == [3, 0, 1, 2]
+    assert tercile_thresholds([10, 20, 30, 40, 50, 60, 70, 80, 90]) == pytest.approx((36.6666667, 63.333333))
+    # 8x8 feature map of a 32 px image: cell (r, c) has its centre at pixel 4r + 1.5.
+    big = torch.zeros(32, 32)
+    big[:4, :4] = 5.0
+    small = area_map_at(big, (8, 8))
+    assert small[0, 0] == 5 and small[1, 1] == 0
+
+
+def test_dilation_by_object_and_stats_table():
+    eff = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])  # (1, 1, 4): four cells
+    area = torch.tensor([[[10.0, 50.0, 90.0, 0.0]]])
+    df = dilation_by_object(eff, area, thresholds=(20.0, 60.0))
+    assert df.loc["small", "mean"] == 1 and df.loc["medium", "mean"] == 2
+    assert df.loc["large", "mean"] == 3 and df.loc["background", "mean"] == 4
+    assert df["count"].tolist() == [1, 1, 1, 1]
+    stats = DilationStats()
+    stats.update("res5a", eff, area, object_areas=[10.0, 50.0, 90.0])
+    stats.update("res5a", eff + 2, area, object_areas=[10.0, 50.0, 90.0])
+    long = stats.summary()
+    row = long[(long.layer == "res5a") & (long.category == "small")].iloc[0]
+    assert row["mean"] == 2.0 and row["std"] == 1.0 and row["count"] == 2
+    table = stats.table()
+    assert table.loc["res5a", "background"] == "5.0 ± 1.0"
+
+
+def test_record_offsets_from_deformable_layers():
+    layer = DeformConv2d(3, 4, 3, padding=2, dilation=2)
+    torch.nn.init.normal_(layer.offset_conv.weight, std=0.1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), layer)
+    x = torch.randn(2, 3, 9, 9)
+    with record_offsets(model) as rec:
+        model(x)
+    assert list(rec) == ["1"]
+    offset, dilation, kernel = rec["1"]
+    torch.testing.assert_close(offset, layer.offsets(model[0](x))[0])
+    eff = effective_dilation(offset, dilation, kernel)
+    assert eff.shape == (2, 9, 9) and not torch.allclose(eff, torch.full_like(eff, 2.0))
+    model(x)  # hooks are gone after the block
+    assert len(layer._forward_pre_hooks) == 0
