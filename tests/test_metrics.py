@@ -65,7 +65,7 @@ def test_miou_accumulates_skips_absent_classes_and_takes_logits():
     logits = torch.zeros(1, 4, 1, 2)
     logits[0, 2, 0, 0] = 1.0
     logits[0, 3, 0, 1] = 1.0
-    assert confusion_matrix(logits, torch.tensor([[2, 3]]), 4).diag().tolist() == [0, 0, 1, 1]
+    assert confusion_matrix(logits, torch.tensor([[[2, 3]]]), 4).diag().tolist() == [0, 0, 1, 1]
     with pytest.raises(ValueError):
         confusion_matrix(torch.tensor([4]), torch.tensor([0]), 4)
     with pytest.raises(ValueError):
