@@ -27,6 +27,32 @@ def backends() -> None:
     Console().print(table)
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks of the operators."""
+
+
+@bench.command("ops")
+@click.option("--shapes", "shapes", multiple=True, metavar="NAME=N,C,H,W,O[,DIL]",
+              help="deform_conv2d shapes to run instead of res5/mid/small/tiny (repeatable).")
+@click.option("--threads", default="1,2", show_default=True, help="Comma-separated CPU thread counts.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda[:i] (times the CUDA backend).")
+@click.option("--repeats", type=click.IntRange(3), default=7, show_default=True, help="Interleaved rounds (median).")
+@click.option("--reference", "with_reference", is_flag=True, help="Also time the pure-PyTorch reference.")
+@click.option("--no-roi", is_flag=True, help="Skip the RoI pooling cases.")
+@click.option("--no-memory", is_flag=True, help="Skip the batch-64 peak-RSS case.")
+@click.option("--out", type=click.Path(file_okay=False), default="results/bench", show_default=True)
+def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memory, out) -> None:
+    """Time deform_conv2d and deformable (PS) RoI pooling against torchvision and F.conv2d / roi_align;
+    writes <out>/ops_<device>.csv."""
+    from dcnbench.bench.ops import parse_shape, run_ops_benchmark
+
+    chosen = dict(parse_shape(s) for s in shapes) if shapes else None
+    path = run_ops_benchmark(chosen, [int(t) for t in threads.split(",")], device, out, repeats,
+                             with_reference=with_reference, with_roi=not no_roi, with_memory=not no_memory)
+    click.echo(f"wrote {path}")
+
+
 @main.command()
 @click.option("--table", type=click.IntRange(1, 3), required=True, help="Paper table to reproduce (1, 2 or 3).")
 @click.option("--task", "tasks", multiple=True, type=click.Choice(["deeplab", "rpn", "faster", "rfcn"]),

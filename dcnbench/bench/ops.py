@@ -1,0 +1,379 @@
+"""Operator benchmark: dcnbench's kernels against torchvision and the dense / non-deformable baselines.
+
+Every case is timed in one process with the implementations interleaved (round r runs each
+implementation once), after warm-up; the reported time is the median over rounds. Ratios compare
+implementations measured in the same rounds at the same thread count. Results go to
+``<out>/ops_<device>.csv``, one row per op x implementation x shape x pass x threads.
+
+Cases (issue 3):
+
+- deform_conv2d, 3x3, float32, offsets ~ N(0, 1.5^2) px, baseline ``F.conv2d`` of the same shape:
+  res5 (1,512,38,63->512, dil 2), mid (1,256,64,64->256), small (8,64,48,48->64, dil 2),
+  tiny (16,32,24,24->32, dil 2); also the modulated (mask) variant of dcnbench.
+- deform_ps_roi_pool, R-FCN: (1, 7*7*21, 38, 63), 300 rois, 7x7, sampling 4, class-specific offsets;
+  baseline ``torchvision.ops.ps_roi_align`` at the same samples per bin.
+- deform_roi_pool: (1, 256, 38, 63), 300 rois, 7x7, sampling 4, offsets; baseline ``roi_align``.
+- memory: deform_conv2d forward+backward of the small shape at batch 64, peak RSS of a fresh process.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CONV_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
+    # name: (N, C, H, W, O, dilation); 3x3 kernel, padding = dilation, stride 1
+    "res5": (1, 512, 38, 63, 512, 2),
+    "mid": (1, 256, 64, 64, 256, 1),
+    "small": (8, 64, 48, 48, 64, 2),
+    "tiny": (16, 32, 24, 24, 32, 2),
+}
+MEMORY_SHAPE = ("small-b64", (64, 64, 48, 48, 64, 2))
+PASSES = ("forward", "forward+backward")
+NATIVE = "dcnbench-native"
+NATIVE_MASKED = "dcnbench-native-modulated"
+REFERENCE = "dcnbench-reference"
+TORCHVISION = "torchvision"
+
+FIELDS = [
+    "op", "implementation", "shape", "shape_desc", "pass", "threads", "ms", "baseline", "ratio_to_baseline",
+    "speedup_vs_torchvision", "peak_rss_mb", "repeats", "device", "machine", "nproc", "torch", "torchvision",
+    "git_commit", "date",
+]
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    desc: str
+    baseline: str
+    impls: dict[str, Callable[[bool], Callable[[], None]]] = field(default_factory=dict)
+
+
+def parse_shape(spec: str) -> tuple[str, tuple[int, int, int, int, int, int]]:
+    """``"name=N,C,H,W,O[,dilation]"`` -> (name, (N, C, H, W, O, dilation))."""
+    if "=" not in spec:
+        raise ValueError(f"shape must look like name=N,C,H,W,O[,dilation], got {spec!r}")
+    name, dims = spec.split("=", 1)
+    values = [int(v) for v in dims.split(",")]
+    if len(values) == 5:
+        values.append(1)
+    if len(values) != 6 or min(values) < 1:
+        raise ValueError(f"shape must look like name=N,C,H,W,O[,dilation] with positive ints, got {spec!r}")
+    return name.strip(), tuple(values)  # type: ignore[return-value]
+
+
+def machine_info() -> dict[str, str]:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"machine": model, "nproc": str(os.cpu_count() or 1)}
+
+
+def git_commit(root: Path | None = None) -> str:
+    root = root or Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dcnbench/csrc", "dcnbench/ops", "kernels"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _kernel_backend(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else "native"
+
+
+def conv_case(name: str, dims, device: str, with_reference: bool, with_torchvision: bool = True) -> Case:
+    import torchvision
+
+    from dcnbench.ops import deform_conv2d, use_backend
+
+    n, c, h, w, o, d = dims
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=g).to(device)
+    weight = (torch.randn(o, c, 3, 3, generator=g) / (3 * c**0.5)).to(device)
+    offset = (torch.randn(n, 18, h, w, generator=g) * 1.5).to(device)
+    mask = torch.rand(n, 9, h, w, generator=g).to(device)
+    grad = torch.randn(n, o, h, w, generator=g).to(device)
+    desc = f"({n},{c},{h},{w})->{o}, 3x3, dil {d}"
+    backend = _kernel_backend(device)
+
+    def make(fn, leaves, backend_name=None):
+        def build(backward: bool) -> Callable[[], None]:
+            tensors = [t.detach().clone().requires_grad_(backward) for t in leaves]
+
+            def run() -> None:
+                ctx = use_backend(backend_name) if backend_name else _null()
+                with ctx:
+                    if backward:
+                        for t in tensors:
+                            t.grad = None
+                        fn(*tensors).backward(grad)
+                    else:
+                        with torch.no_grad():
+                            fn(*tensors)
+            return run
+        return build
+
+    case = Case("deform_conv2d", name, desc, "F.conv2d")
+    case.impls["F.conv2d"] = make(lambda xx, ww: F.conv2d(xx, ww, None, 1, d, d), [x, weight])
+    case.impls[NATIVE] = make(lambda xx, oo, ww: deform_conv2d(xx, oo, ww, None, 1, d, d), [x, offset, weight], backend)
+    case.impls[NATIVE_MASKED] = make(lambda xx, oo, ww, mm: deform_conv2d(xx, oo, ww, None, 1, d, d, mm),
+                                     [x, offset, weight, mask], backend)
+    if with_torchvision:
+        case.impls[TORCHVISION] = make(lambda xx, oo, ww: torchvision.ops.deform_conv2d(xx, oo, ww, None, 1, d, d),
+                                       [x, offset, weight])
+    if with_reference:
+        case.impls[REFERENCE] = make(lambda xx, oo, ww: deform_conv2d(xx, oo, ww, None, 1, d, d), [x, offset, weight],
+                                     "reference")
+    return case
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _rfcn_rois(k: int, h: int, w: int, scale: float, g: torch.Generator) -> torch.Tensor:
+    img_h, img_w = h / scale, w / scale
+    x1 = torch.rand(k, generator=g) * img_w * 0.8
+    y1 = torch.rand(k, generator=g) * img_h * 0.8
+    bw = 32 + torch.rand(k, generator=g) * (img_w * 0.5)
+    bh = 32 + torch.rand(k, generator=g) * (img_h * 0.5)
+    x2 = (x1 + bw).clamp(max=img_w - 1)
+    y2 = (y1 + bh).clamp(max=img_h - 1)
+    return torch.stack([torch.zeros(k), x1, y1, x2, y2], dim=1)
+
+
+def roi_case(position_sensitive: bool, device: str, with_reference: bool) -> Case:
+    import torchvision
+
+    from dcnbench.ops import deform_ps_roi_pool, deform_roi_pool, use_backend
+
+    k_bins, s, scale, n_rois, h, w = 7, 4, 1.0 / 16, 300, 38, 63
+    g = torch.Generator().manual_seed(1)
+    if position_sensitive:
+        classes = 21
+        c_in, n_cls, op, baseline = k_bins * k_bins * classes, classes, "deform_ps_roi_pool", "ps_roi_align"
+        desc = f"(1,{c_in},{h},{w}), {n_rois} rois, 7x7, S={s}, {n_cls}-class offsets"
+    else:
+        c_in, n_cls, op, baseline = 256, 1, "deform_roi_pool", "roi_align"
+        desc = f"(1,{c_in},{h},{w}), {n_rois} rois, 7x7, S={s}, offsets"
+    x = torch.randn(1, c_in, h, w, generator=g).to(device)
+    rois = _rfcn_rois(n_rois, h, w, scale, g).to(device)
+    offset = (torch.randn(n_rois, 2 * n_cls, k_bins, k_bins, generator=g) * 0.5).to(device)
+    c_out = c_in // (k_bins * k_bins) if position_sensitive else c_in
+    grad = torch.randn(n_rois, c_out, k_bins, k_bins, generator=g).to(device)
+    backend = _kernel_backend(device)
+    ours = deform_ps_roi_pool if position_sensitive else deform_roi_pool
+    theirs = torchvision.ops.ps_roi_align if position_sensitive else torchvision.ops.roi_align
+
+    def make(fn, leaves, backend_name=None):
+        def build(backward: bool) -> Callable[[], None]:
+            tensors = [t.detach().clone().requires_grad_(backward) for t in leaves]
+
+            def run() -> None:
+                with use_backend(backend_name) if backend_name else _null():
+                    if backward:
+                        for t in tensors:
+                            t.grad = None
+                        fn(*tensors).backward(grad)
+                    else:
+                        with torch.no_grad():
+                            fn(*tensors)
+            return run
+        return build
+
+    case = Case(op, "rfcn" if position_sensitive else "faster-rcnn", desc, baseline)
+    case.impls[baseline] = make(lambda xx: theirs(xx, rois, k_bins, scale, s), [x])
+    case.impls[NATIVE] = make(lambda xx, oo: ours(xx, rois, oo, k_bins, scale, s, 0.1), [x, offset], backend)
+    if with_reference:
+        case.impls[REFERENCE] = make(lambda xx, oo: ours(xx, rois, oo, k_bins, scale, s, 0.1), [x, offset],
+                                     "reference")
+    return case
+
+
+def time_case(case: Case, backward: bool, device: str, repeats: int, warmup: int, budget_s: float,
+              on_step: Callable[[], None] | None = None) -> dict[str, tuple[float, int]]:
+    """Median ms per implementation, rounds interleaved; stops early when over ``budget_s``."""
+    runs = {name: build(backward) for name, build in case.impls.items()}
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    start = time.perf_counter()
+    for r in range(repeats):
+        for name, run in runs.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        if on_step:
+            on_step()
+        if r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {name: (statistics.median(ts), len(ts)) for name, ts in times.items()}
+
+
+_MEMORY_SCRIPT = """
+import json, resource, sys, time, torch
+import torch.nn.functional as F
+from dcnbench.ops import deform_conv2d, use_backend
+torch.set_num_threads({threads})
+n, c, h, w, o, d = {dims}
+impl = {impl!r}
+g = torch.Generator().manual_seed(0)
+x = torch.randn(n, c, h, w, generator=g).requires_grad_()
+weight = (torch.randn(o, c, 3, 3, generator=g) / (3 * c ** 0.5)).requires_grad_()
+offset = (torch.randn(n, 18, h, w, generator=g) * 1.5).requires_grad_()
+grad = torch.randn(n, o, h, w, generator=g)
+def run():
+    if impl == "F.conv2d":
+        F.conv2d(x, weight, None, 1, d, d).backward(grad)
+    elif impl == "torchvision":
+        import torchvision
+        torchvision.ops.deform_conv2d(x, offset, weight, None, 1, d, d).backward(grad)
+    else:
+        with use_backend("native"):
+            deform_conv2d(x, offset, weight, None, 1, d, d).backward(grad)
+if impl != "inputs-only":
+    run()
+    t0 = time.perf_counter(); run(); ms = (time.perf_counter() - t0) * 1e3
+else:
+    ms = 0.0
+print(json.dumps({{"ms": ms, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def memory_case(impl: str, threads: int, dims) -> dict[str, float]:
+    """Run the batch-64 case in a fresh process; its wall time (second run) and peak RSS."""
+    script = _MEMORY_SCRIPT.format(threads=threads, dims=tuple(dims), impl=impl)
+    env = dict(os.environ)
+    env.pop("DCNBENCH_BACKEND", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory case {impl} failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_ops_benchmark(
+    shapes: dict[str, tuple[int, int, int, int, int, int]] | None = None,
+    threads: list[int] | None = None,
+    device: str = "cpu",
+    out: Path | str = "results/bench",
+    repeats: int = 7,
+    warmup: int = 1,
+    budget_s: float = 20.0,
+    with_reference: bool = False,
+    with_roi: bool = True,
+    with_memory: bool = True,
+    console=None,
+) -> Path:
+    """Run the benchmark and write ``<out>/ops_<device>.csv``; returns its path."""
+    import torchvision
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dcnbench.ops.dispatch import backend_status
+
+    console = console or Console()
+    shapes = dict(CONV_SHAPES if shapes is None else shapes)
+    threads = threads or [1, 2]
+    backend = _kernel_backend(device)
+    ok, why = backend_status(backend)
+    if not ok:
+        raise RuntimeError(f"dcnbench {backend} backend unavailable: {why}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {**machine_info(), "device": device, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "git_commit": git_commit(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+    if device.startswith("cuda"):
+        meta["machine"] = torch.cuda.get_device_name(device)
+
+    rows: list[dict] = []
+    n_cases = len(shapes) + (2 if with_roi else 0)
+    total = len(threads) * n_cases * len(PASSES) * repeats
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("ops benchmark", total=total)
+        for t in threads:
+            torch.set_num_threads(t)
+            cases = [conv_case(name, dims, device, with_reference) for name, dims in shapes.items()]
+            if with_roi:
+                cases += [roi_case(True, device, with_reference), roi_case(False, device, with_reference)]
+            for case in cases:
+                for pass_name in PASSES:
+                    progress.update(task, description=f"{t} thr  {case.op} {case.shape} {pass_name}")
+                    result = time_case(case, pass_name != "forward", device, repeats, warmup, budget_s,
+                                       on_step=lambda: progress.advance(task))
+                    base_ms = result[case.baseline][0]
+                    # torchvision's own op: deform_conv2d, or the roi case's baseline (ps_)roi_align.
+                    if TORCHVISION in result:
+                        tv_ms = result[TORCHVISION][0]
+                    else:
+                        tv_ms = result[case.baseline][0] if case.op != "deform_conv2d" else None
+                    for impl, (ms, n) in result.items():
+                        rows.append({
+                            "op": case.op, "implementation": impl, "shape": case.shape, "shape_desc": case.desc,
+                            "pass": pass_name, "threads": t, "ms": f"{ms:.3f}", "baseline": case.baseline,
+                            "ratio_to_baseline": f"{ms / base_ms:.3f}",
+                            "speedup_vs_torchvision": f"{tv_ms / ms:.2f}" if tv_ms else "",
+                            "peak_rss_mb": "", "repeats": n, **meta,
+                        })
+            if with_memory and not device.startswith("cuda"):
+                name, dims = MEMORY_SHAPE
+                n, c, h, w, o, d = dims
+                progress.update(task, description=f"{t} thr  memory {name} (fresh processes)")
+                base_rss = memory_case("inputs-only", t, dims)["peak_rss_mb"]
+                conv = memory_case("F.conv2d", t, dims)
+                for impl, label in (("F.conv2d", "F.conv2d"), ("native", NATIVE)):
+                    res = conv if impl == "F.conv2d" else memory_case(impl, t, dims)
+                    rows.append({
+                        "op": "deform_conv2d", "implementation": label, "shape": name,
+                        "shape_desc": f"({n},{c},{h},{w})->{o}, 3x3, dil {d}; inputs alone {base_rss:.0f} MB RSS",
+                        "pass": "forward+backward", "threads": t, "ms": f"{res['ms']:.3f}", "baseline": "F.conv2d",
+                        "ratio_to_baseline": f"{res['ms'] / conv['ms']:.3f}", "speedup_vs_torchvision": "",
+                        "peak_rss_mb": f"{res['peak_rss_mb']:.0f}", "repeats": 1, **meta,
+                    })
+    path = out / f"ops_{device.split(':')[0]}.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    from .report import render_table
+
+    console.print(render_table(rows))
+    return path

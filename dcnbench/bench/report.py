@@ -1,0 +1,207 @@
+"""Tables and the README performance section from ``results/bench/ops_<device>.csv``.
+
+``python -m dcnbench.bench.report results/bench/ops_cpu.csv --readme README.md`` replaces the block
+between ``<!-- bench:ops:start -->`` and ``<!-- bench:ops:end -->`` in the README with the section
+rendered from the CSV (every number comes from that one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections.abc import Iterable
+from pathlib import Path
+
+NATIVE = "dcnbench-native"
+NATIVE_MASKED = "dcnbench-native-modulated"
+START, END = "<!-- bench:ops:start -->", "<!-- bench:ops:end -->"
+
+# Issue 3's targets: (ratio to F.conv2d at most, speed-up over torchvision at least), forward+backward.
+CONV_TARGETS = {"res5": (1.4, 4.0), "mid": (1.4, 4.0), "small": (2.0, 15.0), "tiny": (3.0, 15.0)}
+ROI_TARGET = 4.0
+MASK_TARGET = 1.10
+
+
+def read_rows(path: Path | str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _index(rows: Iterable[dict]) -> dict[tuple, dict]:
+    return {(r["op"], r["implementation"], r["shape"], r["pass"], int(r["threads"])): r for r in rows}
+
+
+def evaluate_targets(rows: list[dict]) -> list[dict]:
+    """One entry per target and thread count: what, measured value, limit, met."""
+    idx = _index(rows)
+    threads = sorted({int(r["threads"]) for r in rows})
+    checks = []
+    fb = "forward+backward"
+    for t in threads:
+        for shape, (max_ratio, min_speedup) in CONV_TARGETS.items():
+            r = idx.get(("deform_conv2d", NATIVE, shape, fb, t))
+            if r is None:
+                continue
+            ratio = float(r["ratio_to_baseline"])
+            checks.append({"target": f"deform_conv2d {shape} ≤ {max_ratio}× F.conv2d", "threads": t,
+                           "value": f"{ratio:.2f}×", "met": ratio <= max_ratio})
+            for p in ("forward", fb):
+                rp = idx.get(("deform_conv2d", NATIVE, shape, p, t))
+                if rp is not None and rp["speedup_vs_torchvision"]:
+                    sp = float(rp["speedup_vs_torchvision"])
+                    checks.append({"target": f"deform_conv2d {shape} ≥ {min_speedup:g}× faster than torchvision ({p})",
+                                   "threads": t, "value": f"{sp:.1f}×", "met": sp >= min_speedup})
+            m = idx.get(("deform_conv2d", NATIVE_MASKED, shape, fb, t))
+            if m is not None:
+                rel = float(m["ms"]) / float(r["ms"])
+                checks.append({"target": f"modulated within 10% of unmasked ({shape})", "threads": t,
+                               "value": f"{rel:.2f}×", "met": rel <= MASK_TARGET})
+        for op, shape, base in (("deform_ps_roi_pool", "rfcn", "ps_roi_align"),
+                                ("deform_roi_pool", "faster-rcnn", "roi_align")):
+            r = idx.get((op, NATIVE, shape, fb, t))
+            if r is None:
+                continue
+            sp = float(r["speedup_vs_torchvision"])
+            checks.append({"target": f"{op} ≥ {ROI_TARGET:g}× faster than torchvision {base} (fwd+bwd)",
+                           "threads": t, "value": f"{sp:.1f}×", "met": sp >= ROI_TARGET})
+    return checks
+
+
+def _conv_summary(rows: list[dict]) -> list[list[str]]:
+    idx = _index(rows)
+    out = []
+    shapes = [s for s in dict.fromkeys(r["shape"] for r in rows if r["op"] == "deform_conv2d" and r["peak_rss_mb"] == "")]
+    for t in sorted({int(r["threads"]) for r in rows}):
+        for shape in shapes:
+            cells = [shape, str(t)]
+            for p in ("forward", "forward+backward"):
+                conv = idx.get(("deform_conv2d", "F.conv2d", shape, p, t))
+                nat = idx.get(("deform_conv2d", NATIVE, shape, p, t))
+                tv = idx.get(("deform_conv2d", "torchvision", shape, p, t))
+                if conv is None or nat is None:
+                    cells += ["", "", ""]
+                    continue
+                cells.append(f"{float(conv['ms']):.1f} / {float(nat['ms']):.1f}")
+                cells.append(f"{float(nat['ratio_to_baseline']):.2f}×")
+                cells.append(f"{float(tv['ms']):.0f} ms, {float(nat['speedup_vs_torchvision']):.1f}×" if tv else "")
+            masked = idx.get(("deform_conv2d", NATIVE_MASKED, shape, "forward+backward", t))
+            nat = idx.get(("deform_conv2d", NATIVE, shape, "forward+backward", t))
+            cells.append(f"{float(masked['ms']) / float(nat['ms']):.2f}×" if masked and nat else "")
+            out.append(cells)
+    return out
+
+
+def _roi_summary(rows: list[dict]) -> list[list[str]]:
+    idx = _index(rows)
+    out = []
+    for op, shape, base in (("deform_ps_roi_pool", "rfcn", "ps_roi_align"), ("deform_roi_pool", "faster-rcnn", "roi_align")):
+        for t in sorted({int(r["threads"]) for r in rows}):
+            cells = [op, str(t)]
+            present = False
+            for p in ("forward", "forward+backward"):
+                b, n = idx.get((op, base, shape, p, t)), idx.get((op, NATIVE, shape, p, t))
+                if b is None or n is None:
+                    cells += ["", ""]
+                    continue
+                present = True
+                cells += [f"{float(b['ms']):.1f} / {float(n['ms']):.1f}", f"{float(n['speedup_vs_torchvision']):.1f}×"]
+            if present:
+                out.append(cells)
+    return out
+
+
+def _memory_summary(rows: list[dict]) -> list[list[str]]:
+    return [[r["implementation"], r["threads"], f"{float(r['ms']):.0f}", r["peak_rss_mb"], r["shape_desc"]]
+            for r in rows if r["peak_rss_mb"]]
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+CONV_HEADER = ["shape", "threads", "fwd ms conv2d / native", "fwd ratio", "fwd torchvision, native speed-up",
+               "fwd+bwd ms conv2d / native", "fwd+bwd ratio", "fwd+bwd torchvision, native speed-up",
+               "modulated / plain (fwd+bwd)"]
+ROI_HEADER = ["op", "threads", "fwd ms torchvision / native", "fwd speed-up", "fwd+bwd ms torchvision / native",
+              "fwd+bwd speed-up"]
+
+
+def render_markdown(rows: list[dict], csv_name: str = "results/bench/ops_cpu.csv") -> str:
+    first = rows[0]
+    checks = evaluate_targets(rows)
+    met = [c for c in checks if c["met"]]
+    missed = [c for c in checks if not c["met"]]
+    parts = [
+        f"Generated from `{csv_name}` by `python -m dcnbench.bench.report` (measured with `dcnbench bench ops`): "
+        f"{first['machine']}, {first['nproc']} CPUs, torch {first['torch']}, torchvision {first['torchvision']}, "
+        f"commit {first['git_commit']}, {first['date']}. float32, median of interleaved rounds; ratios compare "
+        "runs in the same process at the same thread count.",
+        "",
+        "**deform_conv2d** (3×3, offsets ~ N(0, 1.5²) px) against `F.conv2d` of the same shape and "
+        "`torchvision.ops.deform_conv2d`:",
+        "",
+        _md_table(CONV_HEADER, _conv_summary(rows)),
+        "",
+        "**Deformable (PS) RoI pooling** (300 RoIs, 7×7, 4×4 samples per bin) against torchvision's "
+        "`ps_roi_align` / `roi_align` at the same samples per bin:",
+        "",
+        _md_table(ROI_HEADER, _roi_summary(rows)),
+    ]
+    mem = _memory_summary(rows)
+    if mem:
+        parts += ["", "**Memory** (forward+backward in a fresh process; peak RSS includes the inputs):", "",
+                  _md_table(["implementation", "threads", "ms", "peak RSS MB", "case"], mem)]
+    parts += ["", f"**Targets of issue 3: {len(met)} of {len(checks)} checks met.**"]
+    if missed:
+        parts += ["", "Missed:", ""] + [f"- {c['target']}, {c['threads']} thread(s): {c['value']}" for c in missed]
+    if met:
+        parts += ["", "<details><summary>Met</summary>", ""]
+        parts += [f"- {c['target']}, {c['threads']} thread(s): {c['value']}" for c in met]
+        parts += ["", "</details>"]
+    return "\n".join(parts) + "\n"
+
+
+def render_table(rows: list[dict]):
+    """A rich table of the conv and RoI summaries (for the terminal)."""
+    from rich.table import Table
+
+    table = Table(title="dcnbench ops benchmark (ms; ratio = native / baseline; speed-up = torchvision / native)")
+    for h in CONV_HEADER:
+        table.add_column(h)
+    for row in _conv_summary(rows):
+        table.add_row(*row)
+    for row in _roi_summary(rows):
+        table.add_row(row[0], row[1], "", "", "", row[4], row[5], "", "")
+        table.add_row("", "", row[2], row[3], "", "", "", "", "")
+    return table
+
+
+def update_readme(readme: Path | str, csv_path: Path | str) -> None:
+    readme = Path(readme)
+    text = readme.read_text()
+    rows = read_rows(csv_path)
+    block = f"{START}\n{render_markdown(rows, str(csv_path))}{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
+    readme.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("csv", nargs="?", default="results/bench/ops_cpu.csv")
+    parser.add_argument("--readme", help="README to update in place (between the bench:ops markers)")
+    args = parser.parse_args(argv)
+    if args.readme:
+        update_readme(args.readme, args.csv)
+    else:
+        print(render_markdown(read_rows(args.csv), args.csv))
+
+
+if __name__ == "__main__":
+    main()
