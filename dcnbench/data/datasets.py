@@ -492,13 +492,14 @@ class SyntheticDataset(Dataset):
         return self.num
 
     def sample(self, index: int) -> dict:
-        """The raw numpy sample (see :func:`dcnbench.data.generate_sample`)."""
+        """The raw numpy sample (see :func:`dcnbench.data.generate_sample`; without ``instance_map`` when cached)."""
         if not 0 <= index < self.num:
             raise IndexError(index)
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         s = generate_sample(self.start + index, self.config, self.seed)
-        if self._cache is not None:
+        if self._cache is not None:  # the instance map is not needed for targets: keep the cache small
+            s = {k: v for k, v in s.items() if k != "instance_map"}
             self._cache[index] = s
         return s
 

@@ -26,9 +26,10 @@ Sample ``i`` of seed ``s`` comes from ``numpy.random.default_rng([s, i])`` alone
 be generated in any order, in memory (:class:`dcnbench.data.SyntheticDataset`) or on disk
 (:func:`write_synthetic`), and the same seed gives the same pixels and byte-identical files.
 
-Speed (this machine, 1 thread): about 2.5 ms per 128x128 sample in memory, and ~6 s for
-``dcnbench data synth --num 2000 --size 128`` with PNG and annotation writing (the target was
-30 s); see ``tests/test_data_synthetic.py::test_generation_speed``.
+Speed (this 2-core machine, one core): about 2 ms per 128x128 sample in memory; ``dcnbench data
+synth --num 2000 --size 128`` (PNG + annotations) takes ~8 s of CPU time (12-17 s wall while other
+jobs shared the machine), against a 30 s target; ``tests/test_data_synthetic.py`` checks the
+in-memory rate.
 """
 
 from __future__ import annotations
