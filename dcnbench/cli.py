@@ -113,5 +113,92 @@ def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction,
                f"{summary['layout']} layout) to {out}")
 
 
+@main.command("table")
+@click.argument("number", type=click.Choice(["1", "2", "3", "4", "5", "7"]))
+@click.option("--tier", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["console", "markdown", "latex", "csv"]), default="console",
+              show_default=True)
+@click.option("--results", type=click.Path(dir_okay=False), help="Results CSV [default: results/ablate/table<N>_<tier>.csv].")
+@click.option("--figures", "with_figures", is_flag=True, help="Also plot the table (results/figures/).")
+@click.option("--out", type=click.Path(file_okay=False), default="results/tables", show_default=True,
+              help="Where table<N>_<tier>.md goes.")
+def table(number, tier, fmt, results, with_figures, out) -> None:
+    """Table N of the paper beside ours (mean ± std over seeds, differences to the baseline);
+    writes results/tables/table<N>_<tier>.md."""
+    from pathlib import Path
+
+    from dcnbench.report.tables import format_rendered, render_table, to_rich, write_markdown
+
+    rendered = render_table(int(number), tier, Path(results) if results else None)
+    path = write_markdown(rendered, Path(out))
+    if fmt == "console":
+        from rich.console import Console
+
+        Console().print(to_rich(rendered))
+    else:
+        click.echo(format_rendered(rendered, fmt), nl=False)
+    click.echo(f"wrote {path}", err=True)
+    if with_figures and int(number) != 4:
+        from dcnbench.report.figures import ablation_figure
+
+        for p in ablation_figure(int(number), tier, csv_path=Path(results) if results else None):
+            click.echo(f"wrote {p}", err=True)
+
+
+@main.command()
+@click.option("--tier", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu", show_default=True)
+@click.option("--table", "tables", type=click.IntRange(1, 3), multiple=True, help="Ablation plots [default: 1, 2, 3].")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True),
+              help="Trained model for Figure 5 [default: a res5a-c checkpoint under results/ablate/checkpoints].")
+@click.option("--roi-checkpoint", type=click.Path(dir_okay=False, exists=True),
+              help="Trained model with deformable RoI pooling for Figure 6 [default: from Table 3's runs].")
+@click.option("--out", type=click.Path(file_okay=False), default="results/figures", show_default=True)
+def figures(tier, tables, checkpoint, roi_checkpoint, out) -> None:
+    """Figures 5 and 6 from trained checkpoints, and one plot per ablation table (PNG and PDF)."""
+    from pathlib import Path
+
+    from dcnbench.report import figures as fg
+
+    out_dir = Path(out)
+    for n in tables or (1, 2, 3):
+        paths = fg.ablation_figure(n, tier, out_dir)
+        click.echo(f"table {n}: " + (", ".join(map(str, paths)) if paths else f"no {tier}-tier results yet"))
+    for kind, given, make in (("figure5", checkpoint, fg.figure5_from_checkpoint),
+                              ("figure6", roi_checkpoint, fg.figure6_from_checkpoint)):
+        ckpt = Path(given) if given else fg.default_checkpoint(kind, tier)
+        if ckpt is None:
+            click.echo(f"{kind}: no checkpoint found (run `dcnbench ablate` first or pass one)")
+            continue
+        click.echo(f"{kind}: " + ", ".join(map(str, make(ckpt, out_dir))))
+
+
+@main.command()
+@click.option("--smoke/--no-smoke", default=True, show_default=True, help="Re-run the smoke tier against the reference.")
+@click.option("--table", "tables", type=click.IntRange(1, 3), multiple=True, help="Smoke tables [default: the reference's].")
+@click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Parallel smoke runs.")
+@click.option("--update-reference", is_flag=True, help="Measure the smoke reference (--seeds seeds) and exit.")
+@click.option("--seeds", type=click.IntRange(3), default=3, show_default=True, help="Seeds for --update-reference.")
+@click.option("--record-findings", is_flag=True, help="Record the findings' verdicts on the cpu-tier CSVs and exit.")
+def check(smoke, tables, jobs, update_reference, seeds, record_findings) -> None:
+    """Regression gate: smoke numbers within the reference's tolerance, committed cpu-tier CSVs
+    parse and render, recorded findings still hold. Non-zero exit with a diff otherwise."""
+    from dcnbench.report import check as gate
+
+    if update_reference:
+        for p in gate.update_reference(tables or gate.SMOKE_TABLES, seeds, jobs):
+            click.echo(f"wrote {p}")
+        return
+    if record_findings:
+        for f in gate.record_findings():
+            verdict = {True: "holds", False: "does not hold", None: "not evaluated"}[f.holds]
+            click.echo(f"{f.id}: {verdict}" + (f" ({f.measured})" if f.measured else ""))
+        click.echo(f"wrote {gate.FINDINGS_PATH}")
+        return
+    report = gate.run_check(smoke=smoke, tables=list(tables) or None, jobs=jobs)
+    click.echo(report.text())
+    if not report.ok:
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
     main()

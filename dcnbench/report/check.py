@@ -1,0 +1,458 @@
+"""``dcnbench check``: the regression gate of reproduced numbers.
+
+Two parts:
+
+1. **Smoke re-run against a reference.** ``results/reference/smoke/table<N>.csv`` holds, per
+   (task, variant, metric) of the smoke tier, the mean and std over several seeds, the seed values
+   and a tolerance ``max(k * std, floor_abs + floor_rel * |mean|)``; ``reference.json`` records k,
+   the floors, the seeds, threads and provenance. ``--update-reference`` measures it (smoke tier,
+   >= 3 seeds). ``check`` re-runs the smoke tier (seed 0) and fails when a number leaves
+   ``mean ± tolerance``, when a referenced cell produced no number, or when a cell's config hash
+   no longer matches the reference (the reference is stale: re-measure it).
+2. **Committed cpu-tier CSVs.** Each ``results/ablate/table<N>_cpu.csv`` must parse, render in
+   every format, and have rows matching the current experiment configs; every finding in
+   ``results/ablate/findings.toml`` on a present CSV must have a recorded verdict (holds / does
+   not hold) that the CSV still gives. ``--record-findings`` evaluates and records the verdicts.
+
+A finding compares two means over seeds: ``mean(a) - mean(b) > max(min_se * SE, min_diff)`` with
+``SE = sqrt(s_a²/n_a + s_b²/n_b)``; ``a`` and ``b`` are variants (and ``metric_b`` optionally a
+second metric, e.g. large- vs small-object effective dilation of the same runs).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .paper import RESULTS_DIR
+from .tables import FORMATS, Stat, diff_se, format_rendered, load_ours, render_table, results_csv
+
+REFERENCE_DIR = RESULTS_DIR / "reference" / "smoke"
+FINDINGS_PATH = RESULTS_DIR / "ablate" / "findings.toml"
+REFERENCE_COLUMNS = ["table", "task", "variant", "metric", "config_hash", "mean", "std", "n", "tolerance", "seed_values"]
+DEFAULT_K = 3.0
+DEFAULT_FLOOR_ABS = 0.1
+DEFAULT_FLOOR_REL = 0.02
+SMOKE_TABLES = (1, 2, 3)
+CPU_TABLES = (1, 2, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems, reported as a readable diff
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    where: str  # e.g. "table 1 smoke deeplab/res5c miou" or a file
+    expected: str
+    got: str
+    why: str
+
+
+@dataclass
+class CheckReport:
+    problems: list[Problem] = field(default_factory=list)
+    passed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def extend(self, other: "CheckReport") -> None:
+        self.problems += other.problems
+        self.passed += other.passed
+        self.notes += other.notes
+
+    def text(self) -> str:
+        lines = []
+        if self.problems:
+            w = max(len(p.where) for p in self.problems)
+            we = max([len("expected")] + [len(p.expected) for p in self.problems])
+            wg = max([len("got")] + [len(p.got) for p in self.problems])
+            lines.append(f"{'cell':<{w}}  {'expected':<{we}}  {'got':<{wg}}  why")
+            for p in self.problems:
+                lines.append(f"{p.where:<{w}}  {p.expected:<{we}}  {p.got:<{wg}}  {p.why}")
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(f"{len(self.passed)} checks passed, {len(self.problems)} failed")
+        return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    return "nan" if v is None or math.isnan(v) else f"{v:.4g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 1: the smoke reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_metric(name: str) -> bool:
+    """Numbers a run reports that the gate compares (timings, ending in ``_s``, are not)."""
+    from dcnbench.runner.results import KEY_COLUMNS, PROVENANCE_COLUMNS
+
+    return name not in KEY_COLUMNS and name not in PROVENANCE_COLUMNS and not name.endswith("_s")
+
+
+def per_seed_values(rows: list[dict]) -> dict[tuple[str, str, str, str], dict[int, float]]:
+    """(task, variant, metric, config_hash) -> {seed: value} of a results CSV's rows."""
+    out: dict[tuple[str, str, str, str], dict[int, float]] = {}
+    for r in rows:
+        for metric, text in r.items():
+            if not _is_metric(metric) or text in (None, ""):
+                continue
+            try:
+                v = float(text)
+            except ValueError:
+                continue
+            out.setdefault((r["task"], r["variant"], metric, r["config_hash"]), {})[int(r["seed"])] = v
+    return out
+
+
+def tolerance(std: float, mean: float, k: float, floor_abs: float, floor_rel: float) -> float:
+    floor = floor_abs + floor_rel * abs(mean)
+    return floor if math.isnan(std) else max(k * std, floor)
+
+
+def reference_rows(table: int, rows: list[dict], k: float = DEFAULT_K, floor_abs: float = DEFAULT_FLOOR_ABS,
+                   floor_rel: float = DEFAULT_FLOOR_REL) -> list[dict]:
+    """Reference records (REFERENCE_COLUMNS) from a multi-seed smoke results CSV's rows."""
+    out = []
+    for (task, variant, metric, chash), by_seed in per_seed_values(rows).items():
+        values = [by_seed[s] for s in sorted(by_seed)]
+        stat = Stat.of(values)
+        out.append({"table": table, "task": task, "variant": variant, "metric": metric, "config_hash": chash,
+                    "mean": f"{stat.mean:.6g}", "std": "" if stat.n < 2 else f"{stat.std:.6g}", "n": stat.n,
+                    "tolerance": f"{tolerance(stat.std, stat.mean, k, floor_abs, floor_rel):.6g}",
+                    "seed_values": ";".join(f"{s}:{by_seed[s]:.6g}" for s in sorted(by_seed))})
+    return out
+
+
+def write_reference(directory: Path, table: int, records: list[dict]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"table{table}.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=REFERENCE_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+    return path
+
+
+def read_reference(directory: Path, table: int) -> list[dict]:
+    path = directory / f"table{table}.csv"
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def compare_to_reference(table: int, reference: list[dict], rows: list[dict], seed: int = 0) -> CheckReport:
+    """Each reference cell against the ``seed`` run in ``rows`` (a fresh smoke results CSV)."""
+    report = CheckReport()
+    got = per_seed_values(rows)
+    by_cell = {(t, v, m): (h, s) for (t, v, m, h), s in got.items()}
+    seen = set()
+    for ref in reference:
+        task, variant, metric = ref["task"], ref["variant"], ref["metric"]
+        where = f"table {table} smoke {task}/{variant} {metric}"
+        mean, tol = float(ref["mean"]), float(ref["tolerance"])
+        expected = f"{_fmt(mean)} ± {_fmt(tol)}"
+        seen.add((task, variant, metric))
+        if (task, variant, metric) not in by_cell:
+            report.problems.append(Problem(where, expected, "missing", "no number from the smoke run (failed run?)"))
+            continue
+        chash, by_seed = by_cell[(task, variant, metric)]
+        if chash != ref["config_hash"]:
+            report.problems.append(Problem(where, f"config {ref['config_hash']}", f"config {chash}",
+                                           "config changed: re-measure with `dcnbench check --update-reference`"))
+            continue
+        if seed not in by_seed:
+            report.problems.append(Problem(where, expected, "missing", f"no seed-{seed} run"))
+            continue
+        value = by_seed[seed]
+        if math.isfinite(value) and abs(value - mean) <= tol:
+            report.passed.append(where)
+        else:
+            report.problems.append(Problem(where, expected, _fmt(value), f"off by {_fmt(value - mean)} (> tolerance)"))
+    extra = sorted(k for k in by_cell if k not in seen)
+    if extra:
+        report.notes.append(f"table {table}: {len(extra)} smoke numbers not in the reference (new metrics or "
+                            f"cells?), e.g. {'/'.join(extra[0])}; re-measure to gate them")
+    return report
+
+
+def _run_smoke(table: int, seeds: int, jobs: int, out: Path) -> tuple[list[dict], list]:
+    from dcnbench.runner.ablate import run_ablation
+    from dcnbench.runner.results import read_rows
+
+    failed = run_ablation(table, "smoke", [], seeds, jobs, str(out))
+    return read_rows(out / f"table{table}_smoke.csv"), failed
+
+
+def update_reference(tables=SMOKE_TABLES, seeds: int = 3, jobs: int = 1, k: float = DEFAULT_K,
+                     floor_abs: float = DEFAULT_FLOOR_ABS, floor_rel: float = DEFAULT_FLOOR_REL,
+                     directory: Path | None = None, work_dir: Path | None = None) -> list[Path]:
+    """Run the smoke tier with ``seeds`` seeds and write the reference CSVs and reference.json."""
+    import os
+
+    from dcnbench.runner.results import provenance
+
+    if seeds < 3:
+        raise ValueError("the reference needs >= 3 seeds to measure a spread")
+    directory = directory or REFERENCE_DIR
+    written = []
+    with tempfile.TemporaryDirectory(prefix="dcnbench-ref-") as tmp:
+        out = Path(work_dir) if work_dir else Path(tmp)
+        for table in tables:
+            rows, failed = _run_smoke(table, seeds, jobs, out)
+            if failed:
+                raise RuntimeError(f"table {table}: {len(failed)} smoke runs failed, e.g. {failed[0]}")
+            written.append(write_reference(directory, table, reference_rows(table, rows, k, floor_abs, floor_rel)))
+    meta = {"tier": "smoke", "tables": list(tables), "seeds": seeds, "compare_seed": 0, "jobs": jobs,
+            "threads": max(1, (os.cpu_count() or 1) // jobs), "k": k, "floor_abs": floor_abs, "floor_rel": floor_rel,
+            "tolerance": "max(k * std over seeds, floor_abs + floor_rel * |mean|)", **provenance(),
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    (directory / "reference.json").write_text(json.dumps(meta, indent=2) + "\n")
+    written.append(directory / "reference.json")
+    return written
+
+
+def check_smoke(tables=None, jobs: int = 1, directory: Path | None = None, work_dir: Path | None = None) -> CheckReport:
+    """Re-run the smoke tier (seed 0) of every referenced table and compare."""
+    directory = directory or REFERENCE_DIR
+    report = CheckReport()
+    meta_path = directory / "reference.json"
+    if not meta_path.is_file():
+        report.problems.append(Problem(str(meta_path), "a smoke reference", "missing",
+                                       "measure one with `dcnbench check --update-reference`"))
+        return report
+    meta = json.loads(meta_path.read_text())
+    tables = tables or meta.get("tables", SMOKE_TABLES)
+    with tempfile.TemporaryDirectory(prefix="dcnbench-check-") as tmp:
+        out = Path(work_dir) if work_dir else Path(tmp)
+        for table in tables:
+            if not (directory / f"table{table}.csv").is_file():
+                report.problems.append(Problem(f"table {table} smoke", "a reference CSV", "missing",
+                                               "measure with `dcnbench check --update-reference`"))
+                continue
+            rows, failed = _run_smoke(table, 1, jobs, out)
+            for name, log in failed:
+                report.notes.append(f"table {table}: smoke run {name} failed, log {log}")
+            report.extend(compare_to_reference(table, read_reference(directory, table), rows,
+                                               int(meta.get("compare_seed", 0))))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 2: committed cpu-tier CSVs and their findings
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    id: str
+    text: str
+    table: int
+    tier: str
+    task: str
+    metric: str
+    a: str
+    b: str
+    metric_b: str = ""
+    min_se: float = 2.0
+    min_diff: float = 0.0
+    holds: bool | None = None  # the verdict recorded with the committed CSV
+    measured: str = ""
+
+    def evaluate(self, stats: dict[tuple[str, str, str], Stat]) -> tuple[bool | None, str]:
+        """(verdict, measurement); verdict None when the numbers are missing or SE is undefined."""
+        sa = stats.get((self.task, self.a, self.metric))
+        sb = stats.get((self.task, self.b, self.metric_b or self.metric))
+        if sa is None or sb is None:
+            return None, "missing numbers: " + ", ".join(
+                f"{self.task}/{v} {m}" for v, m, s in ((self.a, self.metric, sa), (self.b, self.metric_b or self.metric, sb))
+                if s is None)
+        diff, se = sa.mean - sb.mean, diff_se(sa, sb)
+        if math.isnan(se) and self.min_se > 0:
+            return None, f"diff {diff:+.3g} but SE undefined (one seed)"
+        need = max(self.min_se * se if self.min_se > 0 else 0.0, self.min_diff)
+        ratio = "" if math.isnan(se) or se == 0 else f" = {diff / se:.2f} SE"
+        return diff > need, f"diff {diff:+.3g}, SE {se:.3g}{ratio}, needs > {need:.3g}"
+
+
+FINDING_FIELDS = ["id", "text", "table", "tier", "task", "metric", "metric_b", "a", "b", "min_se", "min_diff",
+                  "holds", "measured"]
+
+
+def load_findings(path: Path | None = None) -> list[Finding]:
+    path = path or FINDINGS_PATH
+    if not path.is_file():
+        return []
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    out = []
+    for i, raw in enumerate(data.get("finding", [])):
+        unknown = set(raw) - set(FINDING_FIELDS)
+        if unknown:
+            raise ValueError(f"{path}: finding {i + 1} has unknown keys {sorted(unknown)}")
+        try:
+            out.append(Finding(**raw))
+        except TypeError as exc:
+            raise ValueError(f"{path}: finding {i + 1}: {exc}") from None
+    ids = [f.id for f in out]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: finding ids must be unique")
+    return out
+
+
+FINDINGS_HEADER = """\
+# Findings about the committed cpu-tier results (results/ablate/table<N>_cpu.csv).
+# Each claims mean(a) - mean(b) > max(min_se * SE, min_diff) over seeds, SE = sqrt(sa²/na + sb²/nb)
+# (metric_b: compare a second metric of b). `holds` is the verdict recorded when the CSV was
+# committed (`dcnbench check --record-findings`), true or false, honestly; `dcnbench check` fails
+# when the committed CSV no longer gives the recorded verdict. `measured` is informational.
+"""
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def write_findings(findings: list[Finding], path: Path | None = None) -> Path:
+    path = path or FINDINGS_PATH
+    defaults = Finding("", "", 0, "", "", "", "", "")
+    lines = [FINDINGS_HEADER]
+    for f in findings:
+        lines.append("[[finding]]")
+        for name in FINDING_FIELDS:
+            value = getattr(f, name)
+            if value is None or (name in ("metric_b", "measured") and value == "") or (
+                    name == "min_diff" and value == defaults.min_diff):
+                continue
+            lines.append(f"{name} = {_toml_value(value)}")
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _stats_for(table: int, tier: str, root: Path | None) -> dict:
+    return load_ours(table, tier, results_csv(table, tier, root)).stats
+
+
+def record_findings(path: Path | None = None, root: Path | None = None) -> list[Finding]:
+    """Evaluate every finding whose CSV is present and record its verdict (None when undecidable)."""
+    findings = load_findings(path)
+    cache: dict[tuple[int, str], dict] = {}
+    for f in findings:
+        if not results_csv(f.table, f.tier, root).is_file():
+            continue
+        stats = cache.setdefault((f.table, f.tier), _stats_for(f.table, f.tier, root))
+        f.holds, f.measured = f.evaluate(stats)
+    write_findings(findings, path)
+    return findings
+
+
+def check_findings(path: Path | None = None, root: Path | None = None) -> CheckReport:
+    report = CheckReport()
+    findings = load_findings(path)
+    cache: dict[tuple[int, str], dict] = {}
+    for f in findings:
+        where = f"finding {f.id}"
+        recorded = {True: "holds", False: "does not hold", None: "unrecorded"}[f.holds]
+        if not results_csv(f.table, f.tier, root).is_file():
+            if f.holds is not None:
+                report.problems.append(Problem(where, recorded, "no CSV", f"{results_csv(f.table, f.tier, root).name} is gone"))
+            else:
+                report.notes.append(f"{where}: skipped, no {results_csv(f.table, f.tier, root).name} yet")
+            continue
+        stats = cache.setdefault((f.table, f.tier), _stats_for(f.table, f.tier, root))
+        verdict, measured = f.evaluate(stats)
+        now = {True: "holds", False: "does not hold", None: "undecidable"}[verdict]
+        if f.holds is None:
+            report.problems.append(Problem(where, "a recorded verdict", now + f" ({measured})",
+                                           "record it: `dcnbench check --record-findings`"))
+        elif verdict is None or verdict != f.holds:
+            report.problems.append(Problem(where, recorded, now, measured + f" [{f.text}]"))
+        else:
+            report.passed.append(where)
+    return report
+
+
+def check_cpu_csvs(tables=CPU_TABLES, root: Path | None = None, tier: str = "cpu") -> CheckReport:
+    """Each present ``table<N>_<tier>.csv``: parses, has rows of the current configs, renders."""
+    from dcnbench.runner.experiment import expand_cells, load_experiment
+    from dcnbench.runner.results import KEY_COLUMNS, read_rows
+
+    report = CheckReport()
+    for table in tables:
+        path = results_csv(table, tier, root)
+        if not path.is_file():
+            report.notes.append(f"table {table}: no {path.name} committed yet")
+            continue
+        where = str(path.name)
+        try:
+            rows = read_rows(path)
+        except (OSError, csv.Error, UnicodeDecodeError) as exc:
+            report.problems.append(Problem(where, "a CSV", "unreadable", str(exc)))
+            continue
+        header = set(rows[0]) if rows else set()
+        lacking = [c for c in KEY_COLUMNS + ["config_hash"] if c not in header]
+        if not rows or lacking:
+            report.problems.append(Problem(where, "rows with " + ",".join(KEY_COLUMNS + ["config_hash"]),
+                                           "no rows" if not rows else "lacks " + ",".join(lacking), "malformed"))
+            continue
+        bad = []
+        keys = set()
+        for i, r in enumerate(rows, start=2):
+            if r["table"] != str(table) or r["tier"] != tier:
+                bad.append(f"line {i}: table/tier {r['table']}/{r['tier']}")
+            key = (r["task"], r["variant"], r["seed"], r["config_hash"])
+            if key in keys:
+                bad.append(f"line {i}: duplicate run {key}")
+            keys.add(key)
+            for m, text in r.items():
+                if _is_metric(m) and text not in (None, ""):
+                    try:
+                        float(text)
+                    except ValueError:
+                        bad.append(f"line {i}: {m}={text!r} is not a number")
+        if bad:
+            report.problems.append(Problem(where, "well-formed rows", f"{len(bad)} bad", "; ".join(bad[:3])))
+            continue
+        report.passed.append(f"{where} parses")
+        current = {c.config_hash for c in expand_cells(load_experiment(table), tier)}
+        stale = sum(1 for r in rows if r["config_hash"] not in current)
+        if stale == len(rows):
+            report.problems.append(Problem(where, "rows of the current configs", f"all {stale} stale",
+                                           "the experiment definition changed since these runs"))
+            continue
+        if stale:
+            report.notes.append(f"{where}: {stale} of {len(rows)} rows are of older configs (ignored)")
+        try:
+            for fmt in FORMATS:
+                format_rendered(render_table(table, tier, path), fmt)
+        except Exception as exc:  # any failure to render is a failure of the gate
+            report.problems.append(Problem(where, "renders", "error", f"{type(exc).__name__}: {exc}"))
+            continue
+        report.passed.append(f"{where} renders")
+    return report
+
+
+def run_check(smoke: bool = True, tables=None, jobs: int = 1, findings_path: Path | None = None,
+              reference_dir: Path | None = None, results_root: Path | None = None) -> CheckReport:
+    report = CheckReport()
+    report.extend(check_cpu_csvs(root=results_root))
+    report.extend(check_findings(findings_path, results_root))
+    if smoke:
+        report.extend(check_smoke(tables, jobs, reference_dir))
+    return report
