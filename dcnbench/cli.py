@@ -113,6 +113,26 @@ def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction,
                f"{summary['layout']} layout) to {out}")
 
 
+@main.command()
+@click.option("--params-only", is_flag=True, help="Only count parameters -> results/table4_params.csv.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where to time the networks (auto: CUDA when available).")
+@click.option("--scale", type=click.FloatRange(0.01, 1.0), default=1.0, show_default=True,
+              help="Shrink the paper's input sizes by this factor (quick runs).")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per model (median).")
+@click.option("--model", "models", multiple=True,
+              type=click.Choice(["DeepLab@C", "DeepLab@V", "class-aware RPN", "Faster R-CNN", "R-FCN"]),
+              help="Only these Table 4 rows (repeatable; default all).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="ImageNet ResNet-101 state dict (optional).")
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's].")
+@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
+def runtime(params_only, device, scale, repeats, models, weights, threads, results_dir) -> None:
+    """Table 4: parameter counts and plain vs deformable runtime of the paper's ResNet-101 networks."""
+    from dcnbench.runtime import main as runtime_main
+
+    runtime_main(params_only, device, scale, repeats, list(models) or None, weights, results_dir, threads)
+
+
 @main.command("table")
 @click.argument("number", type=click.Choice(["1", "2", "3", "4", "5", "7"]))
 @click.option("--tier", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu", show_default=True)

@@ -1,0 +1,42 @@
+"""DeepLab as in paper section 2.3: a 1×1 conv to C+1 score maps on the feature extraction
+network's output, bilinear upsampling to the input size, per-pixel softmax."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbone import ResNetBackbone
+from .common import to_batch
+
+
+class DeepLab(nn.Module):
+    """forward(images (N, 3, H, W)) -> logits (N, C+1, H, W) (train and eval alike);
+    ``loss(logits, mask)`` is per-pixel cross entropy ignoring label 255; ``postprocess(logits)``
+    gives the (N, H, W) label map."""
+
+    ignore_index = 255
+
+    def __init__(self, backbone: ResNetBackbone, num_classes: int) -> None:
+        super().__init__()
+        self.backbone, self.num_classes = backbone, num_classes
+        self.score = nn.Conv2d(backbone.out_channels, num_classes + 1, 1)
+        nn.init.normal_(self.score.weight, std=0.01)
+        nn.init.zeros_(self.score.bias)
+
+    def forward_raw(self, images: Tensor) -> Tensor:
+        images = to_batch(images)
+        _, feature = self.backbone(images)
+        return F.interpolate(self.score(feature), size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def forward(self, images: Tensor, targets=None) -> Tensor:
+        return self.forward_raw(images)
+
+    def loss(self, logits: Tensor, mask: Tensor) -> Tensor:
+        """logits (N, C+1, H, W), mask (N, H, W) int labels, 255 ignored."""
+        return F.cross_entropy(logits, mask.long(), ignore_index=self.ignore_index)
+
+    @staticmethod
+    def postprocess(logits: Tensor) -> Tensor:
+        """Per-pixel softmax and arg-max: (N, H, W) labels."""
+        return logits.softmax(1).argmax(1)

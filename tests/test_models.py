@@ -1,0 +1,228 @@
+"""The paper's networks: output shapes, deformable placement, zero-offset twins, weights, param counts."""
+
+import pytest
+import torch
+from torch import nn
+
+from dcnbench.models import (
+    PLACEMENTS, ResNetBackbone, build_model, count_parameters, deformable_layers, load_backbone_weights,
+)
+from dcnbench.models.backbone import DEPTHS
+from dcnbench.ops import DeformConv2d, DeformPSRoIPool, DeformRoIPool, use_backend
+
+TINY = {"backbone": "scaled", "blocks": [1, 1, 1, 3], "width": 8, "num_classes": 3,
+        "anchor_sizes": [16, 32], "rpn_post_nms_top_n": [64, 32], "roi_batch_size": 32, "rpn_batch_size": 64}
+SIZE = 64
+TASKS = ["deeplab", "rpn", "faster_rcnn", "rfcn"]
+
+
+def tiny(task, **kw):
+    return build_model({**TINY, "task": task, **kw})
+
+
+def targets(n=2):
+    return [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 28.0, 60.0, 58.0]]),
+             "labels": torch.tensor([1, 3])} for _ in range(n)]
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("placement", ["none", "res5a-c"])
+def test_eval_output_shapes(task, placement):
+    model = tiny(task, placement=placement, deformable_roi_pool=placement != "none").eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, SIZE, SIZE + 16))
+    if task == "deeplab":
+        assert out.shape == (2, 4, SIZE, SIZE + 16)
+        return
+    assert len(out) == 2
+    for det in out:
+        d = det["boxes"].shape[0]
+        assert det["boxes"].shape == (d, 4) and det["scores"].shape == (d,) and det["labels"].shape == (d,)
+        assert d <= 100
+        if d:
+            assert det["labels"].min() >= 1 and det["labels"].max() <= 3
+            assert (det["boxes"][:, 2] <= SIZE + 16).all() and (det["boxes"][:, 3] <= SIZE).all()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_training_losses_are_finite_and_reach_offsets(task):
+    model = tiny(task, placement="res5a-c", deformable_roi_pool=True).train()
+    images = torch.randn(2, 3, SIZE, SIZE)
+    with use_backend("reference"):
+        if task == "deeplab":
+            mask = torch.randint(0, 4, (2, SIZE, SIZE))
+            mask[:, :4] = 255
+            losses = {"loss": model.loss(model(images), mask)}
+        else:
+            losses = model(images, targets())
+        expected = {"deeplab": {"loss"}, "rpn": {"loss_rpn_cls", "loss_rpn_box"},
+                    "faster_rcnn": {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}}
+        assert set(losses) == expected.get(task, expected["faster_rcnn"])
+        assert all(torch.isfinite(v) for v in losses.values())
+        sum(losses.values()).backward()
+    grads = [m.offset_conv.weight.grad for m in model.modules() if isinstance(m, DeformConv2d)]
+    assert len(grads) == 3 and all(g is not None for g in grads)
+
+
+def test_deeplab_loss_ignores_255():
+    model = tiny("deeplab", placement="none")
+    logits = torch.randn(1, 4, 8, 8)
+    mask = torch.full((1, 8, 8), 255)
+    mask[0, 0, 0] = 2
+    expected = nn.functional.cross_entropy(logits[:, :, 0, 0], torch.tensor([2]))
+    torch.testing.assert_close(model.loss(logits, mask), expected)
+
+
+RESNET101_BLOCKS = {
+    "none": [],
+    "res5c": ["layer4.2"],
+    "res5b-c": ["layer4.1", "layer4.2"],
+    "res5a-c": ["layer4.0", "layer4.1", "layer4.2"],
+    "res5+res4b20-22": ["layer3.20", "layer3.21", "layer3.22", "layer4.0", "layer4.1", "layer4.2"],
+}
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_placement_touches_exactly_the_named_resnet101_layers(placement):
+    # ResNet-101's depth (res4 has res4a, res4b1 ... res4b22) at a narrow width, so it builds fast.
+    net = ResNetBackbone(DEPTHS[101], width=4, placement=placement, out_channels=8, dilation=2)
+    assert deformable_layers(net) == [f"{b}.conv2" for b in RESNET101_BLOCKS[placement]]
+    assert net.deformable_blocks == {
+        "none": [], "res5c": ["res5c"], "res5b-c": ["res5b", "res5c"], "res5a-c": ["res5a", "res5b", "res5c"],
+        "res5+res4b20-22": ["res4b20", "res4b21", "res4b22", "res5a", "res5b", "res5c"],
+    }[placement]
+    # Only 3x3 convs are replaced: every other conv is still an nn.Conv2d.
+    deform = {n for n, m in net.named_modules() if isinstance(m, DeformConv2d)}
+    convs3 = {n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, DeformConv2d)) and m.kernel_size == (3, 3)}
+    assert deform <= convs3
+
+
+@pytest.mark.parametrize("dilation", [2, 4, 6, 8])
+def test_res5_stride_one_dilation_and_offset_convs(dilation):
+    net = ResNetBackbone((1, 1, 1, 3), width=4, placement="res5b-c", dilation=dilation, offset_groups=2, out_channels=0)
+    for i, block in enumerate(net.layer4):
+        conv = block.conv2
+        assert conv.stride == (1, 1) and conv.dilation == (dilation, dilation) and conv.padding == (dilation, dilation)
+        if i == 0:
+            assert type(conv) is nn.Conv2d
+        else:
+            off = conv.offset_conv
+            assert isinstance(conv, DeformConv2d) and conv.offset_groups == 2
+            assert off.kernel_size == (3, 3) and off.dilation == (dilation, dilation) and off.padding == (dilation, dilation)
+            assert off.out_channels == 2 * 2 * 9 and not off.weight.any() and not off.bias.any()
+    assert net.layer3[0].conv2.dilation == (1, 1)
+    c4, c5 = net(torch.randn(1, 3, 64, 96))
+    assert c4.shape[-2:] == c5.shape[-2:] == (4, 6)  # output stride 16
+
+
+def test_output_stride_8():
+    net = ResNetBackbone((1, 1, 1, 2), width=4, output_stride=8, out_channels=12)
+    c4, f = net(torch.randn(1, 3, 64, 64))
+    assert c4.shape == (1, 64, 8, 8) and f.shape == (1, 12, 8, 8)
+    assert net.layer3[0].conv2.dilation == (2, 2)
+
+
+def test_placement_errors():
+    with pytest.raises(ValueError, match="res4"):
+        ResNetBackbone((1, 1, 2, 3), width=4, placement="res5+res4b20-22")
+    with pytest.raises(ValueError, match="placement must be one of"):
+        ResNetBackbone((1, 1, 2, 3), width=4, placement="res5")
+    net = ResNetBackbone((1, 1, 2, 3), width=4, placement=["res4b", "res5a"])
+    assert deformable_layers(net) == ["layer3.1.conv2", "layer4.0.conv2"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_zero_offset_deformable_equals_plain_twin(task):
+    torch.manual_seed(0)
+    plain = tiny(task, placement="none").eval()
+    deform = tiny(task, placement="res5a-c", deformable_roi_pool=True).eval()
+    missing, unexpected = deform.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all("offset" in k for k in missing)
+    kinds = (DeformRoIPool,) if task == "faster_rcnn" else (DeformPSRoIPool,) if task == "rfcn" else ()
+    assert all(any(isinstance(m, k) for m in deform.modules()) for k in kinds)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        a, b = plain.forward_raw(x), deform.forward_raw(x)
+    if task == "deeplab":
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        return
+    for key in ("logits", "deltas", "class_logits", "box_regression"):
+        if key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    if "proposals" in a:
+        for pa, pb in zip(a["proposals"], b["proposals"]):
+            torch.testing.assert_close(pb, pa)
+
+
+def _torchvision_resnet50_state(tmp_path, extra=None, drop=None):
+    import torchvision
+
+    state = torchvision.models.resnet50(weights=None).state_dict()  # ImageNet key names, fc included
+    state.update(extra or {})
+    for k in drop or []:
+        del state[k]
+    path = tmp_path / "r50.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_load_backbone_weights_from_torchvision_keys(tmp_path):
+    path, state = _torchvision_resnet50_state(tmp_path)
+    model = build_model({"task": "rfcn", "backbone": "resnet50", "placement": "res5a-c", "num_classes": 2,
+                         "deformable_roi_pool": True})
+    load_backbone_weights(model, str(path))
+    own = model.backbone.state_dict()
+    torch.testing.assert_close(own["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])  # deformable conv
+    torch.testing.assert_close(own["layer1.0.bn1.running_var"], state["layer1.0.bn1.running_var"])
+    torch.testing.assert_close(own["conv1.weight"], state["conv1.weight"])
+    assert not own["layer4.1.conv2.offset_conv.weight"].any()
+
+
+def test_load_backbone_weights_strict_key_check(tmp_path):
+    model = build_model({"task": "deeplab", "backbone": "resnet50", "placement": "none"})
+    path, _ = _torchvision_resnet50_state(tmp_path, drop=["layer2.0.conv1.weight"], extra={"head.extra": torch.zeros(1)})
+    with pytest.raises(KeyError) as err:
+        load_backbone_weights(model, str(path))
+    assert "layer2.0.conv1.weight" in str(err.value) and "head.extra" in str(err.value)
+    with pytest.raises(KeyError, match="missing"):
+        load_backbone_weights(tiny("deeplab"), str(path))
+
+
+# Reconciled with the paper in README "Reproduction notes — Table 4"; VOC, 20 classes + background.
+PINNED = {
+    ("deeplab", "none"): 44_619_861,
+    ("deeplab", "res5a-c"): 44_868_747,
+    ("rpn", "none"): 49_432_865,
+    ("rpn", "res5a-c"): 49_681_751,
+    ("faster_rcnn", "none"): 61_774_815,
+    ("faster_rcnn", "res5a-c"): 63_253_111,
+    ("rfcn", "none"): 50_600_767,
+    ("rfcn", "res5a-c"): 53_059_553,
+}
+
+
+@pytest.mark.parametrize("task,placement", list(PINNED))
+def test_table4_parameter_counts_are_pinned(task, placement):
+    with torch.device("meta"):
+        model = build_model({"task": task, "placement": placement, "num_classes": 20,
+                             "deformable_roi_pool": placement != "none"})
+    assert count_parameters(model) == PINNED[task, placement]
+
+
+def test_parameter_count_parts():
+    with torch.device("meta"):
+        plain = build_model({"task": "deeplab", "placement": "none"})
+        deform = build_model({"task": "deeplab", "placement": "res5a-c"})
+        deform4 = build_model({"task": "deeplab", "placement": "res5a-c", "offset_groups": 4})
+    # torchvision's ResNet-101 without its fc, + the 1x1 conv to 1024, + the 1x1 score conv.
+    assert count_parameters(plain.backbone) - sum(p.numel() for p in plain.backbone.reduce.parameters()) == 42_500_160
+    # Three 3x3 offset convs on 512 channels: 2*9 outputs (18*512*9 + 18 each), 72 with 4 groups.
+    assert count_parameters(deform) - count_parameters(plain) == 3 * (18 * 512 * 9 + 18)
+    assert count_parameters(deform4) - count_parameters(plain) == 3 * (72 * 512 * 9 + 72)
+
+
+def test_build_model_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown config keys"):
+        build_model({"task": "deeplab", "placment": "none"})
+    with pytest.raises(ValueError, match="task must be"):
+        build_model({"task": "segment"})
