@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 # torch refuses cuBLAS in deterministic mode without this; it must precede cuBLAS initialization.
@@ -88,7 +89,7 @@ def test_nvrtc_compiles(arch):
         for name in cuda.name_expressions():
             nvrtc.addNameExpression(program, name)
         try:
-            nvrtc.compileProgram(program, [*options, f"-arch={arch}"])
+            nvrtc.compileProgram(program, [*options, f"-arch={arch}", "-ftz=true"])  # as cupy adds
         except nvrtc.NVRTCError as error:
             pytest.fail(f"{error}\n{nvrtc.getProgramLog(program)}")
         for name in cuda.name_expressions():
@@ -128,7 +129,7 @@ def test_missing_cupy_names_the_extra(monkeypatch):
 
 def test_cupy_not_imported_by_dcnbench():
     code = "import sys, dcnbench, dcnbench.ops, dcnbench.ops.cuda; assert 'cupy' not in sys.modules"
-    subprocess.run([os.sys.executable, "-c", code], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_cpu_ops_work_regardless():
@@ -298,6 +299,23 @@ def test_emulated_roi_pool(emulated, dtype, position_sensitive, offset_case, det
         torch.testing.assert_close(go, wanted[1], **_tol(dtype))
 
 
+def test_emulated_mixed_dtypes_follow_the_input(emulated):
+    """Arguments in another dtype (as autocast may hand them over) are cast to the input's."""
+    x, off, w, b, stride, padding, dilation, m = _conv_case(torch.float64)
+    out = cuda._deform_conv2d_forward(emulated, x, off.float(), w.float(), b.float(), stride, padding, dilation,
+                                      m.float())
+    want = reference.deform_conv2d(x, off.float().double(), w.float().double(), b.float().double(), stride, padding,
+                                   dilation, m.float().double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    grads = cuda._deform_conv2d_backward(emulated, torch.ones_like(out).float(), x, off.float(), w.float(), b.float(),
+                                         stride, padding, dilation, m.float())
+    assert all(g.dtype == torch.float64 for g in grads)
+    xr, rois, offset, size, scale, s, gamma = _roi_case(torch.float32, True, True)
+    out = cuda._roi_pool_forward(emulated, xr, rois.double(), offset.double(), size, scale, s, gamma, True)
+    torch.testing.assert_close(out, reference.roi_pool(xr, rois, offset, size, scale, s, gamma, True), **_tol(torch.float32))
+
+
 def test_emulated_empty_rois(emulated):
     x = torch.randn(1, 3, 5, 5)
     rois = torch.zeros(0, 5)
@@ -450,11 +468,13 @@ def test_gpu_deterministic_mode_is_bitwise_reproducible(dtype):
     feats = torch.randn(2, 4 * 49, 24, 24, dtype=dtype, device="cuda", requires_grad=True)
     roff = (0.1 * torch.randn(rois.shape[0], 2, 7, 7, device="cuda")).to(dtype).requires_grad_()
 
+    grad_conv = torch.randn(4, 32, 24, 24, device="cuda").to(dtype)
+    grad_pool = torch.randn(rois.shape[0], 4, 7, 7, device="cuda").to(dtype)
+
     def run():
         out = deform_conv2d(x, off, w, None, 1, 1, 1, m)
         pooled = deform_ps_roi_pool(feats, rois, roff, 7, 0.5, 4, 0.1)
-        loss = (out * out).sum() + (pooled * pooled).sum()
-        return torch.autograd.grad(loss, [x, off, w, m, feats, roff])
+        return torch.autograd.grad([out, pooled], [x, off, w, m, feats, roff], [grad_conv, grad_pool])
 
     torch.use_deterministic_algorithms(True)
     try:

@@ -17,9 +17,10 @@ coefficient) entries; ``torch.sort(stable=True)`` groups them by key and ``torch
 finds each key's segment; one thread per input element then sums its segment in that fixed order.
 Cost, per backward call: memory for 4 entries of 8 + 8 + 4 bytes per sample (deformable conv:
 N·G·kh·kw·Ho·Wo samples, independent of the channel count; RoI pooling: K·n·ph·pw·S² samples for
-n offset classes), one stable sort of those keys, and irregular reads in the gather; typically
-1.5-3x the atomic backward. cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (or ``:16:8``) in the
-environment for torch to allow its GEMMs in deterministic mode.
+n offset classes), one stable sort of those keys, and irregular reads in the gather (the time
+cost against the atomic path is not measured yet: needs a GPU run). cuBLAS needs
+``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (or ``:16:8``) in the environment for torch to allow its GEMMs
+in deterministic mode.
 """
 
 from __future__ import annotations
@@ -33,7 +34,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+
+def _kernel_dir() -> Path:
+    """``kernels/`` of the source checkout (editable install), else one shipped inside the package."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "kernels", here.parents[1] / "kernels"):
+        if (candidate / "dcn_math.h").is_file():
+            return candidate
+    return here.parents[2] / "kernels"
+
+
+KERNEL_DIR = _kernel_dir()
 KERNEL_FILES = ("deform_conv.cu", "deform_roi_pool.cu")
 INSTALL_HINT = "pip install 'dcnbench[cuda]'"
 
@@ -88,7 +99,8 @@ def nvrtc_source() -> str:
 
 
 def nvrtc_options(cuda_include: str | None = None) -> tuple[str, ...]:
-    """NVRTC options (without ``-arch``, which cupy adds for the device)."""
+    """NVRTC options (without ``-arch`` and ``-ftz=true``, which cupy adds: flushing float32
+    denormals is the only intended difference from the CPU arithmetic)."""
     options = ["--std=c++17", f"-I{KERNEL_DIR}"]
     if cuda_include is None:
         cuda_include = _cuda_include_dir()
@@ -98,12 +110,16 @@ def nvrtc_options(cuda_include: str | None = None) -> tuple[str, ...]:
 
 
 def _cuda_include_dir() -> str | None:
-    """CUDA's headers (cuda_fp16.h, cuda_bf16.h) as cupy finds the toolkit; None if unknown."""
+    """CUDA's headers (cuda_fp16.h, cuda_bf16.h): the toolkit cupy uses (e.g. the nvidia-* wheels),
+    else $CUDA_HOME, $CUDA_PATH or /usr/local/cuda; None if none has them."""
+    import os
+
     import cupy
 
-    root = cupy.cuda.get_cuda_path()
-    if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
-        return str(Path(root) / "include")
+    for root in (cupy.cuda.get_cuda_path(), os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                 "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
+            return str(Path(root) / "include")
     return None
 
 
@@ -153,11 +169,11 @@ def _cupy_launch(name: str, dtype: torch.dtype, total: int, args: Sequence[objec
         return
     device = next(a for a in args if isinstance(a, Tensor)).device
     index = device.index if device.index is not None else torch.cuda.current_device()
-    function = _module(index).get_function(f"{name}<{CTYPES[dtype]}>")
-    converters = {"p": numpy.uint64, "i": numpy.int64, "d": numpy.float64}
+    converters = {"p": numpy.uint64, "i": numpy.int64, "d": numpy.float64}  # pointers as raw addresses
     values = tuple(converters[kind](value) for kind, value in packed)
     blocks = min((total + _BLOCK - 1) // _BLOCK, _MAX_BLOCKS)
     with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        function = _module(index).get_function(f"{name}<{CTYPES[dtype]}>")
         function((blocks,), (_BLOCK,), values)
 
 
@@ -172,6 +188,9 @@ def _status() -> tuple[bool, str]:
         import cupy
     except ImportError as error:
         return False, f"the CUDA kernels need cupy, which is not importable ({error}): {INSTALL_HINT}"
+    if _cuda_include_dir() is None:
+        return False, ("the CUDA kernels need the CUDA headers (cuda_fp16.h), found neither where cupy looks nor "
+                       "in $CUDA_HOME, $CUDA_PATH or /usr/local/cuda: install the CUDA toolkit or set CUDA_HOME")
     try:
         _module(torch.cuda.current_device())
     except Exception as error:  # compile or driver error: report it, fall back to the reference
