@@ -138,6 +138,8 @@ ROI_CASES = [
     ("roi_pool_classes", 1, 6, 8, 10, 3, 2, 0.5, 2, 0.2, False, (3, 2)),
     ("roi_pool_plain", 2, 3, 7, 7, 4, 3, 1.0, 1, 0.1, False, None),
     ("no_rois", 1, 2 * 9, 6, 6, 0, 3, 0.5, 2, 0.1, True, (2, 3)),
+    ("ps_sampling5", 2, 3 * 4, 9, 10, 5, 2, 0.5, 5, 0.2, True, (3, 2)),
+    ("ps_sampling9", 1, 2 * 4, 9, 10, 4, 2, 0.5, 9, 0.2, True, (1, 2)),
 ]
 
 
@@ -254,8 +256,6 @@ def test_torch_compile_fullgraph_custom_op():
     _compiled_matches_eager(_TinyOp(), torch.randn(2, 3, 8, 8))
 
 
-@pytest.mark.xfail(strict=True, reason="dispatch.backend_for calls importlib.import_module, which dynamo will not "
-                   "trace; remove this marker once dispatch resolves the backend outside the traced code")
 def test_torch_compile_fullgraph_public_function():
     _compiled_matches_eager(_Tiny(), torch.randn(2, 3, 8, 8))
 

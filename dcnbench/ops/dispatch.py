@@ -18,7 +18,6 @@ A call uses the first available of native (CPU) or cuda (CUDA), else the referen
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import threading
 import warnings
@@ -28,14 +27,16 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from . import cuda, native
+
 BACKENDS = ("reference", "native", "cuda")
-_KERNEL_MODULES = {"native": "dcnbench.ops.native", "cuda": "dcnbench.ops.cuda"}
+_KERNEL_MODULES: dict[str, ModuleType] = {"native": native, "cuda": cuda}
 _local = threading.local()
 _warned: set[str] = set()
 
 
 def _kernel_module(name: str) -> ModuleType:
-    return importlib.import_module(_KERNEL_MODULES[name])
+    return _KERNEL_MODULES[name]
 
 
 def backend_status(name: str) -> tuple[bool, str]:
@@ -84,11 +85,17 @@ def _warn_once(key: str, message: str) -> None:
 
 def backend_for(tensor: Tensor) -> str:
     """The backend a call on ``tensor`` runs on now."""
-    device_backend = {"cpu": "native", "cuda": "cuda"}.get(tensor.device.type)
+    return _backend_for_device(tensor.device.type)
+
+
+@torch.compiler.assume_constant_result
+def _backend_for_device(device_type: str) -> str:
+    """The choice is made once per compiled graph (a constant to torch.compile, not traced)."""
+    device_backend = {"cpu": "native", "cuda": "cuda"}.get(device_type)
     forced = _forced()
     if forced is not None:
         if forced != "reference" and forced != device_backend:
-            raise ValueError(f"backend {forced!r} cannot run tensors on {tensor.device}")
+            raise ValueError(f"backend {forced!r} cannot run tensors on device type {device_type!r}")
         if forced != "reference":
             ok, why = backend_status(forced)
             if not ok:
