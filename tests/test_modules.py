@@ -117,3 +117,21 @@ def test_torch_compile_fullgraph_matches_eager(cpu_backend):
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for p, g in zip(model.parameters(), eager_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_on_cpu_runs_in_float32(cpu_backend):
+    """Under CPU autocast (bfloat16 convs) the deformable ops compute in float32 and agree with eager."""
+    torch.manual_seed(0)
+    layer = DeformConv2d(4, 4, 3, padding=1)
+    pool = DeformRoIPool(4, output_size=2, sampling_ratio=2)
+    with torch.no_grad():
+        layer.offset_conv.weight.normal_(0, 0.1)
+    x = torch.randn(2, 4, 8, 8)
+    rois = torch.tensor([[0, 0.0, 0.0, 6.0, 6.0], [1, 2.0, 1.0, 7.0, 5.0]], dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        pooled = pool(y, rois)
+    assert y.dtype == torch.float32 and pooled.dtype == torch.float32
+    torch.testing.assert_close(y, layer(x), rtol=0.05, atol=0.05)
+    pooled.sum().backward()
+    assert layer.offset_conv.weight.grad is not None

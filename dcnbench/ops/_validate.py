@@ -107,12 +107,20 @@ def check_deform_conv2d(
     return groups, offset_groups
 
 
+def _require_boxes(boxes: Tensor, input: Tensor, name: str) -> None:
+    """Boxes may have any floating dtype (they are converted); they must share input's device."""
+    if not boxes.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {boxes.dtype}")
+    if boxes.device != input.device:
+        raise ValueError(f"{name} is on {boxes.device} but input is on {input.device}; they must match")
+
+
 def rois_to_tensor(rois: Tensor | Sequence[Tensor], input: Tensor) -> Tensor:
     """Accept (K, 5) ``[batch_index, x1, y1, x2, y2]`` or a list of per-image (Ki, 4) boxes; return (K, 5)."""
     if isinstance(rois, Tensor):
         if rois.dim() != 2 or rois.shape[1] != 5:
             raise ValueError(f"rois must have shape (K, 5) [batch_index, x1, y1, x2, y2], got {tuple(rois.shape)}")
-        require_like(rois, input, "rois", "input")
+        _require_boxes(rois, input, "rois")
         return rois
     if isinstance(rois, (list, tuple)):
         parts = []
@@ -120,7 +128,7 @@ def rois_to_tensor(rois: Tensor | Sequence[Tensor], input: Tensor) -> Tensor:
             if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
                 shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
                 raise ValueError(f"rois[{i}] must be a (Ki, 4) tensor of [x1, y1, x2, y2], got {shape}")
-            require_like(boxes, input, f"rois[{i}]", "input")
+            _require_boxes(boxes, input, f"rois[{i}]")
             parts.append(torch.cat([boxes.new_full((boxes.shape[0], 1), float(i)), boxes], dim=1))
         if not parts:
             return input.new_zeros((0, 5))

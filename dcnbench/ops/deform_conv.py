@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._validate import check_deform_conv2d, pair
-from .dispatch import backend_for, deform_conv2d_op
+from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_conv2d_op
 
 
 def deform_conv2d(
@@ -34,9 +34,13 @@ def deform_conv2d(
         mask: (N, G*kh*kw, Ho, Wo) modulation (v2), or None (v1).
 
     Returns:
-        (N, O, Ho, Wo).
+        (N, O, Ho, Wo). Under ``torch.autocast`` the floating inputs are cast to autocast's dtype on
+        CUDA and to float32 on the CPU (float64 stays float64).
     """
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    if isinstance(input, torch.Tensor):
+        input, offset, weight, bias, mask = autocast_cast(autocast_dtype(input.device.type), input, offset, weight,
+                                                          bias, mask)
     check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     backend = backend_for(input)
     if backend == "reference":

@@ -9,14 +9,18 @@ from torch import Tensor, nn
 
 from . import reference
 from ._validate import check_roi_pool, pair, rois_to_tensor
-from .dispatch import backend_for, deform_roi_pool_op
+from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_roi_pool_op
 
 Rois = Tensor | Sequence[Tensor]
 
 
 def _roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive) -> Tensor:
     output_size = pair(output_size, "output_size")
+    if isinstance(input, torch.Tensor):
+        input, offset = autocast_cast(autocast_dtype(input.device.type), input, offset)
     rois = rois_to_tensor(rois, input)
+    # Boxes keep at least float32 precision (a 600 px coordinate in bfloat16 is off by pixels).
+    rois = rois.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
     check_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, position_sensitive)
     spatial_scale, gamma, sampling_ratio = float(spatial_scale), float(gamma), int(sampling_ratio)
     backend = backend_for(input)

@@ -110,6 +110,25 @@ def _backend_for_device(device_type: str) -> str:
     return "reference"
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype the ops compute in under ``torch.autocast`` on this device, or None without autocast.
+
+    CUDA follows autocast's dtype (float16 / bfloat16, float32 accumulation in the kernels); the CPU
+    kernels compute in float32.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type) if device_type == "cuda" else torch.float32
+
+
+def autocast_cast(dtype: torch.dtype | None, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Cast the non-float64 floating tensors to ``dtype`` (no-op when None), as autocast does for conv."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
 # ----------------------------------------------------------------------------------------------
 # Custom ops over the kernel backends.
 

@@ -74,7 +74,7 @@ def _compiler() -> str | None:
 def _try_build(kernels: Path, arch: list[str]) -> ModuleType:
     from torch.utils import cpp_extension
 
-    cflags = ["-O3", "-fopenmp", "-ffp-contract=off", *arch]
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", *arch]
     ldflags = ["-fopenmp"]
     digest = hashlib.sha256()
     for name in _SOURCES:

@@ -170,4 +170,4 @@ def roi_pool(
     value = value * valid.to(dtype)
     count = valid.sum(dim=(-1, -2)).to(dtype)
     total = value.sum(dim=(-1, -2))
-    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total)).to(dtype)
