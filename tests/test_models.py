@@ -226,3 +226,18 @@ def test_build_model_rejects_unknown_keys():
         build_model({"task": "deeplab", "placment": "none"})
     with pytest.raises(ValueError, match="task must be"):
         build_model({"task": "segment"})
+
+
+def test_offset_param_groups_follow_the_paper_learning_rates():
+    from dcnbench.ops import offset_param_groups
+
+    model = tiny("faster_rcnn", placement="res5b-c", deformable_roi_pool=True)
+    groups = offset_param_groups(model, lr=1.0)
+    by_lr = {}
+    for g in groups:
+        by_lr[g["lr"]] = by_lr.get(g["lr"], 0) + sum(p.numel() for p in g["params"])
+    roi_fc = model.roi_pool.offset_fc
+    convs = [b.conv2.offset_conv for b in model.backbone.layer4[1:]]
+    assert by_lr[0.01] == roi_fc.weight.numel() + roi_fc.bias.numel()
+    assert by_lr[1.0] == count_parameters(model) - by_lr[0.01]
+    assert all(any(p is c.weight for g in groups if g["lr"] == 1.0 for p in g["params"]) for c in convs)
