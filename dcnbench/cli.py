@@ -195,7 +195,7 @@ def figures(tier, tables, checkpoint, roi_checkpoint, out) -> None:
 @main.command()
 @click.option("--smoke/--no-smoke", default=True, show_default=True, help="Re-run the smoke tier against the reference.")
 @click.option("--table", "tables", type=click.IntRange(1, 3), multiple=True, help="Smoke tables [default: the reference's].")
-@click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Parallel smoke runs.")
+@click.option("--jobs", type=click.IntRange(1), help="Parallel smoke runs [default: the reference's; 1 to measure it].")
 @click.option("--update-reference", is_flag=True, help="Measure the smoke reference (--seeds seeds) and exit.")
 @click.option("--seeds", type=click.IntRange(3), default=3, show_default=True, help="Seeds for --update-reference.")
 @click.option("--record-findings", is_flag=True, help="Record the findings' verdicts on the cpu-tier CSVs and exit.")
@@ -205,7 +205,7 @@ def check(smoke, tables, jobs, update_reference, seeds, record_findings) -> None
     from dcnbench.report import check as gate
 
     if update_reference:
-        for p in gate.update_reference(tables or gate.SMOKE_TABLES, seeds, jobs):
+        for p in gate.update_reference(tables or gate.SMOKE_TABLES, seeds, jobs or 1):
             click.echo(f"wrote {p}")
         return
     if record_findings:

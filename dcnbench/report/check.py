@@ -222,8 +222,10 @@ def update_reference(tables=SMOKE_TABLES, seeds: int = 3, jobs: int = 1, k: floa
     return written
 
 
-def check_smoke(tables=None, jobs: int = 1, directory: Path | None = None, work_dir: Path | None = None) -> CheckReport:
-    """Re-run the smoke tier (seed 0) of every referenced table and compare."""
+def check_smoke(tables=None, jobs: int | None = None, directory: Path | None = None,
+                work_dir: Path | None = None) -> CheckReport:
+    """Re-run the smoke tier (seed 0) of every referenced table and compare. ``jobs`` defaults to
+    the reference's, so that the runs use the same thread count as the reference's."""
     directory = directory or REFERENCE_DIR
     report = CheckReport()
     meta_path = directory / "reference.json"
@@ -233,6 +235,7 @@ def check_smoke(tables=None, jobs: int = 1, directory: Path | None = None, work_
         return report
     meta = json.loads(meta_path.read_text())
     tables = tables or meta.get("tables", SMOKE_TABLES)
+    jobs = jobs or int(meta.get("jobs", 1))
     with tempfile.TemporaryDirectory(prefix="dcnbench-check-") as tmp:
         out = Path(work_dir) if work_dir else Path(tmp)
         for table in tables:
@@ -448,7 +451,7 @@ def check_cpu_csvs(tables=CPU_TABLES, root: Path | None = None, tier: str = "cpu
     return report
 
 
-def run_check(smoke: bool = True, tables=None, jobs: int = 1, findings_path: Path | None = None,
+def run_check(smoke: bool = True, tables=None, jobs: int | None = None, findings_path: Path | None = None,
               reference_dir: Path | None = None, results_root: Path | None = None) -> CheckReport:
     report = CheckReport()
     report.extend(check_cpu_csvs(root=results_root))

@@ -168,12 +168,15 @@ def _distance_to(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 def pick_units(sample: dict) -> dict[str, tuple[float, float]]:
     """Image points (y, x) for the three Figure 5 units of a synthetic sample: the background pixel
-    farthest from every object, and the centre of mass of the smallest and the largest object."""
+    farthest from every object (in the central half of the image when it has background there), and
+    the box centre of the smallest and of the largest object."""
     mask = np.asarray(sample["mask"])
     h, w = mask.shape
     out = {}
     grid = np.stack(np.meshgrid(np.arange(2, h - 2, 2), np.arange(2, w - 2, 2), indexing="ij"), -1).reshape(-1, 2)
     grid = grid[mask[grid[:, 0], grid[:, 1]] == 0]
+    inner = grid[(np.abs(grid[:, 0] - h / 2) <= h / 4) & (np.abs(grid[:, 1] - w / 2) <= w / 4)]
+    grid = inner if len(inner) else grid  # prefer the centre: a corner unit samples mostly padding
     if len(grid):
         out["background"] = tuple(float(v) for v in grid[np.argmax(_distance_to(mask > 0, grid))])
     areas = np.asarray(sample.get("areas", []), dtype=float)
