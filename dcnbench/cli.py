@@ -154,7 +154,9 @@ def table(number, tier, fmt, results, with_figures, out) -> None:
     if fmt == "console":
         from rich.console import Console
 
-        Console().print(to_rich(rendered))
+        console = Console()
+        for part in to_rich(rendered, console.width):
+            console.print(part)
     else:
         click.echo(format_rendered(rendered, fmt), nl=False)
     click.echo(f"wrote {path}", err=True)

@@ -363,18 +363,46 @@ def to_csv(r: Rendered) -> str:
     return buffer.getvalue()
 
 
-def to_rich(r: Rendered):
-    """A rich Table (labels are plain text, never markup)."""
+def to_rich(r: Rendered, width: int = 200) -> list:
+    """rich Tables (labels are plain text, never markup), the columns split into as many tables
+    as it takes to fit ``width``, a paper column's paper/ours pair never split."""
     from rich.table import Table
     from rich.text import Text
 
-    t = Table(title=Text(f"{r.title} ({r.tier} tier)"), caption=Text("\n".join(r.footnotes)), caption_justify="left")
-    t.add_column(Text(""), no_wrap=True)
-    for g, s in r.header:
-        t.add_column(Text(f"{g}\n{s}"), justify="right", style="dim" if s == "paper" else None)
-    for label, cells in r.rows:
-        t.add_row(Text(label), *[Text(c, style="bold red" if c == MISSING else "") for c in cells])
-    return t
+    def cell_width(i: int) -> int:
+        longest = max([len(cells[i]) for _, cells in r.rows] + [len(r.header[i][1])])
+        return min(max(longest, 8), 24) + 3
+
+    label_w = max([len(label) for label, _ in r.rows] + [4]) + 4
+    groups: list[list[int]] = []
+    for i, (g, _) in enumerate(r.header):
+        if groups and r.header[groups[-1][0]][0] == g:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    chunks: list[list[int]] = [[]]
+    used = label_w
+    for grp in groups:
+        w = sum(cell_width(i) for i in grp)
+        if chunks[-1] and used + w > width:
+            chunks.append([])
+            used = label_w
+        chunks[-1] += grp
+        used += w
+    tables = []
+    for k, chunk in enumerate(chunks):
+        part = f" [{k + 1}/{len(chunks)}]" if len(chunks) > 1 else ""
+        last = k == len(chunks) - 1
+        t = Table(title=Text(f"{r.title} ({r.tier} tier){part}"),
+                  caption=Text("\n".join(r.footnotes)) if last else None, caption_justify="left")
+        t.add_column(Text(""), no_wrap=True)
+        for i in chunk:
+            g, sub = r.header[i]
+            t.add_column(Text(f"{g}\n{sub}"), justify="right", style="dim" if sub == "paper" else None)
+        for label, cells in r.rows:
+            t.add_row(Text(label), *[Text(cells[i], style="bold red" if cells[i] == MISSING else "") for i in chunk])
+        tables.append(t)
+    return tables
 
 
 def format_rendered(r: Rendered, fmt: str) -> str:
@@ -387,8 +415,9 @@ def format_rendered(r: Rendered, fmt: str) -> str:
     if fmt == "console":
         from rich.console import Console
 
-        console = Console(record=True, width=240, file=io.StringIO())
-        console.print(to_rich(r))
+        console = Console(record=True, width=160, file=io.StringIO())
+        for t in to_rich(r, 160):
+            console.print(t)
         return console.export_text()
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
 
