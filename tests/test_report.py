@@ -437,3 +437,31 @@ def test_ablation_plot(tmp_path):
     assert fig is not None and len([a for a in fig.axes if a.get_title()]) == 3  # DeepLab, R-FCN @0.5, @0.7
     assert all(p.is_file() for p in save(fig, tmp_path, "table1_cpu"))
     assert plot_ablation(build_layout(1, "cpu", tmp_path / "none.csv"), "cpu") is None
+
+
+def test_check_cli_end_to_end_with_stubbed_smoke(tmp_path, monkeypatch):
+    """`dcnbench check`: exit 0 on the reference's own numbers, 1 with a readable diff when one moves."""
+    import dcnbench.report.tables as tables_mod
+    from dcnbench.cli import main
+
+    monkeypatch.setattr(tables_mod, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(gate, "FINDINGS_PATH", tmp_path / "ablate" / "findings.toml")
+    monkeypatch.setattr(gate, "REFERENCE_DIR", tmp_path / "reference")
+    multi = tmp_path / "multi.csv"
+    _write_results(multi, 1, "smoke", {("deeplab", "none"): {"miou": [10.0, 11.0, 12.0]},
+                                       ("rpn", "none"): {"map50": [1.0, 1.5, 2.0]}})
+    runs = {"rows": _rows(multi)}
+    monkeypatch.setattr(gate, "_run_smoke", lambda table, seeds, jobs, out: (
+        [r for r in runs["rows"] if int(r["seed"]) < seeds], []))
+    result = CliRunner().invoke(main, ["check", "--update-reference", "--table", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "reference" / "table1.csv").is_file() and (tmp_path / "reference" / "reference.json").is_file()
+    result = CliRunner().invoke(main, ["check"])
+    assert result.exit_code == 0, result.output
+    assert "2 checks passed, 0 failed" in result.output
+    moved = tmp_path / "moved.csv"
+    _write_results(moved, 1, "smoke", {("deeplab", "none"): {"miou": [25.0]}, ("rpn", "none"): {"map50": [1.0]}})
+    runs["rows"] = _rows(moved)
+    result = CliRunner().invoke(main, ["check"])
+    assert result.exit_code == 1
+    assert "table 1 smoke deeplab/none miou" in result.output and "11 ± 3" in result.output and "25" in result.output
