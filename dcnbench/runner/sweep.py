@@ -49,8 +49,8 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
     """Run every cell not already in ``csv_path``; append one row per finished run.
 
     Each run logs to ``log_dir/<cell>.log`` and saves its weights to ``checkpoint_dir/<cell>.pt``.
-    Cells run in ``jobs`` worker processes (spawned, one cell each) with ``cpu_count // jobs``
-    threads apiece; only this process writes the CSV. A failing cell is logged and reported; the
+    Cells run in ``jobs`` spawned worker processes with ``cpu_count // jobs`` threads apiece; only
+    this process writes the CSV. A failing cell is logged and reported; the
     others go on.
     """
     console = console or Console()
@@ -62,7 +62,7 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress, ProcessPoolExecutor(
-        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn")
     ) as pool:
         bar = progress.add_task(f"{csv_path.stem}", total=len(todo))
         pending = {}
