@@ -456,6 +456,13 @@ def test_check_cli_end_to_end_with_stubbed_smoke(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["check", "--update-reference", "--table", "1"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "reference" / "table1.csv").is_file() and (tmp_path / "reference" / "reference.json").is_file()
+    # measuring another table later keeps table 1 in the reference
+    gate.update_reference((2,), seeds=3, directory=tmp_path / "reference")
+    meta = __import__("json").loads((tmp_path / "reference" / "reference.json").read_text())
+    assert meta["tables"] == [1, 2] and set(meta["measured"]) == {"1", "2"} and meta["measured"]["1"]["seeds"] == 3
+    (tmp_path / "reference" / "table2.csv").unlink()
+    meta["tables"] = [1]
+    (tmp_path / "reference" / "reference.json").write_text(__import__("json").dumps(meta))
     result = CliRunner().invoke(main, ["check"])
     assert result.exit_code == 0, result.output
     assert "2 checks passed, 0 failed" in result.output

@@ -213,11 +213,21 @@ def update_reference(tables=SMOKE_TABLES, seeds: int = 3, jobs: int = 1, k: floa
             if failed:
                 raise RuntimeError(f"table {table}: {len(failed)} smoke runs failed, e.g. {failed[0]}")
             written.append(write_reference(directory, table, reference_rows(table, rows, k, floor_abs, floor_rel)))
-    meta = {"tier": "smoke", "tables": list(tables), "seeds": seeds, "compare_seed": 0, "jobs": jobs,
-            "threads": max(1, (os.cpu_count() or 1) // jobs), "k": k, "floor_abs": floor_abs, "floor_rel": floor_rel,
-            "tolerance": "max(k * std over seeds, floor_abs + floor_rel * |mean|)", **provenance(),
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    (directory / "reference.json").write_text(json.dumps(meta, indent=2) + "\n")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    measured = {"seeds": seeds, "jobs": jobs, "threads": threads, **provenance(),
+                "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    meta_path = directory / "reference.json"
+    old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    rule = {"k": k, "floor_abs": floor_abs, "floor_rel": floor_rel}
+    keep = {}  # tables measured before with the same tolerance rule stay in the reference
+    if all(old.get(key) == value for key, value in rule.items()):
+        keep = {t: m for t, m in old.get("measured", {}).items()
+                if int(t) not in tables and (directory / f"table{t}.csv").is_file()}
+    by_table = {**keep, **{str(t): measured for t in tables}}
+    meta = {"tier": "smoke", "tables": sorted(int(t) for t in by_table), "compare_seed": 0, "jobs": jobs,
+            **rule, "tolerance": "max(k * std over seeds, floor_abs + floor_rel * |mean|)",
+            "measured": dict(sorted(by_table.items()))}
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     written.append(directory / "reference.json")
     return written
 
@@ -235,7 +245,6 @@ def check_smoke(tables=None, jobs: int | None = None, directory: Path | None = N
         return report
     meta = json.loads(meta_path.read_text())
     tables = tables or meta.get("tables", SMOKE_TABLES)
-    jobs = jobs or int(meta.get("jobs", 1))
     with tempfile.TemporaryDirectory(prefix="dcnbench-check-") as tmp:
         out = Path(work_dir) if work_dir else Path(tmp)
         for table in tables:
@@ -243,7 +252,8 @@ def check_smoke(tables=None, jobs: int | None = None, directory: Path | None = N
                 report.problems.append(Problem(f"table {table} smoke", "a reference CSV", "missing",
                                                "measure with `dcnbench check --update-reference`"))
                 continue
-            rows, failed = _run_smoke(table, 1, jobs, out)
+            measured = meta.get("measured", {}).get(str(table), {})
+            rows, failed = _run_smoke(table, 1, jobs or int(measured.get("jobs", meta.get("jobs", 1))), out)
             for name, log in failed:
                 report.notes.append(f"table {table}: smoke run {name} failed, log {log}")
             report.extend(compare_to_reference(table, read_reference(directory, table), rows,
