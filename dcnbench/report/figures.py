@@ -434,6 +434,7 @@ def plot_ablation(layout, tier: str):
         stds = [layout.ours[(r, c)].std if (r, c) in layout.ours and layout.ours[(r, c)].n > 1 else 0 for _, r, c in pts]
         ax.errorbar(x, means, yerr=stds, fmt="o", color="tab:blue", capsize=3, label="ours (± std over seeds)")
         ax.set_ylabel("ours", color="tab:blue")
+        ax.ticklabel_format(axis="y", useOffset=False)
         paper = [layout.paper.get(r, c) if layout.paper else None for _, r, c in pts]
         if any(p is not None for p in paper):
             twin = ax.twinx()
