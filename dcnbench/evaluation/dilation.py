@@ -191,6 +191,16 @@ class DilationStats:
     def layers(self) -> list[str]:
         return list(self._eff)
 
+    @classmethod
+    def merged(cls, parts: Sequence["DilationStats"]) -> "DilationStats":
+        """One accumulator holding all of ``parts``' samples (e.g. gathered from several processes)."""
+        out = cls()
+        for part in parts:
+            for store, other in ((out._eff, part._eff), (out._area, part._area), (out._objects, part._objects)):
+                for layer, arrays in other.items():
+                    store.setdefault(layer, []).extend(arrays)
+        return out
+
     def summary(self, thresholds: str | tuple[float, float] = "terciles"):
         """Long DataFrame: layer, category, mean, std, count (thresholds as in :func:`dilation_by_object`)."""
         import pandas as pd
