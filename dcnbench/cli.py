@@ -65,13 +65,41 @@ def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memor
               help="Output folder: table<N>_<tier>.csv, logs/ and checkpoints/ go here.")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Root of the real datasets (paper tier).")
 @click.option("--weights", type=click.Path(dir_okay=False), help="ImageNet ResNet-101 state dict (paper tier).")
-def ablate(table, tasks, tier, seeds, jobs, out, data_root, weights) -> None:
+@click.option("--nproc", type=click.IntRange(1), help="Train each cell data-parallel in N processes on this node "
+              "(launches torchrun: one per GPU with NCCL, else gloo on the CPU; --jobs is then unused).")
+def ablate(table, tasks, tier, seeds, jobs, out, data_root, weights, nproc) -> None:
     """Rerun an ablation of the paper: one CSV row per finished run, resumable."""
     from dcnbench.runner.ablate import run_ablation
 
+    if nproc:
+        raise SystemExit(_relaunch_under_torchrun(click.get_current_context(), nproc))
     failed = run_ablation(table, tier, list(tasks), seeds, jobs, out, data_root, weights)
     if failed:
         raise SystemExit(1)
+
+
+def _relaunch_under_torchrun(ctx: click.Context, nproc: int) -> int:
+    """Run this same command (without --nproc) as ``torchrun --standalone --nproc-per-node N``."""
+    import os
+    import subprocess
+    import sys
+
+    if "RANK" in os.environ:
+        raise click.UsageError("--nproc starts torchrun itself; under torchrun leave it out")
+    args = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == "nproc" or not isinstance(param, click.Option) or value is None or value == ():
+            continue
+        if param.is_flag:
+            args += [param.opts[0]] if value else param.secondary_opts[:1]
+            continue
+        for v in value if param.multiple else [value]:
+            args += [param.opts[0], str(v)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "dcnbench.cli", ctx.info_name, *args]
+    click.echo(" ".join(cmd), err=True)
+    return subprocess.run(cmd).returncode
 
 
 @main.group()

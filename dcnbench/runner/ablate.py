@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import distributed as dist
 from .experiment import Cell, expand_cells, load_experiment
 from .sweep import run_sweep, summarize
 
@@ -26,8 +27,12 @@ def ablation_cells(table: int, tier: str, tasks: list[str] | None = None, seeds:
 def run_ablation(table: int, tier: str, tasks: list[str], seeds: int | None, jobs: int, out: str,
                  data_root: str | None = None, weights: str | None = None,
                  console: Console | None = None) -> list[tuple[str, str]]:
-    """Run (or resume) the sweep into ``<out>/table<N>_<tier>.csv``; returns the failed cells."""
-    console = console or Console()
+    """Run (or resume) the sweep into ``<out>/table<N>_<tier>.csv``; returns the failed cells.
+
+    Under torchrun every rank calls this; each cell then trains data-parallel and rank 0 reports.
+    """
+    dist.init_from_env()
+    console = console or Console(quiet=not dist.is_main())
     cells = ablation_cells(table, tier, tasks, seeds, data_root, weights)
     out_dir = Path(out)
     csv_path = out_dir / f"table{table}_{tier}.csv"
@@ -36,6 +41,7 @@ def run_ablation(table: int, tier: str, tasks: list[str], seeds: int | None, job
                        jobs, console)
     console.print(f"{report.ran} ran, {report.skipped} already done, {len(report.failed)} failed")
     print_summary(csv_path, cells, console)
+    dist.shutdown()
     return report.failed
 
 

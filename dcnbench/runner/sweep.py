@@ -14,6 +14,7 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from . import distributed as dist
 from .experiment import Cell
 from .results import KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, finished_keys, provenance, read_rows
 
@@ -54,6 +55,8 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
     others go on.
     """
     console = console or Console()
+    if dist.is_distributed():
+        return _run_sweep_distributed(cells, csv_path, log_dir, checkpoint_dir, console)
     done = finished_keys(read_rows(csv_path))
     todo = [c for c in cells if c.key not in done]
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -82,13 +85,41 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
                     failed.append((cell.name, str(log_path)))
                     console.print(f"[red]failed[/red] {cell.name}: {type(exc).__name__}: {exc} (log: {log_path})")
                 else:
-                    row = {"table": cell.table, "tier": cell.tier, "task": cell.task, "variant": cell.variant,
-                           "seed": cell.seed, **metrics, "config_hash": cell.config_hash, **provenance()}
-                    append_row(csv_path, row)
+                    append_row(csv_path, _row(cell, metrics))
                     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "wall_s")
                     progress.console.print(f"done {cell.name}: {shown} ({metrics['wall_s']:.0f} s)")
                 progress.advance(bar)
     return SweepReport(ran=len(todo) - len(failed), skipped=len(cells) - len(todo), failed=failed)
+
+
+def _row(cell: Cell, metrics: dict) -> dict:
+    return {"table": cell.table, "tier": cell.tier, "task": cell.task, "variant": cell.variant,
+            "seed": cell.seed, **metrics, "config_hash": cell.config_hash, **provenance()}
+
+
+def _run_sweep_distributed(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: Path,
+                           console: Console) -> SweepReport:
+    """Under torchrun: every rank runs the cells one after the other, in this process.
+
+    Rank 0 reads the CSV and sends the todo list to all; it alone writes rows, checkpoints and
+    ``<cell>.log`` (rank k logs to ``<cell>.rank<k>.log``). A failing cell ends the job (the rank
+    exits non-zero and torchrun stops the others); rerunning resumes after the last whole row.
+    """
+    main = dist.is_main()
+    done = dist.broadcast(finished_keys(read_rows(csv_path)) if main else None)
+    todo = [c for c in cells if c.key not in done]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // dist.local_world_size())
+    for i, cell in enumerate(todo, 1):
+        log_path = log_dir / (f"{cell.name}.log" if main else f"{cell.name}.rank{dist.rank()}.log")
+        metrics = _run_in_worker(cell.config, log_path, checkpoint_dir / f"{cell.name}.pt", threads)
+        if main:
+            append_row(csv_path, _row(cell, metrics))
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "wall_s")
+            console.print(f"[{i}/{len(todo)}] done {cell.name}: {shown} ({metrics['wall_s']:.0f} s, "
+                          f"{dist.world_size()} processes)")
+        dist.barrier()
+    return SweepReport(ran=len(todo), skipped=len(cells) - len(todo), failed=[])
 
 
 def summarize(csv_path: Path, cells: list[Cell]) -> pd.DataFrame:
