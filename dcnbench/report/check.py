@@ -187,10 +187,13 @@ def compare_to_reference(table: int, reference: list[dict], rows: list[dict], se
 
 
 def _run_smoke(table: int, seeds: int, jobs: int, out: Path) -> tuple[list[dict], list]:
+    """Run (or resume) the smoke tier of a table into ``out``; progress goes to stderr."""
+    from rich.console import Console
+
     from dcnbench.runner.ablate import run_ablation
     from dcnbench.runner.results import read_rows
 
-    failed = run_ablation(table, "smoke", [], seeds, jobs, str(out))
+    failed = run_ablation(table, "smoke", [], seeds, jobs, str(out), console=Console(stderr=True))
     return read_rows(out / f"table{table}_smoke.csv"), failed
 
 
