@@ -216,6 +216,10 @@ def test_paper_only_tables_and_table4(tmp_path):
     assert rows[ours_row][col[fwd]] == "0.2500 (×1.250)"
     assert rows[ours_row][col[fwd_paper]] == "0.169 (×1.182)"
     assert rows["Faster R-CNN"][col[params]] == MISSING
+    assert gate.check_table4(tmp_path).ok
+    (tmp_path / "table4_params.csv").write_text("model,variant,params\nVGG,plain,1\n")
+    (tmp_path / "table4_runtime_cpu.csv").unlink()
+    assert "matches a row" in gate.check_table4(tmp_path).text()
 
 
 def test_table_cli_writes_markdown(tmp_path):
@@ -445,6 +449,7 @@ def test_check_cli_end_to_end_with_stubbed_smoke(tmp_path, monkeypatch):
     from dcnbench.cli import main
 
     monkeypatch.setattr(tables_mod, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(gate, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(gate, "FINDINGS_PATH", tmp_path / "ablate" / "findings.toml")
     monkeypatch.setattr(gate, "REFERENCE_DIR", tmp_path / "reference")
     multi = tmp_path / "multi.csv"

@@ -464,10 +464,37 @@ def check_cpu_csvs(tables=CPU_TABLES, root: Path | None = None, tier: str = "cpu
     return report
 
 
+def check_table4(results_dir: Path | None = None) -> CheckReport:
+    """The committed Table 4 CSVs (params, runtime per device) render beside the paper's."""
+    from .tables import build_table4
+
+    report = CheckReport()
+    results_dir = results_dir or RESULTS_DIR
+    present = sorted(p.name for p in results_dir.glob("table4_*.csv"))
+    if not present:
+        report.notes.append("table 4: no params / runtime CSVs committed yet")
+        return report
+    try:
+        rendered = build_table4(results_dir)
+        for fmt in FORMATS:
+            format_rendered(rendered, fmt)
+    except Exception as exc:  # any failure to render is a failure of the gate
+        report.problems.append(Problem(", ".join(present), "renders", "error", f"{type(exc).__name__}: {exc}"))
+        return report
+    measured = sum(1 for rec in rendered.records if rec["ours"] != "")
+    if not measured:
+        report.problems.append(Problem(", ".join(present), "numbers for paper rows", "none",
+                                       "no (model, variant) of the CSVs matches a row of Table 4"))
+    else:
+        report.passed.append(f"table 4 renders ({measured} of {len(rendered.records)} cells measured)")
+    return report
+
+
 def run_check(smoke: bool = True, tables=None, jobs: int | None = None, findings_path: Path | None = None,
               reference_dir: Path | None = None, results_root: Path | None = None) -> CheckReport:
     report = CheckReport()
     report.extend(check_cpu_csvs(root=results_root))
+    report.extend(check_table4(results_root.parent if results_root else None))
     report.extend(check_findings(findings_path, results_root))
     if smoke:
         report.extend(check_smoke(tables, jobs, reference_dir))
