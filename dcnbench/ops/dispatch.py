@@ -116,7 +116,7 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     CUDA follows autocast's dtype (float16 / bfloat16, float32 accumulation in the kernels); the CPU
     kernels compute in float32.
     """
-    if not torch.is_autocast_enabled(device_type):
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type) if device_type == "cuda" else torch.float32
 
