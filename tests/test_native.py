@@ -97,11 +97,23 @@ def test_conv_offsets_leaving_the_map():
     assert (native[2] == 0).any()
 
 
-def test_conv_many_tiles(monkeypatch):
-    # A tiny tile budget forces many tiles per sample, the last one partial.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv_many_tiles(monkeypatch, batch, threads):
+    # A tiny tile budget forces many tiles per sample, the last one partial; batch 1 at 2 threads
+    # splits each sample's tiles over the threads, batch 3 splits the samples.
     monkeypatch.setenv("DCNBENCH_NATIVE_TILE_BYTES", "64")
-    tensors, kwargs = conv_inputs(3, 4, 9, 11, 4, 2, 2, (3, 3), 1, 1, 1, True, True, torch.float32)
-    assert_all_close(run_conv("native", tensors, kwargs), run_conv("reference", tensors, kwargs), torch.float32)
+    monkeypatch.setenv("DCNBENCH_NATIVE_TILE_MIN", "7")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tensors, kwargs = conv_inputs(batch, 4, 9, 11, 4, 2, 2, (3, 3), 1, 1, 1, True, True, torch.float64)
+        native = run_conv("native", tensors, kwargs)
+        assert_all_close(native, run_conv("reference", tensors, kwargs), torch.float64)
+        for u, v in zip(native, run_conv("native", tensors, kwargs)):
+            assert torch.equal(u, v)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_conv_batch_100():

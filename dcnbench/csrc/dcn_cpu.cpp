@@ -105,16 +105,22 @@ struct Sample {
   bool ok;
 };
 
+// Output pixels per tile: at least 256 (each GEMM call re-reads the whole weight matrix, so small
+// tiles cost weight traffic) and up to a 4 MB column tile, balanced over the sample.
 int64_t tile_pixels(const ConvShape& s, size_t elem) {
-  int64_t target = 1 << 20;  // bytes of one column tile: stays in L2 with its GEMM operands
+  int64_t target = 4 << 20;
   if (const char* env = std::getenv("DCNBENCH_NATIVE_TILE_BYTES")) {
     const long long v = std::atoll(env);
     if (v > 0) target = v;
   }
+  int64_t min_pixels = 256;
+  if (const char* env = std::getenv("DCNBENCH_NATIVE_TILE_MIN")) {
+    const long long v = std::atoll(env);
+    if (v > 0) min_pixels = v;
+  }
   int64_t t = target / std::max<int64_t>(1, s.Ktot * static_cast<int64_t>(elem));
-  t = std::max<int64_t>(16, t);
+  t = std::max<int64_t>(min_pixels, t);
   if (t >= s.L) return s.L;
-  // Balance the tiles over the sample.
   const int64_t n_tiles = (s.L + t - 1) / t;
   return (s.L + n_tiles - 1) / n_tiles;
 }
@@ -162,9 +168,67 @@ void sample_rows(const ConvShape& s, const std::vector<std::vector<Segment>>& se
   }
 }
 
-struct ConvBuffers {
-  Tensor xbuf, col;
+// Per-thread working set: channels-last input (and input gradient) of one sample, column tiles.
+template <typename T>
+struct ConvWork {
+  Tensor xbuf, gxbuf, col, dcol;
+  std::vector<Sample<T>> samples;
+  ConvWork(const ConvShape& s, const at::TensorOptions& opts, int64_t tile, bool backward) {
+    xbuf = at::empty({s.H, s.W, s.C}, opts);
+    col = at::empty({tile, s.Ktot}, opts);
+    if (backward) {
+      gxbuf = at::empty({s.H, s.W, s.C}, opts);
+      dcol = at::empty({tile, s.Ktot}, opts);
+    }
+    samples.resize(static_cast<size_t>(tile * s.G * s.taps));
+  }
 };
+
+// Batch parallelism: with at least as many samples as threads, each thread takes a contiguous
+// chunk of samples (single-threaded inner loops and GEMMs, one parallel region per call);
+// otherwise samples run in order and each tile's loops are parallel.
+inline int64_t sample_chunks(int64_t N) {
+  const int64_t nt = std::max(1, at::get_num_threads());
+  return (nt > 1 && N >= nt) ? nt : 1;
+}
+
+// Output pixels [l_begin, l_end) of sample n (tile-aligned), input X channels-last.
+template <typename T>
+void conv_forward_tiles(const ConvShape& s, const std::vector<std::vector<Segment>>& segs, int64_t tile,
+                        const T* X, const T* off, const T* msk, const Tensor& wp, Tensor& out, int64_t n,
+                        ConvWork<T>& wk, int64_t l_begin, int64_t l_end) {
+  const T* off_n = off + n * 2 * s.G * s.taps * s.L;
+  const T* mask_n = msk ? msk + n * s.G * s.taps * s.L : nullptr;
+  Tensor out_n = out[n].view({s.O, s.L});
+  T* colp = wk.col.template data_ptr<T>();
+  Sample<T>* smp = wk.samples.data();
+  for (int64_t l0 = l_begin; l0 < l_end; l0 += tile) {
+    const int64_t tl = std::min(tile, l_end - l0);
+    at::parallel_for(0, tl, 4, [&](int64_t r0, int64_t r1) {
+      sample_rows<T>(s, segs, X, off_n, mask_n, l0, r0, r1, colp, smp);
+    });
+    Tensor ct = wk.col.narrow(0, 0, tl);
+    for (int64_t g = 0; g < s.groups; ++g) {
+      Tensor dst = out_n.narrow(0, g * s.Og, s.Og).narrow(1, l0, tl);
+      at::mm_out(dst, wp.narrow(0, g * s.Og, s.Og), ct.narrow(1, g * s.Kg, s.Kg).t());
+    }
+  }
+}
+
+template <typename T>
+void conv_forward_sample(const ConvShape& s, const std::vector<std::vector<Segment>>& segs, int64_t tile,
+                         const Tensor& input, const T* off, const T* msk, const Tensor& wp, Tensor& out, int64_t n,
+                         ConvWork<T>& wk) {
+  wk.xbuf.copy_(input[n].permute({1, 2, 0}));
+  conv_forward_tiles<T>(s, segs, tile, wk.xbuf.template data_ptr<T>(), off, msk, wp, out, n, wk, 0, s.L);
+}
+
+// Tile chunks of one sample for the threads (used when the batch is smaller than the thread count).
+inline int64_t tile_chunks(const ConvShape& s, int64_t tile) {
+  const int64_t nt = std::max(1, at::get_num_threads());
+  const int64_t n_tiles = (s.L + tile - 1) / tile;
+  return std::max<int64_t>(1, std::min<int64_t>(nt, n_tiles));
+}
 
 template <typename T>
 void conv_forward_impl(const ConvShape& s, const Tensor& input, const Tensor& offset, const Tensor& weight,
@@ -173,30 +237,152 @@ void conv_forward_impl(const ConvShape& s, const Tensor& input, const Tensor& of
   const auto opts = input.options();
   const int64_t tile = tile_pixels(s, sizeof(T));
   Tensor wp = weight.permute({0, 2, 3, 1}).contiguous().view({s.O, s.Kg});  // (O, tap, Cg)
-  Tensor xbuf = at::empty({s.H, s.W, s.C}, opts);
-  Tensor col = at::empty({tile, s.Ktot}, opts);
-  std::vector<Sample<T>> samples(static_cast<size_t>(tile * s.G * s.taps));
   const T* off = offset.data_ptr<T>();
   const T* msk = s.has_mask ? mask.data_ptr<T>() : nullptr;
-  for (int64_t n = 0; n < s.N; ++n) {
-    xbuf.copy_(input[n].permute({1, 2, 0}));
-    const T* X = xbuf.data_ptr<T>();
-    const T* off_n = off + n * 2 * s.G * s.taps * s.L;
-    const T* mask_n = msk ? msk + n * s.G * s.taps * s.L : nullptr;
-    Tensor out_n = out[n].view({s.O, s.L});
-    for (int64_t l0 = 0; l0 < s.L; l0 += tile) {
-      const int64_t tl = std::min(tile, s.L - l0);
-      T* colp = col.data_ptr<T>();
-      at::parallel_for(0, tl, 4, [&](int64_t r0, int64_t r1) {
-        sample_rows<T>(s, segs, X, off_n, mask_n, l0, r0, r1, colp, samples.data());
+  const int64_t chunks = sample_chunks(s.N);
+  if (chunks == 1) {
+    // Few samples: threads split each sample's tiles (one parallel region per sample).
+    const int64_t tc = tile_chunks(s, tile);
+    const int64_t n_tiles = (s.L + tile - 1) / tile, per_chunk = (n_tiles + tc - 1) / tc;
+    Tensor xbuf = at::empty({s.H, s.W, s.C}, opts);
+    for (int64_t n = 0; n < s.N; ++n) {
+      xbuf.copy_(input[n].permute({1, 2, 0}));
+      const T* X = xbuf.data_ptr<T>();
+      at::parallel_for(0, tc, 1, [&](int64_t c0, int64_t c1) {
+        ConvWork<T> wk(s, opts, tile, false);
+        for (int64_t ch = c0; ch < c1; ++ch) {
+          const int64_t lb = std::min(s.L, ch * per_chunk * tile), le = std::min(s.L, (ch + 1) * per_chunk * tile);
+          conv_forward_tiles<T>(s, segs, tile, X, off, msk, wp, out, n, wk, lb, le);
+        }
       });
-      Tensor ct = col.narrow(0, 0, tl);
-      for (int64_t g = 0; g < s.groups; ++g) {
-        Tensor dst = out_n.narrow(0, g * s.Og, s.Og).narrow(1, l0, tl);
-        at::mm_out(dst, wp.narrow(0, g * s.Og, s.Og), ct.narrow(1, g * s.Kg, s.Kg).t());
-      }
     }
+    return;
   }
+  const int64_t per = (s.N + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    ConvWork<T> wk(s, opts, tile, false);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      for (int64_t n = ch * per; n < std::min(s.N, (ch + 1) * per); ++n)
+        conv_forward_sample<T>(s, segs, tile, input, off, msk, wp, out, n, wk);
+    }
+  });
+}
+
+// Pixels [l_begin, l_end) of sample n: accumulates into GX (channels-last) and grad_wp, writes the
+// offset / mask gradients of those pixels.
+template <typename T>
+void conv_backward_tiles(const ConvShape& s, const std::vector<std::vector<Segment>>& segs, int64_t tile,
+                         const Tensor& grad_out, const T* X, T* GX, const T* off, const T* msk, const Tensor& wp,
+                         T* goff, T* gmsk, Tensor& grad_wp, int64_t n, ConvWork<T>& wk, int64_t l_begin,
+                         int64_t l_end) {
+  const int64_t C = s.C;
+  const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  const int64_t c_grain = std::max<int64_t>(16, (C + nt - 1) / nt);
+  const T* off_n = off + n * 2 * s.G * s.taps * s.L;
+  const T* mask_n = msk ? msk + n * s.G * s.taps * s.L : nullptr;
+  T* goff_n = goff + n * 2 * s.G * s.taps * s.L;
+  T* gmask_n = gmsk ? gmsk + n * s.G * s.taps * s.L : nullptr;
+  Tensor go_n = grad_out[n].view({s.O, s.L});
+  T* colp = wk.col.template data_ptr<T>();
+  Sample<T>* smp = wk.samples.data();
+  const T* D = wk.dcol.template data_ptr<T>();
+  for (int64_t l0 = l_begin; l0 < l_end; l0 += tile) {
+    const int64_t tl = std::min(tile, l_end - l0);
+    at::parallel_for(0, tl, 4, [&](int64_t r0, int64_t r1) {
+      sample_rows<T>(s, segs, X, off_n, mask_n, l0, r0, r1, colp, smp);
+    });
+    Tensor ct = wk.col.narrow(0, 0, tl);
+    Tensor dt = wk.dcol.narrow(0, 0, tl);
+    for (int64_t g = 0; g < s.groups; ++g) {
+      Tensor go_t = go_n.narrow(0, g * s.Og, s.Og).narrow(1, l0, tl);  // (Og, tl)
+      Tensor gw_g = grad_wp.narrow(0, g * s.Og, s.Og);
+      gw_g.addmm_(go_t, ct.narrow(1, g * s.Kg, s.Kg));
+      Tensor dst = dt.narrow(1, g * s.Kg, s.Kg);
+      at::mm_out(dst, go_t.t(), wp.narrow(0, g * s.Og, s.Og));
+    }
+    // (a) offset and mask gradients: four dot products per sampling point.
+    at::parallel_for(0, tl, 4, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t l = l0 + r;
+        const T* drow = D + r * s.Ktot;
+        for (int64_t og = 0; og < s.G; ++og) {
+          for (int64_t k = 0; k < s.taps; ++k) {
+            const Sample<T>& sp = smp[(r * s.G + og) * s.taps + k];
+            const int64_t ch = og * s.taps + k;
+            if (!sp.ok) {
+              goff_n[(2 * ch) * s.L + l] = T(0);
+              goff_n[(2 * ch + 1) * s.L + l] = T(0);
+              if (gmask_n) gmask_n[ch * s.L + l] = T(0);
+              continue;
+            }
+            T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+            for (const Segment& seg : segs[og]) {
+              const T* __restrict d = drow + col_pos(s, seg, k);
+              const T* __restrict p0 = X + sp.c.index[0] * C + seg.c0;
+              const T* __restrict p1 = X + sp.c.index[1] * C + seg.c0;
+              const T* __restrict p2 = X + sp.c.index[2] * C + seg.c0;
+              const T* __restrict p3 = X + sp.c.index[3] * C + seg.c0;
+              T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+              for (int64_t c = 0; c < seg.len; ++c) {
+                a0 += d[c] * p0[c];
+                a1 += d[c] * p1[c];
+                a2 += d[c] * p2[c];
+                a3 += d[c] * p3[c];
+              }
+              s0 += a0;
+              s1 += a1;
+              s2 += a2;
+              s3 += a3;
+            }
+            const auto& cr = sp.c;
+            const T gy = cr.dwdy[0] * s0 + cr.dwdy[1] * s1 + cr.dwdy[2] * s2 + cr.dwdy[3] * s3;
+            const T gx = cr.dwdx[0] * s0 + cr.dwdx[1] * s1 + cr.dwdx[2] * s2 + cr.dwdx[3] * s3;
+            goff_n[(2 * ch) * s.L + l] = sp.mask * gy;
+            goff_n[(2 * ch + 1) * s.L + l] = sp.mask * gx;
+            if (gmask_n)
+              gmask_n[ch * s.L + l] = cr.weight[0] * s0 + cr.weight[1] * s1 + cr.weight[2] * s2 + cr.weight[3] * s3;
+          }
+        }
+      }
+    });
+    // (b) input gradient: each thread owns a channel range and walks the tile in order.
+    at::parallel_for(0, C, c_grain, [&](int64_t cb, int64_t ce) {
+      for (int64_t r = 0; r < tl; ++r) {
+        const T* drow = D + r * s.Ktot;
+        for (int64_t og = 0; og < s.G; ++og) {
+          for (const Segment& seg : segs[og]) {
+            const int64_t lo = std::max(seg.c0, cb), hi = std::min(seg.c0 + seg.len, ce);
+            if (lo >= hi) continue;
+            const int64_t len = hi - lo;
+            for (int64_t k = 0; k < s.taps; ++k) {
+              const Sample<T>& sp = smp[(r * s.G + og) * s.taps + k];
+              if (!sp.ok) continue;
+              const T* __restrict d = drow + col_pos(s, seg, k) + (lo - seg.c0);
+              for (int q = 0; q < 4; ++q) {
+                const T wq = sp.mask * sp.c.weight[q];
+                if (wq == T(0)) continue;
+                T* __restrict gq = GX + sp.c.index[q] * C + lo;
+#pragma omp simd
+                for (int64_t c = 0; c < len; ++c) gq[c] += wq * d[c];
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+template <typename T>
+void conv_backward_sample(const ConvShape& s, const std::vector<std::vector<Segment>>& segs, int64_t tile,
+                          const Tensor& grad_out, const Tensor& input, const T* off, const T* msk, const Tensor& wp,
+                          Tensor& grad_input, T* goff, T* gmsk, Tensor& grad_wp, int64_t n, ConvWork<T>& wk) {
+  wk.xbuf.copy_(input[n].permute({1, 2, 0}));
+  wk.gxbuf.zero_();
+  conv_backward_tiles<T>(s, segs, tile, grad_out, wk.xbuf.template data_ptr<T>(), wk.gxbuf.template data_ptr<T>(),
+                         off, msk, wp, goff, gmsk, grad_wp, n, wk, 0, s.L);
+  grad_input[n].copy_(wk.gxbuf.permute({2, 0, 1}));
 }
 
 template <typename T>
@@ -207,120 +393,59 @@ void conv_backward_impl(const ConvShape& s, const Tensor& grad_out, const Tensor
   const auto opts = input.options();
   const int64_t tile = tile_pixels(s, sizeof(T));
   Tensor wp = weight.permute({0, 2, 3, 1}).contiguous().view({s.O, s.Kg});
-  Tensor xbuf = at::empty({s.H, s.W, s.C}, opts);
-  Tensor gxbuf = at::empty({s.H, s.W, s.C}, opts);
-  Tensor col = at::empty({tile, s.Ktot}, opts);
-  Tensor dcol = at::empty({tile, s.Ktot}, opts);
-  std::vector<Sample<T>> samples(static_cast<size_t>(tile * s.G * s.taps));
   const T* off = offset.data_ptr<T>();
   const T* msk = s.has_mask ? mask.data_ptr<T>() : nullptr;
   T* goff = grad_offset.data_ptr<T>();
   T* gmsk = s.has_mask ? grad_mask.data_ptr<T>() : nullptr;
-  const int64_t C = s.C;
-  // Channel chunks for the scatter: at least 16 channels per thread.
-  const int64_t c_grain = std::max<int64_t>(16, (C + at::get_num_threads() - 1) / std::max(1, at::get_num_threads()));
-
-  for (int64_t n = 0; n < s.N; ++n) {
-    xbuf.copy_(input[n].permute({1, 2, 0}));
-    gxbuf.zero_();
-    const T* X = xbuf.data_ptr<T>();
-    T* GX = gxbuf.data_ptr<T>();
-    const T* off_n = off + n * 2 * s.G * s.taps * s.L;
-    const T* mask_n = msk ? msk + n * s.G * s.taps * s.L : nullptr;
-    T* goff_n = goff + n * 2 * s.G * s.taps * s.L;
-    T* gmask_n = gmsk ? gmsk + n * s.G * s.taps * s.L : nullptr;
-    Tensor go_n = grad_out[n].view({s.O, s.L});
-    for (int64_t l0 = 0; l0 < s.L; l0 += tile) {
-      const int64_t tl = std::min(tile, s.L - l0);
-      T* colp = col.data_ptr<T>();
-      Sample<T>* smp = samples.data();
-      at::parallel_for(0, tl, 4, [&](int64_t r0, int64_t r1) {
-        sample_rows<T>(s, segs, X, off_n, mask_n, l0, r0, r1, colp, smp);
-      });
-      Tensor ct = col.narrow(0, 0, tl);
-      Tensor dt = dcol.narrow(0, 0, tl);
-      for (int64_t g = 0; g < s.groups; ++g) {
-        Tensor go_t = go_n.narrow(0, g * s.Og, s.Og).narrow(1, l0, tl);  // (Og, tl)
-        Tensor gw_g = grad_wp.narrow(0, g * s.Og, s.Og);
-        gw_g.addmm_(go_t, ct.narrow(1, g * s.Kg, s.Kg));
-        Tensor dst = dt.narrow(1, g * s.Kg, s.Kg);
-        at::mm_out(dst, go_t.t(), wp.narrow(0, g * s.Og, s.Og));
-      }
-      const T* D = dcol.data_ptr<T>();
-      // (a) offset and mask gradients: four dot products per sampling point.
-      at::parallel_for(0, tl, 4, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t l = l0 + r;
-          const T* drow = D + r * s.Ktot;
-          for (int64_t og = 0; og < s.G; ++og) {
-            for (int64_t k = 0; k < s.taps; ++k) {
-              const Sample<T>& sp = smp[(r * s.G + og) * s.taps + k];
-              const int64_t ch = og * s.taps + k;
-              if (!sp.ok) {
-                goff_n[(2 * ch) * s.L + l] = T(0);
-                goff_n[(2 * ch + 1) * s.L + l] = T(0);
-                if (gmask_n) gmask_n[ch * s.L + l] = T(0);
-                continue;
-              }
-              T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-              for (const Segment& seg : segs[og]) {
-                const T* __restrict d = drow + col_pos(s, seg, k);
-                const T* __restrict p0 = X + sp.c.index[0] * C + seg.c0;
-                const T* __restrict p1 = X + sp.c.index[1] * C + seg.c0;
-                const T* __restrict p2 = X + sp.c.index[2] * C + seg.c0;
-                const T* __restrict p3 = X + sp.c.index[3] * C + seg.c0;
-                T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-                for (int64_t c = 0; c < seg.len; ++c) {
-                  a0 += d[c] * p0[c];
-                  a1 += d[c] * p1[c];
-                  a2 += d[c] * p2[c];
-                  a3 += d[c] * p3[c];
-                }
-                s0 += a0;
-                s1 += a1;
-                s2 += a2;
-                s3 += a3;
-              }
-              const auto& cr = sp.c;
-              const T gy = cr.dwdy[0] * s0 + cr.dwdy[1] * s1 + cr.dwdy[2] * s2 + cr.dwdy[3] * s3;
-              const T gx = cr.dwdx[0] * s0 + cr.dwdx[1] * s1 + cr.dwdx[2] * s2 + cr.dwdx[3] * s3;
-              goff_n[(2 * ch) * s.L + l] = sp.mask * gy;
-              goff_n[(2 * ch + 1) * s.L + l] = sp.mask * gx;
-              if (gmask_n)
-                gmask_n[ch * s.L + l] = cr.weight[0] * s0 + cr.weight[1] * s1 + cr.weight[2] * s2 + cr.weight[3] * s3;
-            }
-          }
-        }
-      });
-      // (b) input gradient: each thread owns a channel range and walks the tile in order.
-      at::parallel_for(0, C, c_grain, [&](int64_t cb, int64_t ce) {
-        for (int64_t r = 0; r < tl; ++r) {
-          const T* drow = D + r * s.Ktot;
-          for (int64_t og = 0; og < s.G; ++og) {
-            for (const Segment& seg : segs[og]) {
-              const int64_t lo = std::max(seg.c0, cb), hi = std::min(seg.c0 + seg.len, ce);
-              if (lo >= hi) continue;
-              const int64_t len = hi - lo;
-              for (int64_t k = 0; k < s.taps; ++k) {
-                const Sample<T>& sp = smp[(r * s.G + og) * s.taps + k];
-                if (!sp.ok) continue;
-                const T* __restrict d = drow + col_pos(s, seg, k) + (lo - seg.c0);
-                for (int q = 0; q < 4; ++q) {
-                  const T wq = sp.mask * sp.c.weight[q];
-                  if (wq == T(0)) continue;
-                  T* __restrict gq = GX + sp.c.index[q] * C + lo;
-#pragma omp simd
-                  for (int64_t c = 0; c < len; ++c) gq[c] += wq * d[c];
-                }
-              }
-            }
-          }
-        }
-      });
+  const int64_t chunks = sample_chunks(s.N);
+  if (chunks == 1) {
+    const int64_t tc = tile_chunks(s, tile);
+    if (tc == 1) {
+      ConvWork<T> wk(s, opts, tile, true);
+      for (int64_t n = 0; n < s.N; ++n)
+        conv_backward_sample<T>(s, segs, tile, grad_out, input, off, msk, wp, grad_input, goff, gmsk, grad_wp, n, wk);
+      return;
     }
-    grad_input[n].copy_(gxbuf.permute({2, 0, 1}));
+    // Few samples: threads split each sample's tiles; each chunk has its own input-gradient and
+    // weight-gradient partials, summed in chunk order (reproducible at a thread count).
+    const int64_t n_tiles = (s.L + tile - 1) / tile, per_chunk = (n_tiles + tc - 1) / tc;
+    Tensor xbuf = at::empty({s.H, s.W, s.C}, opts);
+    Tensor gx_parts = at::empty({tc, s.H, s.W, s.C}, opts);
+    Tensor gw_parts = at::zeros({tc, s.O, s.Kg}, opts);
+    for (int64_t n = 0; n < s.N; ++n) {
+      xbuf.copy_(input[n].permute({1, 2, 0}));
+      const T* X = xbuf.data_ptr<T>();
+      at::parallel_for(0, tc, 1, [&](int64_t c0, int64_t c1) {
+        ConvWork<T> wk(s, opts, tile, true);
+        for (int64_t ch = c0; ch < c1; ++ch) {
+          const int64_t lb = std::min(s.L, ch * per_chunk * tile), le = std::min(s.L, (ch + 1) * per_chunk * tile);
+          Tensor gx = gx_parts[ch];
+          gx.zero_();
+          Tensor gw = gw_parts[ch];
+          conv_backward_tiles<T>(s, segs, tile, grad_out, X, gx.data_ptr<T>(), off, msk, wp, goff, gmsk, gw, n, wk,
+                                 lb, le);
+        }
+      });
+      Tensor gx_sum = gx_parts[0].clone();
+      for (int64_t ch = 1; ch < tc; ++ch) gx_sum.add_(gx_parts[ch]);
+      grad_input[n].copy_(gx_sum.permute({2, 0, 1}));
+    }
+    for (int64_t ch = 0; ch < tc; ++ch) grad_wp.add_(gw_parts[ch]);
+    return;
   }
+  // One weight-gradient partial per chunk, summed in chunk order: reproducible at a thread count.
+  const int64_t per = (s.N + chunks - 1) / chunks;
+  std::vector<Tensor> parts(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    ConvWork<T> wk(s, opts, tile, true);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      parts[ch] = at::zeros({s.O, s.Kg}, opts);
+      for (int64_t n = ch * per; n < std::min(s.N, (ch + 1) * per); ++n)
+        conv_backward_sample<T>(s, segs, tile, grad_out, input, off, msk, wp, grad_input, goff, gmsk, parts[ch], n,
+                                wk);
+    }
+  });
+  for (int64_t ch = 0; ch < chunks; ++ch) grad_wp.add_(parts[ch]);
 }
 
 void check_conv_args(const Tensor& input, const Tensor& offset, const Tensor& weight,
@@ -408,46 +533,6 @@ struct RoiArgs {
   bool ps, has_offset;
 };
 
-// Geometry of bin (i, j) of output channel c of roi r: valid axis samples and the offset cell.
-template <typename T>
-struct BinSamples {
-  std::vector<Axis<T>> ay, ax;
-  int ny = 0, nx = 0;
-  int64_t plane = 0;     // flat index of the input plane read
-  int64_t off_cell = -1;  // index of t_x in offset (t_y is + Ph*Pw); -1 without offsets
-  T scale_x = 0, scale_y = 0;  // d x / d t_x = gamma * roi_w
-};
-
-template <typename T>
-inline void bin_samples(const RoiArgs& a, const T* rois, const T* offset, int64_t r, int64_t c, int64_t i, int64_t j,
-                        BinSamples<T>& b) {
-  const T* roi = rois + r * 5;
-  const int64_t batch = static_cast<int64_t>(roi[0]);
-  const auto g = dcn::roi_geometry<T>(roi[1], roi[2], roi[3], roi[4], T(a.spatial_scale), static_cast<int>(a.ph),
-                                      static_cast<int>(a.pw));
-  T shift_x = 0, shift_y = 0;
-  b.off_cell = -1;
-  if (a.has_offset) {
-    const int64_t cls = c / (a.Cout / a.n_cls);
-    const int64_t pi = (i * a.Ph) / a.ph, pj = (j * a.Pw) / a.pw;
-    b.off_cell = ((r * a.n_cls + cls) * 2 * a.Ph + pi) * a.Pw + pj;
-    const T tx = offset[b.off_cell], ty = offset[b.off_cell + a.Ph * a.Pw];
-    shift_x = T(a.gamma) * tx * g.roi_w;
-    shift_y = T(a.gamma) * ty * g.roi_h;
-    b.scale_x = T(a.gamma) * g.roi_w;
-    b.scale_y = T(a.gamma) * g.roi_h;
-  }
-  const int64_t in_c = a.ps ? (c * a.ph + i) * a.pw + j : c;
-  b.plane = (batch * a.Cin + in_c) * a.H * a.W;
-  const T sub_w = g.bin_w / T(a.S), sub_h = g.bin_h / T(a.S);
-  const T base_x = (T(j) * g.bin_w + g.start_x) + shift_x;
-  const T base_y = (T(i) * g.bin_h + g.start_y) + shift_y;
-  b.nx = b.ny = 0;
-  for (int64_t u = 0; u < a.S; ++u) {
-    if (roi_axis<T>(base_x + T(u) * sub_w, static_cast<int>(a.W), b.ax[b.nx])) ++b.nx;
-    if (roi_axis<T>(base_y + T(u) * sub_h, static_cast<int>(a.H), b.ay[b.ny])) ++b.ny;
-  }
-}
 
 RoiArgs roi_args(const Tensor& input, const Tensor& rois, const std::optional<Tensor>& offset,
                  const std::vector<int64_t>& output_size, double spatial_scale, int64_t sampling_ratio, double gamma,
@@ -482,37 +567,320 @@ RoiArgs roi_args(const Tensor& input, const Tensor& rois, const std::optional<Te
   return a;
 }
 
+// Per-roi constants and the geometry of one bin. A bin's samples factorise: valid = valid_x &&
+// valid_y, weights = y factor * x factor, so a bin is S x-axis and S y-axis entries.
 template <typename T>
-void roi_forward_impl(const RoiArgs& a, const Tensor& input, const Tensor& rois, const Tensor& offset, Tensor& out) {
-  const T* X = input.data_ptr<T>();
-  const T* R = rois.data_ptr<T>();
-  const T* OFF = a.has_offset ? offset.data_ptr<T>() : nullptr;
-  T* Y = out.data_ptr<T>();
-  const int64_t W = a.W;
-  at::parallel_for(0, a.K * a.Cout, 1, [&](int64_t b0, int64_t b1) {
-    BinSamples<T> b;
-    b.ax.resize(a.S);
-    b.ay.resize(a.S);
-    for (int64_t rc = b0; rc < b1; ++rc) {
-      const int64_t r = rc / a.Cout, c = rc % a.Cout;
-      for (int64_t i = 0; i < a.ph; ++i) {
-        for (int64_t j = 0; j < a.pw; ++j) {
-          bin_samples<T>(a, R, OFF, r, c, i, j, b);
-          T total = 0;
-          const T* P = X + b.plane;
-          for (int v = 0; v < b.ny; ++v) {
-            const Axis<T>& ay = b.ay[v];
-            const T ly = ay.frac, hy = T(1) - ly;
-            const T* r0 = P + ay.lo * W;
-            const T* r1 = P + ay.hi * W;
-            for (int u = 0; u < b.nx; ++u) {
-              const Axis<T>& ax = b.ax[u];
-              const T lx = ax.frac, hx = T(1) - lx;
-              total += hy * hx * r0[ax.lo] + hy * lx * r0[ax.hi] + ly * hx * r1[ax.lo] + ly * lx * r1[ax.hi];
+struct RoiCtx {
+  RoiArgs a;
+  std::vector<dcn::RoiGeometry<T>> geo;
+  std::vector<int64_t> batch;
+  const T* off = nullptr;
+  int64_t cpc = 1;  // output channels per offset class
+
+  RoiCtx(const RoiArgs& args, const T* rois, const T* offset) : a(args), off(offset) {
+    geo.resize(a.K);
+    batch.resize(a.K);
+    for (int64_t r = 0; r < a.K; ++r) {
+      const T* roi = rois + r * 5;
+      batch[r] = static_cast<int64_t>(roi[0]);
+      geo[r] = dcn::roi_geometry<T>(roi[1], roi[2], roi[3], roi[4], T(a.spatial_scale), static_cast<int>(a.ph),
+                                    static_cast<int>(a.pw));
+    }
+    cpc = a.Cout / a.n_cls;
+    images = batch;
+    std::sort(images.begin(), images.end());
+    images.erase(std::unique(images.begin(), images.end()), images.end());
+  }
+  std::vector<int64_t> images;  // distinct batch indices of the rois
+
+  // Bin (i, j) of roi r for offset class cls: fills ax/ay (S entries each), returns the counts,
+  // the index of t_x in the offset tensor (t_y is + Ph*Pw; -1 without offsets).
+  inline void bin(int64_t r, int64_t cls, int64_t i, int64_t j, Axis<T>* ax, Axis<T>* ay, int& nx, int& ny,
+                  int64_t& cell) const {
+    const auto& g = geo[r];
+    T shift_x = 0, shift_y = 0;
+    cell = -1;
+    if (off) {
+      const int64_t pi = (i * a.Ph) / a.ph, pj = (j * a.Pw) / a.pw;
+      cell = ((r * a.n_cls + cls) * 2 * a.Ph + pi) * a.Pw + pj;
+      shift_x = T(a.gamma) * off[cell] * g.roi_w;
+      shift_y = T(a.gamma) * off[cell + a.Ph * a.Pw] * g.roi_h;
+    }
+    const T sub_w = g.bin_w / T(a.S), sub_h = g.bin_h / T(a.S);
+    const T base_x = (T(j) * g.bin_w + g.start_x) + shift_x;
+    const T base_y = (T(i) * g.bin_h + g.start_y) + shift_y;
+    nx = ny = 0;
+    for (int64_t u = 0; u < a.S; ++u) {
+      if (roi_axis<T>(base_x + T(u) * sub_w, static_cast<int>(a.W), ax[nx])) ++nx;
+      if (roi_axis<T>(base_y + T(u) * sub_h, static_cast<int>(a.H), ay[ny])) ++ny;
+    }
+  }
+  T scale_x(int64_t r) const { return T(a.gamma) * geo[r].roi_w; }
+  T scale_y(int64_t r) const { return T(a.gamma) * geo[r].roi_h; }
+};
+
+// Bilinear sum over a bin's valid samples in one plane.
+template <typename T>
+inline T plane_sum(const T* P, int64_t W, const Axis<T>* ax, const Axis<T>* ay, int nx, int ny) {
+  T total = 0;
+  for (int v = 0; v < ny; ++v) {
+    const T ly = ay[v].frac, hy = T(1) - ly;
+    const T* r0 = P + ay[v].lo * W;
+    const T* r1 = P + ay[v].hi * W;
+    for (int u = 0; u < nx; ++u) {
+      const T lx = ax[u].frac, hx = T(1) - lx;
+      total += hy * hx * r0[ax[u].lo] + hy * lx * r0[ax[u].hi] + ly * hx * r1[ax[u].lo] + ly * lx * r1[ax[u].hi];
+    }
+  }
+  return total;
+}
+
+// ---- position-sensitive: every (output channel, bin) reads its own input plane, so the kernels
+// walk the input planes (one thread per plane, all rois in order: the plane stays in L1). For one
+// plane the sample geometry of all rois is computed at once in vectorisable loops over the rois
+// (structure of arrays, entry [u * K + r]); an invalid sample keeps a clamped in-map index and gets
+// weight 0, so the sampling loops have no branches.
+
+// Pull input plane ic of every image the rois use into cache (the kernels then read it at random).
+template <typename T>
+inline void prefetch_planes(const RoiCtx<T>& ctx, const T* base, int64_t ic, bool write) {
+  const int64_t HW = ctx.a.H * ctx.a.W;
+  for (int64_t b : ctx.images) {
+    const char* p = reinterpret_cast<const char*>(base + (b * ctx.a.Cin + ic) * HW);
+    const int64_t bytes = HW * static_cast<int64_t>(sizeof(T));
+    if (write) {
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 1, 3);
+    } else {
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+    }
+  }
+}
+
+template <typename T>
+struct PsAxes {
+  std::vector<int32_t> lo, hi;  // [S * K]
+  std::vector<T> wl, wh, valid;  // weight of lo (1 - frac) and hi (frac), 0 when invalid; valid 0/1
+  std::vector<T> base, count;    // [K]
+  void resize(int64_t n, int64_t k) {
+    lo.resize(n);
+    hi.resize(n);
+    wl.resize(n);
+    wh.resize(n);
+    valid.resize(n);
+    base.resize(k);
+    count.resize(k);
+  }
+};
+
+// One axis for all rois: sample u of roi r at base[r] + u * sub[r]; same operations as roi_axis.
+template <typename T>
+void ps_axis(PsAxes<T>& ax, const T* sub, int64_t K, int64_t S, int size) {
+  const T lo_lim = T(-0.5), hi_lim = T(size) - T(0.5), top = T(size - 1);
+  std::fill(ax.count.begin(), ax.count.begin() + K, T(0));
+  for (int64_t u = 0; u < S; ++u) {
+    int32_t* __restrict lo = ax.lo.data() + u * K;
+    int32_t* __restrict hi = ax.hi.data() + u * K;
+    T* __restrict wl = ax.wl.data() + u * K;
+    T* __restrict wh = ax.wh.data() + u * K;
+    T* __restrict valid = ax.valid.data() + u * K;
+    T* __restrict count = ax.count.data();
+    const T* __restrict base = ax.base.data();
+    const T uu = T(u);
+#pragma omp simd
+    for (int64_t r = 0; r < K; ++r) {
+      const T v = base[r] + uu * sub[r];
+      const T ok = ((v >= lo_lim) & (v <= hi_lim)) ? T(1) : T(0);
+      T c = v > T(0) ? v : T(0);
+      c = c < top ? c : top;
+      const T f = std::floor(c);
+      const T frac = c - f;
+      const int32_t fl = static_cast<int32_t>(f);
+      lo[r] = fl;
+      hi[r] = fl + ((frac > T(0)) ? 1 : 0);  // ceil(c), as c >= 0
+      valid[r] = ok;
+      wl[r] = ok * (T(1) - frac);
+      wh[r] = ok * frac;
+      count[r] += ok;
+    }
+  }
+}
+
+template <typename T>
+struct PsScratch {
+  PsAxes<T> x, y;
+  std::vector<T> sub_w, sub_h, bin_w, bin_h, start_x, start_y, roi_w, roi_h;
+};
+
+// Geometry of plane (c, i, j) for rois [r0, r0 + n) into s.x / s.y (entry [u * n + (r - r0)]).
+template <typename T>
+void ps_plane_geometry(const RoiCtx<T>& ctx, int64_t cls, int64_t i, int64_t j, int64_t r0, int64_t n,
+                       PsScratch<T>& s) {
+  const auto& a = ctx.a;
+  T* bx = s.x.base.data();
+  T* by = s.y.base.data();
+  for (int64_t k = 0; k < n; ++k) {
+    bx[k] = T(j) * s.bin_w[r0 + k] + s.start_x[r0 + k];
+    by[k] = T(i) * s.bin_h[r0 + k] + s.start_y[r0 + k];
+  }
+  if (ctx.off) {
+    const int64_t pi = (i * a.Ph) / a.ph, pj = (j * a.Pw) / a.pw;
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t cell = (((r0 + k) * a.n_cls + cls) * 2 * a.Ph + pi) * a.Pw + pj;
+      bx[k] = bx[k] + T(a.gamma) * ctx.off[cell] * s.roi_w[r0 + k];
+      by[k] = by[k] + T(a.gamma) * ctx.off[cell + a.Ph * a.Pw] * s.roi_h[r0 + k];
+    }
+  }
+  ps_axis<T>(s.x, s.sub_w.data() + r0, n, a.S, static_cast<int>(a.W));
+  ps_axis<T>(s.y, s.sub_h.data() + r0, n, a.S, static_cast<int>(a.H));
+}
+
+// Rois per geometry chunk: the chunk's sample tables stay in L1 next to the plane.
+constexpr int64_t kRoiChunk = 32;
+
+template <typename T>
+void ps_scratch_init(const RoiCtx<T>& ctx, PsScratch<T>& s) {
+  const int64_t K = ctx.a.K, S = ctx.a.S, RC = std::min(K, kRoiChunk);
+  s.x.resize(S * RC, RC);
+  s.y.resize(S * RC, RC);
+  for (auto* v : {&s.sub_w, &s.sub_h, &s.bin_w, &s.bin_h, &s.start_x, &s.start_y, &s.roi_w, &s.roi_h}) v->resize(K);
+  for (int64_t r = 0; r < K; ++r) {
+    const auto& g = ctx.geo[r];
+    s.bin_w[r] = g.bin_w;
+    s.bin_h[r] = g.bin_h;
+    s.sub_w[r] = g.bin_w / T(S);
+    s.sub_h[r] = g.bin_h / T(S);
+    s.start_x[r] = g.start_x;
+    s.start_y[r] = g.start_y;
+    s.roi_w[r] = g.roi_w;
+    s.roi_h[r] = g.roi_h;
+  }
+}
+
+template <typename T>
+void ps_forward_generic(const RoiCtx<T>& ctx, const T* X, T* Y) {
+  const auto& a = ctx.a;
+  const int64_t HW = a.H * a.W, bins = a.ph * a.pw, K = a.K, S = a.S, W = a.W;
+  at::parallel_for(0, a.Cout * bins, 1, [&](int64_t p0, int64_t p1) {
+    PsScratch<T> s;
+    ps_scratch_init(ctx, s);
+    for (int64_t ic = p0; ic < p1; ++ic) {
+      const int64_t c = ic / bins, i = (ic / a.pw) % a.ph, j = ic % a.pw;
+      if (ic + 1 < p1) prefetch_planes(ctx, X, ic + 1, false);
+      for (int64_t q0 = 0; q0 < K; q0 += kRoiChunk) {
+      const int64_t n = std::min(kRoiChunk, K - q0);
+      ps_plane_geometry(ctx, c / ctx.cpc, i, j, q0, n, s);
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t r = q0 + k;
+        const T count = s.x.count[k] * s.y.count[k];
+        T total = 0;
+        if (count > 0) {
+          const T* P = X + (ctx.batch[r] * a.Cin + ic) * HW;
+          for (int64_t v = 0; v < S; ++v) {
+            const int64_t e = v * n + k;
+            const T* r0 = P + s.y.lo[e] * W;
+            const T* r1 = P + s.y.hi[e] * W;
+            T t0 = 0, t1 = 0;
+            for (int64_t u = 0; u < S; ++u) {
+              const int64_t f = u * n + k;
+              const int32_t xl = s.x.lo[f], xh = s.x.hi[f];
+              const T wl = s.x.wl[f], wh = s.x.wh[f];
+              t0 += wl * r0[xl] + wh * r0[xh];
+              t1 += wl * r1[xl] + wh * r1[xh];
             }
+            total += s.y.wl[e] * t0 + s.y.wh[e] * t1;
           }
-          const int count = b.nx * b.ny;
-          Y[(rc * a.ph + i) * a.pw + j] = count > 0 ? total / T(count) : T(0);
+          total /= count;
+        }
+        Y[(r * a.Cout + c) * bins + i * a.pw + j] = total;
+      }
+      }
+    }
+  });
+}
+
+// Up to kMaxS samples per axis are kept in registers; larger S uses the generic loops.
+constexpr int kMaxS = 8;
+
+// Sum of the bilinear samples of roi r in plane P (S compile-time when SC > 0).
+template <typename T, int SC>
+inline T ps_sum(const PsScratch<T>& s, const T* P, int64_t W, int64_t r, int64_t K, int64_t S_rt) {
+  const int64_t S = SC > 0 ? SC : S_rt;
+  int32_t xl[kMaxS], xh[kMaxS];
+  T wl[kMaxS], wh[kMaxS];
+  for (int64_t u = 0; u < S; ++u) {
+    xl[u] = s.x.lo[u * K + r];
+    xh[u] = s.x.hi[u * K + r];
+    wl[u] = s.x.wl[u * K + r];
+    wh[u] = s.x.wh[u * K + r];
+  }
+  T total = 0;
+  for (int64_t v = 0; v < S; ++v) {
+    const int64_t e = v * K + r;
+    const T* r0 = P + s.y.lo[e] * W;
+    const T* r1 = P + s.y.hi[e] * W;
+    T t0 = 0, t1 = 0;
+    for (int64_t u = 0; u < S; ++u) {
+      t0 += wl[u] * r0[xl[u]] + wh[u] * r0[xh[u]];
+      t1 += wl[u] * r1[xl[u]] + wh[u] * r1[xh[u]];
+    }
+    total += s.y.wl[e] * t0 + s.y.wh[e] * t1;
+  }
+  return total;
+}
+
+template <typename T, int SC>
+void ps_forward_s(const RoiCtx<T>& ctx, const T* X, T* Y) {
+  const auto& a = ctx.a;
+  const int64_t HW = a.H * a.W, bins = a.ph * a.pw, K = a.K, W = a.W;
+  at::parallel_for(0, a.Cout * bins, 1, [&](int64_t p0, int64_t p1) {
+    PsScratch<T> s;
+    ps_scratch_init(ctx, s);
+    for (int64_t ic = p0; ic < p1; ++ic) {
+      const int64_t c = ic / bins, i = (ic / a.pw) % a.ph, j = ic % a.pw;
+      if (ic + 1 < p1) prefetch_planes(ctx, X, ic + 1, false);
+      for (int64_t q0 = 0; q0 < K; q0 += kRoiChunk) {
+      const int64_t n = std::min(kRoiChunk, K - q0);
+      ps_plane_geometry(ctx, c / ctx.cpc, i, j, q0, n, s);
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t r = q0 + k;
+        const T count = s.x.count[k] * s.y.count[k];
+        T total = 0;
+        if (count > 0) total = ps_sum<T, SC>(s, X + (ctx.batch[r] * a.Cin + ic) * HW, W, k, n, a.S) / count;
+        Y[(r * a.Cout + c) * bins + i * a.pw + j] = total;
+      }
+      }
+    }
+  });
+}
+
+template <typename T>
+void ps_forward(const RoiCtx<T>& ctx, const T* X, T* Y) {
+  switch (ctx.a.S) {
+    case 1: return ps_forward_s<T, 1>(ctx, X, Y);
+    case 2: return ps_forward_s<T, 2>(ctx, X, Y);
+    case 3: return ps_forward_s<T, 3>(ctx, X, Y);
+    case 4: return ps_forward_s<T, 4>(ctx, X, Y);
+    default:
+      if (ctx.a.S <= kMaxS) return ps_forward_s<T, 0>(ctx, X, Y);
+      return ps_forward_generic<T>(ctx, X, Y);
+  }
+}
+
+template <typename T>
+void ps_offset_reduce(const RoiCtx<T>& ctx, const T* gsx, const T* gsy, T* GO) {
+  const auto& a = ctx.a;
+  const int64_t bins = a.ph * a.pw, K = a.K;
+  at::parallel_for(0, K, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T kx = ctx.scale_x(r), ky = ctx.scale_y(r);
+      for (int64_t c = 0; c < a.Cout; ++c) {
+        for (int64_t i = 0; i < a.ph; ++i) {
+          for (int64_t j = 0; j < a.pw; ++j) {
+            const int64_t o = (r * a.Cout + c) * bins + i * a.pw + j;
+            const int64_t cell = ((r * a.n_cls + c / ctx.cpc) * 2 * a.Ph + (i * a.Ph) / a.ph) * a.Pw + (j * a.Pw) / a.pw;
+            GO[cell] += gsx[o] * kx;
+            GO[cell + a.Ph * a.Pw] += gsy[o] * ky;
+          }
         }
       }
     }
@@ -520,90 +888,303 @@ void roi_forward_impl(const RoiArgs& a, const Tensor& input, const Tensor& rois,
 }
 
 template <typename T>
-void roi_backward_impl(const RoiArgs& a, const Tensor& grad_out, const Tensor& input, const Tensor& rois,
-                       const Tensor& offset, Tensor& grad_input, Tensor& grad_offset) {
-  const T* X = input.data_ptr<T>();
-  const T* R = rois.data_ptr<T>();
-  const T* OFF = a.has_offset ? offset.data_ptr<T>() : nullptr;
-  const T* GY = grad_out.data_ptr<T>();
-  T* GX = grad_input.data_ptr<T>();
-  const int64_t W = a.W;
-  // Input gradient: output channel c writes only the input planes it reads (channel c, or the
-  // ph*pw planes of c when position-sensitive), so threads split the output channels; each walks
-  // the rois in order.
-  at::parallel_for(0, a.Cout, 1, [&](int64_t c0, int64_t c1) {
-    BinSamples<T> b;
-    b.ax.resize(a.S);
-    b.ay.resize(a.S);
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t r = 0; r < a.K; ++r) {
-        for (int64_t i = 0; i < a.ph; ++i) {
-          for (int64_t j = 0; j < a.pw; ++j) {
-            const T g = GY[((r * a.Cout + c) * a.ph + i) * a.pw + j];
-            bin_samples<T>(a, R, OFF, r, c, i, j, b);
-            const int count = b.nx * b.ny;
-            if (count == 0) continue;
-            const T gc = g / T(count);
-            T* P = GX + b.plane;
-            for (int v = 0; v < b.ny; ++v) {
-              const Axis<T>& ay = b.ay[v];
-              const T ly = ay.frac, hy = T(1) - ly;
-              T* r0 = P + ay.lo * W;
-              T* r1 = P + ay.hi * W;
-              for (int u = 0; u < b.nx; ++u) {
-                const Axis<T>& ax = b.ax[u];
-                const T lx = ax.frac, hx = T(1) - lx;
-                r0[ax.lo] += gc * (hy * hx);
-                r0[ax.hi] += gc * (hy * lx);
-                r1[ax.lo] += gc * (ly * hx);
-                r1[ax.hi] += gc * (ly * lx);
-              }
-            }
+void ps_backward_generic(const RoiCtx<T>& ctx, const T* X, const T* GY, T* GX, T* GO) {
+  const auto& a = ctx.a;
+  const int64_t HW = a.H * a.W, bins = a.ph * a.pw, K = a.K, S = a.S, W = a.W;
+  // d out / d shift, per output element; reduced into the offsets per roi afterwards.
+  std::vector<T> gsx(GO ? K * a.Cout * bins : 0), gsy(GO ? K * a.Cout * bins : 0);
+  at::parallel_for(0, a.Cout * bins, 1, [&](int64_t p0, int64_t p1) {
+    PsScratch<T> s;
+    ps_scratch_init(ctx, s);
+    for (int64_t ic = p0; ic < p1; ++ic) {
+      const int64_t c = ic / bins, i = (ic / a.pw) % a.ph, j = ic % a.pw;
+      if (ic + 1 < p1) {
+        prefetch_planes(ctx, GX, ic + 1, true);
+        if (GO) prefetch_planes(ctx, X, ic + 1, false);
+      }
+      for (int64_t q0 = 0; q0 < K; q0 += kRoiChunk) {
+      const int64_t n = std::min(kRoiChunk, K - q0);
+      ps_plane_geometry(ctx, c / ctx.cpc, i, j, q0, n, s);
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t r = q0 + k;
+        const T count = s.x.count[k] * s.y.count[k];
+        if (!(count > 0)) continue;
+        const int64_t o = (r * a.Cout + c) * bins + i * a.pw + j;
+        const T gc = GY[o] / count;
+        const int64_t plane = (ctx.batch[r] * a.Cin + ic) * HW;
+        T* G = GX + plane;
+        for (int64_t v = 0; v < S; ++v) {
+          const int64_t e = v * n + k;
+          T* r0 = G + s.y.lo[e] * W;
+          T* r1 = G + s.y.hi[e] * W;
+          const T g0 = gc * s.y.wl[e], g1 = gc * s.y.wh[e];
+          for (int64_t u = 0; u < S; ++u) {
+            const int64_t f = u * n + k;
+            const int32_t xl = s.x.lo[f], xh = s.x.hi[f];
+            const T wl = s.x.wl[f], wh = s.x.wh[f];
+            r0[xl] += g0 * wl;
+            r0[xh] += g0 * wh;
+            r1[xl] += g1 * wl;
+            r1[xh] += g1 * wh;
           }
         }
+        if (!GO) continue;
+        const T* P = X + plane;
+        T sx = 0, sy = 0;
+        for (int64_t v = 0; v < S; ++v) {
+          const int64_t e = v * n + k;
+          const T* r0 = P + s.y.lo[e] * W;
+          const T* r1 = P + s.y.hi[e] * W;
+          const T hy = s.y.wl[e], ly = s.y.wh[e], vy = s.y.valid[e];
+          T dx0 = 0, dx1 = 0, dy = 0;
+          for (int64_t u = 0; u < S; ++u) {
+            const int64_t f = u * n + k;
+            const int32_t xl = s.x.lo[f], xh = s.x.hi[f];
+            const T v00 = r0[xl], v01 = r0[xh], v10 = r1[xl], v11 = r1[xh];
+            // dcn::roi_corners' derivatives: dw/dx = sx * wy, dw/dy = sy * wx (valid samples only).
+            const T vx = s.x.valid[f];
+            dx0 += vx * (v01 - v00);
+            dx1 += vx * (v11 - v10);
+            dy += s.x.wl[f] * (v10 - v00) + s.x.wh[f] * (v11 - v01);
+          }
+          sx += hy * dx0 + ly * dx1;
+          sy += vy * dy;
+        }
+        gsx[o] = gc * sx;
+        gsy[o] = gc * sy;
+      }
       }
     }
   });
-  if (!a.has_offset) return;
-  // Offset gradient: one roi's offsets are written by one thread.
-  T* GO = grad_offset.data_ptr<T>();
+  if (!GO) return;
+  ps_offset_reduce<T>(ctx, gsx.data(), gsy.data(), GO);
+}
+
+template <typename T, int SC>
+void ps_backward_s(const RoiCtx<T>& ctx, const T* X, const T* GY, T* GX, T* GO, T* gsx, T* gsy) {
+  const auto& a = ctx.a;
+  const int64_t HW = a.H * a.W, bins = a.ph * a.pw, K = a.K, W = a.W;
+  const int64_t S = SC > 0 ? SC : a.S;
+  at::parallel_for(0, a.Cout * bins, 1, [&](int64_t p0, int64_t p1) {
+    PsScratch<T> s;
+    ps_scratch_init(ctx, s);
+    for (int64_t ic = p0; ic < p1; ++ic) {
+      const int64_t c = ic / bins, i = (ic / a.pw) % a.ph, j = ic % a.pw;
+      if (ic + 1 < p1) {
+        prefetch_planes(ctx, GX, ic + 1, true);
+        if (GO) prefetch_planes(ctx, X, ic + 1, false);
+      }
+      for (int64_t q0 = 0; q0 < K; q0 += kRoiChunk) {
+      const int64_t n = std::min(kRoiChunk, K - q0);
+      ps_plane_geometry(ctx, c / ctx.cpc, i, j, q0, n, s);
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t r = q0 + k;
+        const T count = s.x.count[k] * s.y.count[k];
+        if (!(count > 0)) continue;
+        const int64_t o = (r * a.Cout + c) * bins + i * a.pw + j;
+        const T gc = GY[o] / count;
+        const int64_t plane = (ctx.batch[r] * a.Cin + ic) * HW;
+        int32_t xl[kMaxS], xh[kMaxS];
+        T wl[kMaxS], wh[kMaxS], vx[kMaxS];
+        for (int64_t u = 0; u < S; ++u) {
+          xl[u] = s.x.lo[u * n + k];
+          xh[u] = s.x.hi[u * n + k];
+          wl[u] = s.x.wl[u * n + k];
+          wh[u] = s.x.wh[u * n + k];
+          vx[u] = s.x.valid[u * n + k];
+        }
+        T* G = GX + plane;
+        const T* P = X + plane;
+        T sx = 0, sy = 0;
+        for (int64_t v = 0; v < S; ++v) {
+          const int64_t e = v * n + k;
+          const int64_t y0 = s.y.lo[e] * W, y1 = s.y.hi[e] * W;
+          const T hy = s.y.wl[e], ly = s.y.wh[e];
+          const T g0 = gc * hy, g1 = gc * ly;
+          for (int64_t u = 0; u < S; ++u) {
+            G[y0 + xl[u]] += g0 * wl[u];
+            G[y0 + xh[u]] += g0 * wh[u];
+            G[y1 + xl[u]] += g1 * wl[u];
+            G[y1 + xh[u]] += g1 * wh[u];
+          }
+          if (!GO) continue;
+          T dx0 = 0, dx1 = 0, dy = 0;
+          for (int64_t u = 0; u < S; ++u) {
+            const T v00 = P[y0 + xl[u]], v01 = P[y0 + xh[u]], v10 = P[y1 + xl[u]], v11 = P[y1 + xh[u]];
+            // dcn::roi_corners' derivatives: dw/dx = sx * wy, dw/dy = sy * wx (valid samples only).
+            dx0 += vx[u] * (v01 - v00);
+            dx1 += vx[u] * (v11 - v10);
+            dy += wl[u] * (v10 - v00) + wh[u] * (v11 - v01);
+          }
+          sx += hy * dx0 + ly * dx1;
+          sy += s.y.valid[e] * dy;
+        }
+        if (GO) {
+          gsx[o] = gc * sx;
+          gsy[o] = gc * sy;
+        }
+      }
+      }
+    }
+  });
+}
+
+template <typename T>
+void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* GY, T* GX, T* GO) {
+  const auto& a = ctx.a;
+  const int64_t bins = a.ph * a.pw, K = a.K;
+  if (a.S > kMaxS) return ps_backward_generic<T>(ctx, X, GY, GX, GO);
+  // d out / d shift, per output element; reduced into the offsets per roi afterwards.
+  std::vector<T> gsx(GO ? K * a.Cout * bins : 0), gsy(GO ? K * a.Cout * bins : 0);
+  switch (a.S) {
+    case 1: ps_backward_s<T, 1>(ctx, X, GY, GX, GO, gsx.data(), gsy.data()); break;
+    case 2: ps_backward_s<T, 2>(ctx, X, GY, GX, GO, gsx.data(), gsy.data()); break;
+    case 3: ps_backward_s<T, 3>(ctx, X, GY, GX, GO, gsx.data(), gsy.data()); break;
+    case 4: ps_backward_s<T, 4>(ctx, X, GY, GX, GO, gsx.data(), gsy.data()); break;
+    default: ps_backward_s<T, 0>(ctx, X, GY, GX, GO, gsx.data(), gsy.data()); break;
+  }
+  if (!GO) return;
+  ps_offset_reduce<T>(ctx, gsx.data(), gsy.data(), GO);
+}
+
+// ---- plain (not position-sensitive): all channels of a bin share its samples, so the input is
+// read channels-last and each sample blends four channel vectors.
+
+template <typename T>
+void plain_forward(const RoiCtx<T>& ctx, const T* XL, T* Y) {
+  const auto& a = ctx.a;
+  const int64_t C = a.Cin, bins = a.ph * a.pw;
   at::parallel_for(0, a.K, 1, [&](int64_t q0, int64_t q1) {
-    BinSamples<T> b;
-    b.ax.resize(a.S);
-    b.ay.resize(a.S);
+    std::vector<Axis<T>> ax(a.S), ay(a.S);
+    std::vector<T> acc(ctx.cpc);
     for (int64_t r = q0; r < q1; ++r) {
-      for (int64_t c = 0; c < a.Cout; ++c) {
+      const T* Xb = XL + ctx.batch[r] * a.H * a.W * C;
+      for (int64_t cls = 0; cls < a.n_cls; ++cls) {
+        const int64_t c0 = cls * ctx.cpc, len = ctx.cpc;
         for (int64_t i = 0; i < a.ph; ++i) {
           for (int64_t j = 0; j < a.pw; ++j) {
-            const T g = GY[((r * a.Cout + c) * a.ph + i) * a.pw + j];
-            bin_samples<T>(a, R, OFF, r, c, i, j, b);
-            const int count = b.nx * b.ny;
-            if (count == 0) continue;
-            const T* P = X + b.plane;
-            T sx = 0, sy = 0;
-            for (int v = 0; v < b.ny; ++v) {
-              const Axis<T>& ay = b.ay[v];
-              const T ly = ay.frac, hy = T(1) - ly;
-              const T* r0 = P + ay.lo * W;
-              const T* r1 = P + ay.hi * W;
-              for (int u = 0; u < b.nx; ++u) {
-                const Axis<T>& ax = b.ax[u];
-                const T lx = ax.frac, hx = T(1) - lx;
-                const T v00 = r0[ax.lo], v01 = r0[ax.hi], v10 = r1[ax.lo], v11 = r1[ax.hi];
-                // dcn::roi_corners' derivatives: dw/dx = sx * wy, dw/dy = sy * wx.
-                sx += hy * (v01 - v00) + ly * (v11 - v10);
-                sy += hx * (v10 - v00) + lx * (v11 - v01);
+            int nx, ny;
+            int64_t cell;
+            ctx.bin(r, cls, i, j, ax.data(), ay.data(), nx, ny, cell);
+            const int count = nx * ny;
+            T* __restrict s = acc.data();
+            std::fill(s, s + len, T(0));
+            for (int v = 0; v < ny; ++v) {
+              const T ly = ay[v].frac, hy = T(1) - ly;
+              for (int u = 0; u < nx; ++u) {
+                const T lx = ax[u].frac, hx = T(1) - lx;
+                const T w0 = hy * hx, w1 = hy * lx, w2 = ly * hx, w3 = ly * lx;
+                const T* __restrict p0 = Xb + (ay[v].lo * a.W + ax[u].lo) * C + c0;
+                const T* __restrict p1 = Xb + (ay[v].lo * a.W + ax[u].hi) * C + c0;
+                const T* __restrict p2 = Xb + (ay[v].hi * a.W + ax[u].lo) * C + c0;
+                const T* __restrict p3 = Xb + (ay[v].hi * a.W + ax[u].hi) * C + c0;
+#pragma omp simd
+                for (int64_t c = 0; c < len; ++c) s[c] += w0 * p0[c] + w1 * p1[c] + w2 * p2[c] + w3 * p3[c];
               }
             }
-            const T gc = g / T(count);
-            GO[b.off_cell] += gc * sx * b.scale_x;
-            GO[b.off_cell + a.Ph * a.Pw] += gc * sy * b.scale_y;
+            T* y = Y + (r * a.Cout + c0) * bins + i * a.pw + j;
+            for (int64_t c = 0; c < len; ++c) y[c * bins] = count > 0 ? s[c] / T(count) : T(0);
           }
         }
       }
     }
   });
 }
+
+template <typename T>
+void plain_backward(const RoiCtx<T>& ctx, const T* XL, const T* GY, T* GXL, T* GO) {
+  const auto& a = ctx.a;
+  const int64_t C = a.Cin, bins = a.ph * a.pw;
+  const int nt = std::max(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(16, (C + nt - 1) / nt);
+  // Input gradient: each thread owns a channel range and walks the rois in order.
+  at::parallel_for(0, C, grain, [&](int64_t cb, int64_t ce) {
+    std::vector<Axis<T>> ax(a.S), ay(a.S);
+    std::vector<T> gbuf(ce - cb);
+    for (int64_t r = 0; r < a.K; ++r) {
+      T* Gb = GXL + ctx.batch[r] * a.H * a.W * C;
+      for (int64_t cls = 0; cls < a.n_cls; ++cls) {
+        const int64_t lo = std::max(cb, cls * ctx.cpc), hi = std::min(ce, (cls + 1) * ctx.cpc);
+        if (lo >= hi) continue;
+        const int64_t len = hi - lo;
+        for (int64_t i = 0; i < a.ph; ++i) {
+          for (int64_t j = 0; j < a.pw; ++j) {
+            int nx, ny;
+            int64_t cell;
+            ctx.bin(r, cls, i, j, ax.data(), ay.data(), nx, ny, cell);
+            const int count = nx * ny;
+            if (count == 0) continue;
+            const T* gy = GY + (r * a.Cout + lo) * bins + i * a.pw + j;
+            T* __restrict g = gbuf.data();
+            for (int64_t c = 0; c < len; ++c) g[c] = gy[c * bins] / T(count);
+            for (int v = 0; v < ny; ++v) {
+              const T ly = ay[v].frac, hy = T(1) - ly;
+              for (int u = 0; u < nx; ++u) {
+                const T lx = ax[u].frac, hx = T(1) - lx;
+                const T w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+                const int64_t idx[4] = {ay[v].lo * a.W + ax[u].lo, ay[v].lo * a.W + ax[u].hi,
+                                        ay[v].hi * a.W + ax[u].lo, ay[v].hi * a.W + ax[u].hi};
+                for (int q = 0; q < 4; ++q) {
+                  T* __restrict d = Gb + idx[q] * C + lo;
+                  const T wq = w[q];
+#pragma omp simd
+                  for (int64_t c = 0; c < len; ++c) d[c] += g[c] * wq;
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  if (!GO) return;
+  // Offset gradient: one thread per roi.
+  at::parallel_for(0, a.K, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<Axis<T>> ax(a.S), ay(a.S);
+    std::vector<T> gbuf(ctx.cpc);
+    for (int64_t r = q0; r < q1; ++r) {
+      const T* Xb = XL + ctx.batch[r] * a.H * a.W * C;
+      const T kx = ctx.scale_x(r), ky = ctx.scale_y(r);
+      for (int64_t cls = 0; cls < a.n_cls; ++cls) {
+        const int64_t c0 = cls * ctx.cpc, len = ctx.cpc;
+        for (int64_t i = 0; i < a.ph; ++i) {
+          for (int64_t j = 0; j < a.pw; ++j) {
+            int nx, ny;
+            int64_t cell;
+            ctx.bin(r, cls, i, j, ax.data(), ay.data(), nx, ny, cell);
+            const int count = nx * ny;
+            if (count == 0) continue;
+            const T* gy = GY + (r * a.Cout + c0) * bins + i * a.pw + j;
+            T* __restrict g = gbuf.data();
+            for (int64_t c = 0; c < len; ++c) g[c] = gy[c * bins] / T(count);
+            T sx = 0, sy = 0;
+            for (int v = 0; v < ny; ++v) {
+              const T ly = ay[v].frac, hy = T(1) - ly;
+              for (int u = 0; u < nx; ++u) {
+                const T lx = ax[u].frac, hx = T(1) - lx;
+                const T* __restrict p0 = Xb + (ay[v].lo * a.W + ax[u].lo) * C + c0;
+                const T* __restrict p1 = Xb + (ay[v].lo * a.W + ax[u].hi) * C + c0;
+                const T* __restrict p2 = Xb + (ay[v].hi * a.W + ax[u].lo) * C + c0;
+                const T* __restrict p3 = Xb + (ay[v].hi * a.W + ax[u].hi) * C + c0;
+                T ax_ = 0, ay_ = 0;
+#pragma omp simd reduction(+ : ax_, ay_)
+                for (int64_t c = 0; c < len; ++c) {
+                  ax_ += g[c] * (hy * (p1[c] - p0[c]) + ly * (p3[c] - p2[c]));
+                  ay_ += g[c] * (hx * (p2[c] - p0[c]) + lx * (p3[c] - p1[c]));
+                }
+                sx += ax_;
+                sy += ay_;
+              }
+            }
+            GO[cell] += sx * kx;
+            GO[cell + a.Ph * a.Pw] += sy * ky;
+          }
+        }
+      }
+    }
+  });
+}
+
 
 Tensor roi_pool_forward(const Tensor& input, const Tensor& rois, const std::optional<Tensor>& offset,
                         std::vector<int64_t> output_size, double spatial_scale, int64_t sampling_ratio, double gamma,
@@ -613,7 +1194,13 @@ Tensor roi_pool_forward(const Tensor& input, const Tensor& rois, const std::opti
   if (out.numel() == 0) return out;
   Tensor off = offset ? *offset : Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnbench_roi_pool_forward", [&] {
-    roi_forward_impl<scalar_t>(a, input, rois, off, out);
+    const RoiCtx<scalar_t> ctx(a, rois.data_ptr<scalar_t>(), a.has_offset ? off.data_ptr<scalar_t>() : nullptr);
+    if (a.ps) {
+      ps_forward<scalar_t>(ctx, input.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    } else {
+      const Tensor xl = input.permute({0, 2, 3, 1}).contiguous();
+      plain_forward<scalar_t>(ctx, xl.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    }
   });
   return out;
 }
@@ -630,7 +1217,18 @@ std::tuple<Tensor, std::optional<Tensor>> roi_pool_backward(const Tensor& grad_o
   if (a.K > 0 && a.Cout > 0) {
     Tensor off = offset ? *offset : Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnbench_roi_pool_backward", [&] {
-      roi_backward_impl<scalar_t>(a, grad_out, input, rois, off, grad_input, grad_offset);
+      const RoiCtx<scalar_t> ctx(a, rois.data_ptr<scalar_t>(), a.has_offset ? off.data_ptr<scalar_t>() : nullptr);
+      scalar_t* go = a.has_offset ? grad_offset.data_ptr<scalar_t>() : nullptr;
+      if (a.ps) {
+        ps_backward<scalar_t>(ctx, input.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+                              grad_input.data_ptr<scalar_t>(), go);
+      } else {
+        const Tensor xl = input.permute({0, 2, 3, 1}).contiguous();
+        Tensor gxl = at::zeros_like(xl);
+        plain_backward<scalar_t>(ctx, xl.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+                                 gxl.data_ptr<scalar_t>(), go);
+        grad_input.copy_(gxl.permute({0, 3, 1, 2}));
+      }
     });
   }
   std::optional<Tensor> go;
