@@ -50,8 +50,8 @@ TORCHVISION = "torchvision"
 
 FIELDS = [
     "op", "implementation", "shape", "shape_desc", "pass", "threads", "ms", "baseline", "ratio_to_baseline",
-    "speedup_vs_torchvision", "peak_rss_mb", "repeats", "device", "machine", "nproc", "torch", "torchvision",
-    "git_commit", "date",
+    "speedup_vs_torchvision", "peak_rss_mb", "repeats", "loadavg", "device", "machine", "nproc", "torch",
+    "torchvision", "git_commit", "date",
 ]
 
 
@@ -100,6 +100,14 @@ def git_commit(root: Path | None = None) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _loadavg() -> str:
+    """1-minute load average when the case finished (other processes share the CPU)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return ""
 
 
 def _sync(device: str) -> None:
@@ -345,13 +353,14 @@ def run_ops_benchmark(
                         tv_ms = result[TORCHVISION][0]
                     else:
                         tv_ms = result[case.baseline][0] if case.op != "deform_conv2d" else None
+                    load = _loadavg()
                     for impl, (ms, n) in result.items():
                         rows.append({
                             "op": case.op, "implementation": impl, "shape": case.shape, "shape_desc": case.desc,
                             "pass": pass_name, "threads": t, "ms": f"{ms:.3f}", "baseline": case.baseline,
                             "ratio_to_baseline": f"{ms / base_ms:.3f}",
                             "speedup_vs_torchvision": f"{tv_ms / ms:.2f}" if tv_ms else "",
-                            "peak_rss_mb": "", "repeats": n, **meta,
+                            "peak_rss_mb": "", "repeats": n, "loadavg": load, **meta,
                         })
             if with_memory and not device.startswith("cuda"):
                 name, dims = MEMORY_SHAPE
@@ -366,7 +375,7 @@ def run_ops_benchmark(
                         "shape_desc": f"({n},{c},{h},{w})->{o}, 3x3, dil {d}; inputs alone {base_rss:.0f} MB RSS",
                         "pass": "forward+backward", "threads": t, "ms": f"{res['ms']:.3f}", "baseline": "F.conv2d",
                         "ratio_to_baseline": f"{res['ms'] / conv['ms']:.3f}", "speedup_vs_torchvision": "",
-                        "peak_rss_mb": f"{res['peak_rss_mb']:.0f}", "repeats": 1, **meta,
+                        "peak_rss_mb": f"{res['peak_rss_mb']:.0f}", "repeats": 1, "loadavg": _loadavg(), **meta,
                     })
     path = out / f"ops_{device.split(':')[0]}.csv"
     with open(path, "w", newline="") as f:

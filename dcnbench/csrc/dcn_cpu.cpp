@@ -800,6 +800,8 @@ void ps_forward_generic(const RoiCtx<T>& ctx, const T* X, T* Y) {
 
 // Up to kMaxS samples per axis are kept in registers; larger S uses the generic loops.
 constexpr int kMaxS = 8;
+// Widest bin footprint (in map pixels) handled by the separable profile loops.
+constexpr int64_t kMaxProfile = 24;
 
 // Sum of the bilinear samples of roi r in plane P (S compile-time when SC > 0).
 template <typename T, int SC>
@@ -813,7 +815,30 @@ inline T ps_sum(const PsScratch<T>& s, const T* P, int64_t W, int64_t r, int64_t
     wl[u] = s.x.wl[u * K + r];
     wh[u] = s.x.wh[u * K + r];
   }
+  const int64_t ymin = s.y.lo[r], ymax = s.y.hi[(S - 1) * K + r];
+  const int64_t xmin = xl[0], xmax = xh[S - 1];
   T total = 0;
+  if (xmax - xmin < kMaxProfile && ymax - ymin < kMaxProfile) {
+    // The bin's samples as the outer product of a y profile and an x profile (sample positions
+    // increase with u, so the profiles span [min, max] of the corner indices).
+    T px[kMaxProfile] = {}, py[kMaxProfile] = {};
+    for (int64_t u = 0; u < S; ++u) {
+      px[xl[u] - xmin] += wl[u];
+      px[xh[u] - xmin] += wh[u];
+      const int64_t e = u * K + r;
+      py[s.y.lo[e] - ymin] += s.y.wl[e];
+      py[s.y.hi[e] - ymin] += s.y.wh[e];
+    }
+    const int64_t nx = xmax - xmin + 1;
+    for (int64_t y = 0; y <= ymax - ymin; ++y) {
+      if (py[y] == T(0)) continue;
+      const T* row = P + (ymin + y) * W + xmin;
+      T t = 0;
+      for (int64_t x = 0; x < nx; ++x) t += px[x] * row[x];
+      total += py[y] * t;
+    }
+    return total;
+  }
   for (int64_t v = 0; v < S; ++v) {
     const int64_t e = v * K + r;
     const T* r0 = P + s.y.lo[e] * W;
@@ -996,6 +1021,45 @@ void ps_backward_s(const RoiCtx<T>& ctx, const T* X, const T* GY, T* GX, T* GO, 
         T* G = GX + plane;
         const T* P = X + plane;
         T sx = 0, sy = 0;
+        const int64_t ymin = s.y.lo[k], ymax = s.y.hi[(S - 1) * n + k];
+        const int64_t xmin = xl[0], xmax = xh[S - 1];
+        if (xmax - xmin < kMaxProfile && ymax - ymin < kMaxProfile) {
+          // Separable form: weights py[y] * px[x]; d/dx weights py[y] * qx[x]; d/dy qy[y] * px[x].
+          T px[kMaxProfile] = {}, qx[kMaxProfile] = {}, py[kMaxProfile] = {}, qy[kMaxProfile] = {};
+          for (int64_t u = 0; u < S; ++u) {
+            px[xl[u] - xmin] += wl[u];
+            px[xh[u] - xmin] += wh[u];
+            qx[xh[u] - xmin] += vx[u];
+            qx[xl[u] - xmin] -= vx[u];
+            const int64_t e = u * n + k;
+            py[s.y.lo[e] - ymin] += s.y.wl[e];
+            py[s.y.hi[e] - ymin] += s.y.wh[e];
+            qy[s.y.hi[e] - ymin] += s.y.valid[e];
+            qy[s.y.lo[e] - ymin] -= s.y.valid[e];
+          }
+          const int64_t nxp = xmax - xmin + 1;
+          for (int64_t y = 0; y <= ymax - ymin; ++y) {
+            const T gy = gc * py[y];
+            T* grow = G + (ymin + y) * W + xmin;
+            if (gy != T(0)) {
+              for (int64_t x = 0; x < nxp; ++x) grow[x] += gy * px[x];
+            }
+            if (!GO) continue;
+            const T* row = P + (ymin + y) * W + xmin;
+            T a0 = 0, b0 = 0;
+            for (int64_t x = 0; x < nxp; ++x) {
+              a0 += px[x] * row[x];
+              b0 += qx[x] * row[x];
+            }
+            sx += py[y] * b0;
+            sy += qy[y] * a0;
+          }
+          if (GO) {
+            gsx[o] = gc * sx;
+            gsy[o] = gc * sy;
+          }
+          continue;
+        }
         for (int64_t v = 0; v < S; ++v) {
           const int64_t e = v * n + k;
           const int64_t y0 = s.y.lo[e] * W, y1 = s.y.hi[e] * W;
