@@ -11,6 +11,11 @@ iterations), evaluates on the validation split and returns the metrics (percent)
   of res5 and cat in small / medium / large / background (Table 2).
 
 Same config, seed and thread count give the same metrics (fixed seeds, no data-loader workers).
+
+Under ``torchrun`` (a process group initialised, see :mod:`.distributed`) the same functions run
+data-parallel: DistributedDataParallel, ``batch_size`` is the global batch split evenly over the
+ranks (DistributedSampler, per-image seeded flips), evaluation on rank shards reduced across ranks
+(confusion matrices summed, detections gathered to rank 0), checkpoints written by rank 0 only.
 """
 
 from __future__ import annotations
@@ -23,15 +28,21 @@ from typing import TextIO
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from dcnbench.data.datasets import SyntheticDataset, build_dataset
 from dcnbench.data.synthetic import SynthConfig
 from dcnbench.data.transforms import collate_detection, collate_segmentation, paper_transforms
+from dcnbench.evaluation.detection import DetectionEvaluator
+from dcnbench.evaluation.dilation import DilationStats
 from dcnbench.evaluation.segmentation import SegmentationMetric
 from dcnbench.models.backbone import load_backbone_weights
 from dcnbench.models.build import build_model
 from dcnbench.ops import backend_for, offset_param_groups
+
+from . import distributed as dist
+from .dilation import dilation_metrics, dilation_stats
 
 MODEL_TASK = {"deeplab": "deeplab", "rpn": "rpn", "faster": "faster_rcnn", "rfcn": "rfcn"}
 REAL_SPLITS = {  # dataset source -> (train split, validation split)
@@ -69,14 +80,40 @@ def build_data(task: str, data: dict) -> tuple[Dataset, Dataset, int]:
 
 def _loader(dataset: Dataset, task: str, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     collate = collate_segmentation if task == "deeplab" else collate_detection
+    if dist.is_distributed():
+        if not shuffle:  # evaluation: this rank's shard, no padding
+            return DataLoader(Subset(dataset, dist.shard(len(dataset))), batch_size=batch_size, collate_fn=collate)
+        # Training: rank r's k-th batch and the others' together are the k-th global batch.
+        dataset = dist.SeededAugmentation(dataset, seed)
+        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+        return DataLoader(dataset, batch_size=dist.per_rank_batch(batch_size), sampler=sampler, collate_fn=collate,
+                          drop_last=True, num_workers=0)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator,
                       drop_last=shuffle, num_workers=0)
 
 
 def _forever(loader: DataLoader):
+    epoch = 0
     while True:
+        if isinstance(loader.sampler, DistributedSampler):  # a new shuffle and new flips per pass
+            loader.sampler.set_epoch(epoch)
+            loader.dataset.epoch = epoch
         yield from loader
+        epoch += 1
+
+
+def _to(batch, device: torch.device):
+    """Tensors of a (nested) batch on ``device``; unchanged on the CPU."""
+    if device.type == "cpu":
+        return batch
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
 
 
 def lr_factor(iteration: int, iters: int, warmup_iters: int) -> float:
@@ -86,21 +123,27 @@ def lr_factor(iteration: int, iters: int, warmup_iters: int) -> float:
     return 1.0 if iteration < math.ceil(2 * iters / 3) else 0.1
 
 
-def train_loss(model: nn.Module, task: str, batch) -> Tensor:
+def train_loss(model: nn.Module, task: str, batch, forward: nn.Module | None = None) -> Tensor:
+    """The batch's training loss; ``forward`` is the module to call (the DDP wrapper), default ``model``."""
+    forward = forward or model
     if task == "deeplab":
         images, masks = batch
-        return model.loss(model(images), masks)
+        return model.loss(forward(images), masks)
     images, targets = batch
     targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-    return sum(model(images, targets).values())
+    return sum(forward(images, targets).values())
 
 
 def train(model: nn.Module, task: str, dataset: Dataset, cfg: dict, seed: int, log: TextIO) -> None:
-    """SGD for ``cfg['iters']`` iterations of ``cfg['batch_size']`` images."""
+    """SGD for ``cfg['iters']`` iterations of ``cfg['batch_size']`` images (the global batch)."""
     groups = offset_param_groups(model, cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
     optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9))
     base_lrs = [g["lr"] for g in groups]
     batches = _forever(_loader(dataset, task, cfg["batch_size"], True, seed))
+    device, forward = dist.device(), model
+    if dist.is_distributed():  # detection heads may leave some parameters without a gradient
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=task != "deeplab")
     model.train()
     start = time.perf_counter()
     log_every = max(1, cfg["iters"] // 20)
@@ -108,34 +151,47 @@ def train(model: nn.Module, task: str, dataset: Dataset, cfg: dict, seed: int, l
         factor = lr_factor(iteration, cfg["iters"], cfg.get("warmup_iters", 0))
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
-        loss = train_loss(model, task, next(batches))
+        loss = train_loss(model, task, _to(next(batches), device), forward)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at iteration {iteration}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if iteration % log_every == 0 or iteration == cfg["iters"] - 1:
-            log.write(f"iter {iteration:6d}  loss {loss.item():.4f}  lr {cfg['lr'] * factor:.2e}  "
+            mean_loss = dist.all_reduce_sum(loss.detach()) / dist.world_size()  # over ranks
+            log.write(f"iter {iteration:6d}  loss {mean_loss.item():.4f}  lr {cfg['lr'] * factor:.2e}  "
                       f"{time.perf_counter() - start:.1f} s\n")
             log.flush()
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: str, dataset: Dataset, num_classes: int, cfg: dict) -> dict:
+    """Validation metrics; distributed: each rank evaluates its shard, every rank gets the result."""
     model.eval()
+    device, cpu = dist.device(), torch.device("cpu")
     loader = _loader(dataset, task, cfg.get("batch_size", 1), False, 0)
     if task == "deeplab":
         metric = SegmentationMetric(num_classes + 1)
         for images, masks in loader:
-            metric.update(model(images).argmax(1), masks)
+            metric.update(model(_to(images, device)).argmax(1).cpu(), masks)
+        metric.cm = dist.all_reduce_sum(metric.cm)
         return {"miou": 100 * metric.compute()["miou"]}
-    from dcnbench.evaluation.detection import evaluate_detections
-
-    detections, targets = [], []
+    predictions, targets = [], []
     for images, batch_targets in loader:
-        detections += model(images)
+        predictions += [{k: v.to(cpu) for k, v in p.items()} for p in model(_to(images, device))]
         targets += batch_targets
-    return evaluate_detections(detections, targets, num_classes)
+    if dist.is_distributed():  # all images, in dataset order, on rank 0
+        predictions, targets = dist.unshard(dist.gather(predictions)), dist.unshard(dist.gather(targets))
+    metrics = {}
+    if dist.is_main():
+        # Size classes: area terciles on synthetic data (mostly COCO-"small" objects), else COCO's.
+        evaluator = DetectionEvaluator(num_classes, (0.5, 0.7), area_ranges=cfg.get("area_ranges", "terciles"))
+        evaluator.update(predictions, targets)
+        result = evaluator.compute()
+        metrics = {"map50": 100 * result["mAP@0.5"], "map70": 100 * result["mAP@0.7"],
+                   "map_coco": 100 * result["coco_mAP"], "ap_small": 100 * result["coco_mAP_small"],
+                   "ap_medium": 100 * result["coco_mAP_medium"], "ap_large": 100 * result["coco_mAP_large"]}
+    return dist.broadcast(metrics)
 
 
 def run_cell(config: dict, log: TextIO, checkpoint: Path | None = None) -> dict:
@@ -147,18 +203,20 @@ def run_cell(config: dict, log: TextIO, checkpoint: Path | None = None) -> dict:
     model = build_model({**model_cfg, "task": MODEL_TASK[task], "num_classes": num_classes})
     if config["model"].get("weights"):
         load_backbone_weights(model, config["model"]["weights"])
+    model.to(dist.device())
     log.write(f"config {json.dumps(config, sort_keys=True)}\n")
     log.write(f"train {len(train_set)} / val {len(val_set)} images, {sum(p.numel() for p in model.parameters())} params\n")
     train(model, task, train_set, config["train"], seed, log)
     metrics = evaluate(model, task, val_set, num_classes, config["eval"])
     if config["eval"].get("effective_dilation"):
-        from .dilation import effective_dilation_metrics
-
-        metrics.update(effective_dilation_metrics(model, val_set, config["eval"]))
-    if checkpoint is not None:
+        loader = _loader(val_set, task, config["eval"].get("batch_size", 1), False, 0)
+        stats = DilationStats.merged(dist.gather(dilation_stats(model, loader, dist.device())))
+        metrics.update(dist.broadcast(dilation_metrics(stats) if dist.is_main() else {}))
+    if checkpoint is not None and dist.is_main():
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), checkpoint)
         checkpoint.with_suffix(".json").write_text(json.dumps(config, indent=1, sort_keys=True))
     log.write(f"metrics {json.dumps(metrics)}\n")
     probe = next(model.parameters())
-    return {**metrics, "device": str(probe.device), "backend": backend_for(probe)}
+    device = str(probe.device) + (f" x{dist.world_size()}" if dist.is_distributed() else "")
+    return {**metrics, "device": device, "backend": backend_for(probe)}
