@@ -257,7 +257,7 @@ def time_case(case: Case, backward: bool, device: str, repeats: int, warmup: int
 
 
 _MEMORY_SCRIPT = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 import torch.nn.functional as F
 from dcnbench.ops import deform_conv2d, use_backend
 torch.set_num_threads({threads})
@@ -282,7 +282,9 @@ if impl != "inputs-only":
     t0 = time.perf_counter(); run(); ms = (time.perf_counter() - t0) * 1e3
 else:
     ms = 0.0
-print(json.dumps({{"ms": ms, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM, not ru_maxrss: Linux carries the parent's maxrss into a forked child.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({{"ms": ms, "peak_rss_mb": int(hwm) / 1024}}))
 """
 
 

@@ -40,6 +40,17 @@ struct ConvShape {
   bool has_mask;
 };
 
+// a * b + c, fused where the CPU has FMA (only in the channel loops: the sample geometry keeps the
+// reference's separate roundings, the file is compiled with -ffp-contract=off).
+template <typename T>
+inline T madd(T a, T b, T c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // Channels [c0, c0 + len) lie in one offset group and one weight group g.
 struct Segment {
   int64_t c0, len, g;
@@ -161,7 +172,7 @@ void sample_rows(const ConvShape& s, const std::vector<std::vector<Segment>>& se
           const T* __restrict p2 = X + sp.c.index[2] * s.C + seg.c0;
           const T* __restrict p3 = X + sp.c.index[3] * s.C + seg.c0;
 #pragma omp simd
-          for (int64_t c = 0; c < seg.len; ++c) dst[c] = w0 * p0[c] + w1 * p1[c] + w2 * p2[c] + w3 * p3[c];
+          for (int64_t c = 0; c < seg.len; ++c) dst[c] = madd(w0, p0[c], madd(w1, p1[c], madd(w2, p2[c], w3 * p3[c])));
         }
       }
     }
@@ -325,10 +336,10 @@ void conv_backward_tiles(const ConvShape& s, const std::vector<std::vector<Segme
               T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
               for (int64_t c = 0; c < seg.len; ++c) {
-                a0 += d[c] * p0[c];
-                a1 += d[c] * p1[c];
-                a2 += d[c] * p2[c];
-                a3 += d[c] * p3[c];
+                a0 = madd(d[c], p0[c], a0);
+                a1 = madd(d[c], p1[c], a1);
+                a2 = madd(d[c], p2[c], a2);
+                a3 = madd(d[c], p3[c], a3);
               }
               s0 += a0;
               s1 += a1;
@@ -364,7 +375,7 @@ void conv_backward_tiles(const ConvShape& s, const std::vector<std::vector<Segme
                 if (wq == T(0)) continue;
                 T* __restrict gq = GX + sp.c.index[q] * C + lo;
 #pragma omp simd
-                for (int64_t c = 0; c < len; ++c) gq[c] += wq * d[c];
+                for (int64_t c = 0; c < len; ++c) gq[c] = madd(wq, d[c], gq[c]);
               }
             }
           }
@@ -1143,7 +1154,7 @@ void plain_forward(const RoiCtx<T>& ctx, const T* XL, T* Y) {
                 const T* __restrict p2 = Xb + (ay[v].hi * a.W + ax[u].lo) * C + c0;
                 const T* __restrict p3 = Xb + (ay[v].hi * a.W + ax[u].hi) * C + c0;
 #pragma omp simd
-                for (int64_t c = 0; c < len; ++c) s[c] += w0 * p0[c] + w1 * p1[c] + w2 * p2[c] + w3 * p3[c];
+                for (int64_t c = 0; c < len; ++c) s[c] = madd(w0, p0[c], madd(w1, p1[c], madd(w2, p2[c], madd(w3, p3[c], s[c]))));
               }
             }
             T* y = Y + (r * a.Cout + c0) * bins + i * a.pw + j;
@@ -1192,7 +1203,7 @@ void plain_backward(const RoiCtx<T>& ctx, const T* XL, const T* GY, T* GXL, T* G
                   T* __restrict d = Gb + idx[q] * C + lo;
                   const T wq = w[q];
 #pragma omp simd
-                  for (int64_t c = 0; c < len; ++c) d[c] += g[c] * wq;
+                  for (int64_t c = 0; c < len; ++c) d[c] = madd(g[c], wq, d[c]);
                 }
               }
             }
