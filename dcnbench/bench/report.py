@@ -135,7 +135,10 @@ def render_markdown(rows: list[dict], csv_name: str = "results/bench/ops_cpu.csv
         f"Generated from `{csv_name}` by `python -m dcnbench.bench.report` (measured with `dcnbench bench ops`): "
         f"{first['machine']}, {first['nproc']} CPUs, torch {first['torch']}, torchvision {first['torchvision']}, "
         f"commit {first['git_commit']}, {first['date']}. float32, median of interleaved rounds; ratios compare "
-        "runs in the same process at the same thread count.",
+        "runs in the same process at the same thread count. The CSV's `loadavg` column is the machine's "
+        "1-minute load when each case finished: other jobs shared these 2 CPUs, which inflates and skews "
+        "the 2-thread numbers most. Reproduce: `dcnbench bench ops` then "
+        "`python -m dcnbench.bench.report results/bench/ops_cpu.csv --readme README.md`.",
         "",
         "**deform_conv2d** (3×3, offsets ~ N(0, 1.5²) px) against `F.conv2d` of the same shape and "
         "`torchvision.ops.deform_conv2d`:",
