@@ -135,12 +135,13 @@ def test_list_of_boxes_equals_batch_index_format(cpu_backend, op, ps):
 def test_zero_rois_give_empty_result(cpu_backend, op, ps):
     input, _, _, kw = make_case(ps)
     rois = torch.zeros(0, 5, dtype=input.dtype)
-    offset = torch.zeros(0, 4, 3, 3, dtype=input.dtype)
+    offset = torch.zeros(0, 4, 3, 3, dtype=input.dtype, requires_grad=True)
     input.requires_grad_()
     out = op(input, rois, offset, **kw)
     assert out.shape == (0, 4, 3, 3)
     out.sum().backward()
     assert torch.equal(input.grad, torch.zeros_like(input))
+    assert offset.grad is not None and offset.grad.shape == (0, 4, 3, 3)
 
 
 def test_position_sensitive_channel_layout(cpu_backend):

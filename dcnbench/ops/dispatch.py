@@ -132,10 +132,6 @@ def autocast_cast(dtype: torch.dtype | None, *tensors: Tensor | None) -> tuple[T
 # ----------------------------------------------------------------------------------------------
 # Custom ops over the kernel backends.
 
-def _or_none(t: Tensor) -> Tensor | None:
-    return t if t.numel() > 0 else None
-
-
 def _conv_out_size(input: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
     kh, kw = weight.shape[2:]
     ho = (input.shape[2] + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
@@ -166,15 +162,15 @@ def deform_conv2d_backward_op(
     gi, go, gw, gb, gm = _kernel_module(backend).deform_conv2d_backward(
         grad_output, input, offset, weight, bias, stride, padding, dilation, mask
     )
-    empty = input.new_empty((0,))
-    return gi, go, gw, empty if gb is None else gb, empty if gm is None else gm
+    # Distinct empty tensors: custom-op outputs must not alias each other.
+    return gi, go, gw, input.new_empty((0,)) if gb is None else gb, input.new_empty((0,)) if gm is None else gm
 
 
 @deform_conv2d_backward_op.register_fake
 def _(grad_output, input, offset, weight, bias, mask, stride, padding, dilation, backend):
-    empty = input.new_empty((0,))
     return (torch.empty_like(input), torch.empty_like(offset), torch.empty_like(weight),
-            empty if bias is None else torch.empty_like(bias), empty if mask is None else torch.empty_like(mask))
+            input.new_empty((0,)) if bias is None else torch.empty_like(bias),
+            input.new_empty((0,)) if mask is None else torch.empty_like(mask))
 
 
 def _deform_conv2d_setup(ctx, inputs, output):
@@ -186,7 +182,7 @@ def _deform_conv2d_setup(ctx, inputs, output):
 def _deform_conv2d_backward(ctx, grad_output):
     input, offset, weight, bias, mask = ctx.saved_tensors
     gi, go, gw, gb, gm = deform_conv2d_backward_op(grad_output.contiguous(), input, offset, weight, bias, mask, *ctx.args)
-    return gi, go, gw, _or_none(gb), _or_none(gm), None, None, None, None
+    return gi, go, gw, gb if bias is not None else None, gm if mask is not None else None, None, None, None, None
 
 
 deform_conv2d_op.register_autograd(_deform_conv2d_backward, setup_context=_deform_conv2d_setup)
@@ -234,7 +230,7 @@ def _roi_pool_setup(ctx, inputs, output):
 def _roi_pool_backward(ctx, grad_output):
     input, rois, offset = ctx.saved_tensors
     gi, go = deform_roi_pool_backward_op(grad_output.contiguous(), input, rois, offset, *ctx.args)
-    return gi, None, _or_none(go), None, None, None, None, None, None
+    return gi, None, go if offset is not None else None, None, None, None, None, None, None
 
 
 deform_roi_pool_op.register_autograd(_roi_pool_backward, setup_context=_roi_pool_setup)
