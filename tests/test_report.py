@@ -246,27 +246,36 @@ def _rows(path: Path) -> list[dict]:
 def test_smoke_reference_passes_identical_and_fails_readably(tmp_path):
     multi = tmp_path / "multi.csv"
     _write_results(multi, 1, "smoke", {("deeplab", "none"): {"miou": [10.0, 12.0, 14.0]},
-                                       ("deeplab", "res5c"): {"miou": [20.0, 20.0, 20.0]}})
+                                       ("deeplab", "res5c"): {"miou": [20.0, 21.0, 22.0]},
+                                       ("rpn", "res5c"): {"map50": [20.0, 20.0, 20.0]}})
     ref = gate.reference_rows(1, _rows(multi), k=3, floor_abs=0.1, floor_rel=0.0)
-    by = {r["variant"]: r for r in ref}
-    assert float(by["none"]["tolerance"]) == pytest.approx(6.0) and float(by["res5c"]["tolerance"]) == pytest.approx(0.1)
+    by = {(r["task"], r["variant"]): r for r in ref}
+    # own std 2 -> 6; own std 1 but DeepLab mIoU's pooled std sqrt((4 + 1) / 2) -> 3 * 1.58; no spread -> floor
+    assert float(by[("deeplab", "none")]["tolerance"]) == pytest.approx(6.0)
+    assert float(by[("deeplab", "res5c")]["tolerance"]) == pytest.approx(3 * math.sqrt(2.5), rel=1e-4)
+    assert float(by[("rpn", "res5c")]["tolerance"]) == pytest.approx(0.1)
     assert not any(r["metric"] == "wall_s" for r in ref)
     gate.write_reference(tmp_path / "ref", 1, ref)
     ref = gate.read_reference(tmp_path / "ref", 1)
+    # recomputing from the stored seed values gives the same reference
+    again = gate.rederive_reference(tmp_path / "ref", 1, k=3, floor_abs=0.1, floor_rel=0.0)
+    assert [{k: str(v) for k, v in r.items()} for r in again] == ref
     # the same numbers: pass (seed 0 of each cell)
     assert gate.compare_to_reference(1, ref, _rows(multi)).ok
     # a number moves out of its tolerance: fail, with cell, expected ± tolerance and got
     moved = tmp_path / "moved.csv"
-    _write_results(moved, 1, "smoke", {("deeplab", "none"): {"miou": [10.0]}, ("deeplab", "res5c"): {"miou": [20.5]}})
+    cells = {("deeplab", "none"): {"miou": [10.0]}, ("deeplab", "res5c"): {"miou": [20.0]}}
+    _write_results(moved, 1, "smoke", {**cells, ("rpn", "res5c"): {"map50": [20.5]}})
     report = gate.compare_to_reference(1, ref, _rows(moved))
     assert not report.ok and len(report.problems) == 1
     text = report.text()
-    assert "table 1 smoke deeplab/res5c miou" in text and "20 ± 0.1" in text and "20.5" in text
+    assert "table 1 smoke rpn/res5c map50" in text and "20 ± 0.1" in text and "20.5" in text
     # within tolerance of the spread: pass
-    _write_results(moved, 1, "smoke", {("deeplab", "none"): {"miou": [17.0]}, ("deeplab", "res5c"): {"miou": [20.05]}})
+    _write_results(moved, 1, "smoke", {("deeplab", "none"): {"miou": [17.0]}, ("deeplab", "res5c"): {"miou": [25.0]},
+                                       ("rpn", "res5c"): {"map50": [20.05]}})
     assert gate.compare_to_reference(1, ref, _rows(moved)).ok
     # a cell that produced nothing, or a changed config: fail
-    _write_results(moved, 1, "smoke", {("deeplab", "none"): {"miou": [12.0]}})
+    _write_results(moved, 1, "smoke", cells)
     assert "missing" in gate.compare_to_reference(1, ref, _rows(moved)).text()
     stale = [dict(r, config_hash="ffffffffffff") for r in _rows(multi)]
     assert "config changed" in gate.compare_to_reference(1, ref, stale).text()
@@ -479,4 +488,4 @@ def test_check_cli_end_to_end_with_stubbed_smoke(tmp_path, monkeypatch):
     runs["rows"] = _rows(moved)
     result = CliRunner().invoke(main, ["check"])
     assert result.exit_code == 1
-    assert "table 1 smoke deeplab/none miou" in result.output and "11 ± 3" in result.output and "25" in result.output
+    assert "table 1 smoke deeplab/none miou" in result.output and "11 ± 4" in result.output and "25" in result.output

@@ -4,7 +4,8 @@ Two parts:
 
 1. **Smoke re-run against a reference.** ``results/reference/smoke/table<N>.csv`` holds, per
    (task, variant, metric) of the smoke tier, the mean and std over several seeds, the seed values
-   and a tolerance ``max(k * std, floor_abs + floor_rel * |mean|)``; ``reference.json`` records k,
+   and a tolerance ``max(k * std, k * pooled std, floor_abs + floor_rel * |mean|)`` (pooled: the
+   (task, metric)'s seed std over the table's variants); ``reference.json`` records k,
    the floors, the seeds, threads and provenance. ``--update-reference`` measures it (smoke tier,
    >= 3 seeds). ``check`` re-runs the smoke tier (seed 0) and fails when a number leaves
    ``mean ± tolerance``, when a referenced cell produced no number, or when a cell's config hash
@@ -35,8 +36,9 @@ from .tables import FORMATS, Stat, diff_se, format_rendered, load_ours, render_t
 
 REFERENCE_DIR = RESULTS_DIR / "reference" / "smoke"
 FINDINGS_PATH = RESULTS_DIR / "ablate" / "findings.toml"
-REFERENCE_COLUMNS = ["table", "task", "variant", "metric", "config_hash", "mean", "std", "n", "tolerance", "seed_values"]
-DEFAULT_K = 3.0
+REFERENCE_COLUMNS = ["table", "task", "variant", "metric", "config_hash", "mean", "std", "std_pooled", "n", "tolerance",
+                     "seed_values"]
+DEFAULT_K = 4.0
 DEFAULT_FLOOR_ABS = 0.1
 DEFAULT_FLOOR_REL = 0.02
 SMOKE_TABLES = (1, 2, 3)
@@ -116,23 +118,56 @@ def per_seed_values(rows: list[dict]) -> dict[tuple[str, str, str, str], dict[in
     return out
 
 
-def tolerance(std: float, mean: float, k: float, floor_abs: float, floor_rel: float) -> float:
-    floor = floor_abs + floor_rel * abs(mean)
-    return floor if math.isnan(std) else max(k * std, floor)
+def tolerance(std: float, pooled: float, mean: float, k: float, floor_abs: float, floor_rel: float) -> float:
+    """max(k * cell std, k * pooled std, floor_abs + floor_rel * |mean|); nan stds are skipped."""
+    spread = [k * v for v in (std, pooled) if not math.isnan(v)]
+    return max(spread + [floor_abs + floor_rel * abs(mean)])
+
+
+def reference_from_seeds(table: int, cells: dict[tuple[str, str, str, str], dict[int, float]], k: float = DEFAULT_K,
+                         floor_abs: float = DEFAULT_FLOOR_ABS, floor_rel: float = DEFAULT_FLOOR_REL) -> list[dict]:
+    """Reference records from per-seed values: (task, variant, metric, config_hash) -> {seed: value}.
+
+    Besides each cell's own seed std, the *pooled* std of its (task, metric) over the table's
+    variants, sqrt(mean of the cells' variances), enters the tolerance: a smoke metric's seed spread
+    is much the same across variants, and three seeds alone underestimate it (the smoke metrics are
+    heavy-tailed: mostly near zero, now and then a jump).
+    """
+    stats = {key: Stat.of([by_seed[s] for s in sorted(by_seed)]) for key, by_seed in cells.items()}
+    variances: dict[tuple[str, str], list[float]] = {}
+    for (task, _, metric, _), st in stats.items():
+        if st.n > 1:
+            variances.setdefault((task, metric), []).append(st.std**2)
+    pooled = {key: math.sqrt(sum(v) / len(v)) for key, v in variances.items()}
+    out = []
+    for (task, variant, metric, chash), st in stats.items():
+        by_seed = cells[(task, variant, metric, chash)]
+        pool = pooled.get((task, metric), math.nan)
+        out.append({"table": table, "task": task, "variant": variant, "metric": metric, "config_hash": chash,
+                    "mean": f"{st.mean:.6g}", "std": "" if st.n < 2 else f"{st.std:.6g}",
+                    "std_pooled": "" if math.isnan(pool) else f"{pool:.6g}", "n": st.n,
+                    "tolerance": f"{tolerance(st.std, pool, st.mean, k, floor_abs, floor_rel):.6g}",
+                    "seed_values": ";".join(f"{s}:{by_seed[s]:.6g}" for s in sorted(by_seed))})
+    return out
 
 
 def reference_rows(table: int, rows: list[dict], k: float = DEFAULT_K, floor_abs: float = DEFAULT_FLOOR_ABS,
                    floor_rel: float = DEFAULT_FLOOR_REL) -> list[dict]:
     """Reference records (REFERENCE_COLUMNS) from a multi-seed smoke results CSV's rows."""
-    out = []
-    for (task, variant, metric, chash), by_seed in per_seed_values(rows).items():
-        values = [by_seed[s] for s in sorted(by_seed)]
-        stat = Stat.of(values)
-        out.append({"table": table, "task": task, "variant": variant, "metric": metric, "config_hash": chash,
-                    "mean": f"{stat.mean:.6g}", "std": "" if stat.n < 2 else f"{stat.std:.6g}", "n": stat.n,
-                    "tolerance": f"{tolerance(stat.std, stat.mean, k, floor_abs, floor_rel):.6g}",
-                    "seed_values": ";".join(f"{s}:{by_seed[s]:.6g}" for s in sorted(by_seed))})
-    return out
+    return reference_from_seeds(table, per_seed_values(rows), k, floor_abs, floor_rel)
+
+
+def rederive_reference(directory: Path, table: int, k: float = DEFAULT_K, floor_abs: float = DEFAULT_FLOOR_ABS,
+                       floor_rel: float = DEFAULT_FLOOR_REL) -> list[dict]:
+    """Recompute a stored reference's statistics and tolerances from its own seed values."""
+    cells = {}
+    for r in read_reference(directory, table):
+        by_seed = {}
+        for item in r["seed_values"].split(";"):
+            seed, value = item.split(":")
+            by_seed[int(seed)] = float(value)
+        cells[(r["task"], r["variant"], r["metric"], r["config_hash"])] = by_seed
+    return reference_from_seeds(table, cells, k, floor_abs, floor_rel)
 
 
 def write_reference(directory: Path, table: int, records: list[dict]) -> Path:
@@ -228,7 +263,8 @@ def update_reference(tables=SMOKE_TABLES, seeds: int = 3, jobs: int = 1, k: floa
                 if int(t) not in tables and (directory / f"table{t}.csv").is_file()}
     by_table = {**keep, **{str(t): measured for t in tables}}
     meta = {"tier": "smoke", "tables": sorted(int(t) for t in by_table), "compare_seed": 0, "jobs": jobs,
-            **rule, "tolerance": "max(k * std over seeds, floor_abs + floor_rel * |mean|)",
+            **rule, "tolerance": "max(k * std over seeds, k * pooled std of the (task, metric) over the table's variants, "
+                         "floor_abs + floor_rel * |mean|)",
             "measured": dict(sorted(by_table.items()))}
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     written.append(directory / "reference.json")
