@@ -335,7 +335,11 @@ def test_findings_recorded_then_checked(tmp_path):
     assert recorded["deeplab"].holds is True and "SE" in recorded["deeplab"].measured
     assert recorded["rfcn"].holds is None  # one seed of res5a-c: SE undefined, not decided
     assert recorded["t2"].holds is None  # no table2_cpu.csv
-    # an honest "does not hold" is a valid record; undecidable still fails the gate
+    # a cell not yet decidable (partial sweep, one seed) is reported as a note, not a failure
+    report = gate.check_findings(findings, root)
+    assert report.ok, report.text()
+    assert any("finding rfcn: undecidable" in n for n in report.notes)
+    # an honest "does not hold" is a valid record
     values[("rfcn", "res5a-c")] = {"map50": [30.0, 31.5, 31.0]}
     _write_results(root / "table1_cpu.csv", 1, "cpu", values)
     recorded = {f.id: f for f in gate.record_findings(findings, root)}

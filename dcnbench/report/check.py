@@ -430,7 +430,9 @@ def check_findings(path: Path | None = None, root: Path | None = None) -> CheckR
         stats = cache.setdefault((f.table, f.tier), _stats_for(f.table, f.tier, root))
         verdict, measured = f.evaluate(stats)
         now = {True: "holds", False: "does not hold", None: "undecidable"}[verdict]
-        if f.holds is None:
+        if f.holds is None and verdict is None:  # e.g. a partial sweep: those cells have not run yet
+            report.notes.append(f"{where}: undecidable ({measured})")
+        elif f.holds is None:
             report.problems.append(Problem(where, "a recorded verdict", now + f" ({measured})",
                                            "record it: `dcnbench check --record-findings`"))
         elif verdict is None or verdict != f.holds:
