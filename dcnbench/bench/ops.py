@@ -119,10 +119,32 @@ def _kernel_backend(device: str) -> str:
     return "cuda" if device.startswith("cuda") else "native"
 
 
+def _timed(fn: Callable[..., torch.Tensor], leaves: list[torch.Tensor], grad: torch.Tensor,
+           backend_name: str | None = None) -> Callable[[bool], Callable[[], None]]:
+    """``build(backward)`` -> a closure running ``fn(*leaves)`` (forward, or forward+backward of ``grad``)
+    on fresh copies of the leaves, under ``use_backend(backend_name)`` when given."""
+    from dcnbench.ops import use_backend
+
+    def build(backward: bool) -> Callable[[], None]:
+        tensors = [t.detach().clone().requires_grad_(backward) for t in leaves]
+
+        def run() -> None:
+            with use_backend(backend_name) if backend_name else _null():
+                if backward:
+                    for t in tensors:
+                        t.grad = None
+                    fn(*tensors).backward(grad)
+                else:
+                    with torch.no_grad():
+                        fn(*tensors)
+        return run
+    return build
+
+
 def conv_case(name: str, dims, device: str, with_reference: bool, with_torchvision: bool = True) -> Case:
     import torchvision
 
-    from dcnbench.ops import deform_conv2d, use_backend
+    from dcnbench.ops import deform_conv2d
 
     n, c, h, w, o, d = dims
     g = torch.Generator().manual_seed(0)
@@ -134,34 +156,18 @@ def conv_case(name: str, dims, device: str, with_reference: bool, with_torchvisi
     desc = f"({n},{c},{h},{w})->{o}, 3x3, dil {d}"
     backend = _kernel_backend(device)
 
-    def make(fn, leaves, backend_name=None):
-        def build(backward: bool) -> Callable[[], None]:
-            tensors = [t.detach().clone().requires_grad_(backward) for t in leaves]
-
-            def run() -> None:
-                ctx = use_backend(backend_name) if backend_name else _null()
-                with ctx:
-                    if backward:
-                        for t in tensors:
-                            t.grad = None
-                        fn(*tensors).backward(grad)
-                    else:
-                        with torch.no_grad():
-                            fn(*tensors)
-            return run
-        return build
-
     case = Case("deform_conv2d", name, desc, "F.conv2d")
-    case.impls["F.conv2d"] = make(lambda xx, ww: F.conv2d(xx, ww, None, 1, d, d), [x, weight])
-    case.impls[NATIVE] = make(lambda xx, oo, ww: deform_conv2d(xx, oo, ww, None, 1, d, d), [x, offset, weight], backend)
-    case.impls[NATIVE_MASKED] = make(lambda xx, oo, ww, mm: deform_conv2d(xx, oo, ww, None, 1, d, d, mm),
-                                     [x, offset, weight, mask], backend)
+    case.impls["F.conv2d"] = _timed(lambda xx, ww: F.conv2d(xx, ww, None, 1, d, d), [x, weight], grad)
+    case.impls[NATIVE] = _timed(lambda xx, oo, ww: deform_conv2d(xx, oo, ww, None, 1, d, d), [x, offset, weight], grad,
+                                backend)
+    case.impls[NATIVE_MASKED] = _timed(lambda xx, oo, ww, mm: deform_conv2d(xx, oo, ww, None, 1, d, d, mm),
+                                       [x, offset, weight, mask], grad, backend)
     if with_torchvision:
-        case.impls[TORCHVISION] = make(lambda xx, oo, ww: torchvision.ops.deform_conv2d(xx, oo, ww, None, 1, d, d),
-                                       [x, offset, weight])
+        case.impls[TORCHVISION] = _timed(lambda xx, oo, ww: torchvision.ops.deform_conv2d(xx, oo, ww, None, 1, d, d),
+                                         [x, offset, weight], grad)
     if with_reference:
-        case.impls[REFERENCE] = make(lambda xx, oo, ww: deform_conv2d(xx, oo, ww, None, 1, d, d), [x, offset, weight],
-                                     "reference")
+        case.impls[REFERENCE] = _timed(lambda xx, oo, ww: deform_conv2d(xx, oo, ww, None, 1, d, d), [x, offset, weight],
+                                       grad, "reference")
     return case
 
 
@@ -187,7 +193,7 @@ def _rfcn_rois(k: int, h: int, w: int, scale: float, g: torch.Generator) -> torc
 def roi_case(position_sensitive: bool, device: str, with_reference: bool) -> Case:
     import torchvision
 
-    from dcnbench.ops import deform_ps_roi_pool, deform_roi_pool, use_backend
+    from dcnbench.ops import deform_ps_roi_pool, deform_roi_pool
 
     k_bins, s, scale, n_rois, h, w = 7, 4, 1.0 / 16, 300, 38, 63
     g = torch.Generator().manual_seed(1)
@@ -207,28 +213,12 @@ def roi_case(position_sensitive: bool, device: str, with_reference: bool) -> Cas
     ours = deform_ps_roi_pool if position_sensitive else deform_roi_pool
     theirs = torchvision.ops.ps_roi_align if position_sensitive else torchvision.ops.roi_align
 
-    def make(fn, leaves, backend_name=None):
-        def build(backward: bool) -> Callable[[], None]:
-            tensors = [t.detach().clone().requires_grad_(backward) for t in leaves]
-
-            def run() -> None:
-                with use_backend(backend_name) if backend_name else _null():
-                    if backward:
-                        for t in tensors:
-                            t.grad = None
-                        fn(*tensors).backward(grad)
-                    else:
-                        with torch.no_grad():
-                            fn(*tensors)
-            return run
-        return build
-
     case = Case(op, "rfcn" if position_sensitive else "faster-rcnn", desc, baseline)
-    case.impls[baseline] = make(lambda xx: theirs(xx, rois, k_bins, scale, s), [x])
-    case.impls[NATIVE] = make(lambda xx, oo: ours(xx, rois, oo, k_bins, scale, s, 0.1), [x, offset], backend)
+    case.impls[baseline] = _timed(lambda xx: theirs(xx, rois, k_bins, scale, s), [x], grad)
+    case.impls[NATIVE] = _timed(lambda xx, oo: ours(xx, rois, oo, k_bins, scale, s, 0.1), [x, offset], grad, backend)
     if with_reference:
-        case.impls[REFERENCE] = make(lambda xx, oo: ours(xx, rois, oo, k_bins, scale, s, 0.1), [x, offset],
-                                     "reference")
+        case.impls[REFERENCE] = _timed(lambda xx, oo: ours(xx, rois, oo, k_bins, scale, s, 0.1), [x, offset], grad,
+                                       "reference")
     return case
 
 
