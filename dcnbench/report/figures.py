@@ -148,6 +148,14 @@ def capture_deform_levels(model, images, forward=None) -> list[DeformLevel]:
             handles.append(module.register_forward_hook(lambda m, a, o, _n=name: hook(m, a, o, _n)))
     if not handles:
         raise ValueError("the model has no DeformConv2d layer: nothing to draw for Figure 5")
+    _forward_then_unhook(model, images, forward, handles)
+    return calls
+
+
+def _forward_then_unhook(model, images, forward, handles) -> None:
+    """One eval-mode, no-grad forward (``forward`` or the model itself), then remove the hooks."""
+    import torch
+
     try:
         model.eval()
         with torch.no_grad():
@@ -155,7 +163,6 @@ def capture_deform_levels(model, images, forward=None) -> list[DeformLevel]:
     finally:
         for h in handles:
             h.remove()
-    return calls
 
 
 def _distance_to(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -254,13 +261,7 @@ def capture_roi_offsets(model, images, boxes: np.ndarray, labels: np.ndarray | N
             handles.append(module.register_forward_pre_hook(hook))
     if not handles:
         raise ValueError("the model has no deformable RoI pooling: nothing to draw for Figure 6")
-    try:
-        model.eval()
-        with torch.no_grad():
-            (forward or model)(images)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_then_unhook(model, images, forward, handles)
     if "call" not in captured:
         raise RuntimeError("the forward pass never reached the deformable RoI pooling (no proposals?)")
     name, mod, args = captured["call"]
