@@ -59,3 +59,26 @@ def test_killed_sweep_keeps_finished_rows_and_restarts_cleanly(tmp_path):
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     variants = [r["variant"] for r in read_rows(csv_path)]
     assert sorted(variants) == sorted(["none", "res5c", "res5b-c", "res5a-c", "res5+res4b20-22"])
+
+
+def test_identical_run_of_another_table_is_reused_not_rerun(tmp_path):
+    """Table 3's atrous-2 is Table 1's none: after Table 1 ran, Table 3 copies that row (marked)."""
+    t1 = ablation_cells(1, "smoke", ["deeplab"])
+    t3 = ablation_cells(3, "smoke", ["deeplab"])
+    by_variant = {c.variant: c for c in t1 + t3}
+    assert by_variant["atrous-2"].run_hash == by_variant["none"].run_hash
+    assert by_variant["atrous-2"].config_hash != by_variant["none"].config_hash
+    assert by_variant["atrous-4"].run_hash != by_variant["none"].run_hash
+    base = ["ablate", "--tier", "smoke", "--task", "deeplab", "--out", str(tmp_path)]
+    assert CliRunner().invoke(main, [*base, "--table", "1"]).exit_code == 0
+    result = CliRunner().invoke(main, [*base, "--table", "3"])
+    assert result.exit_code == 0, result.output
+    assert "3 ran, 2 already done" in result.output  # atrous-4/6/8 ran; atrous-2, deform-conv reused
+    t1_rows = {r["variant"]: r for r in read_rows(tmp_path / "table1_smoke.csv")}
+    t3_rows = {r["variant"]: r for r in read_rows(tmp_path / "table3_smoke.csv")}
+    for t3_variant, t1_variant in [("atrous-2", "none"), ("deform-conv", "res5a-c")]:
+        row, source = t3_rows[t3_variant], t1_rows[t1_variant]
+        assert row["reused_from"] == f"table1_smoke.csv:{t1_variant}:seed0"
+        assert row["miou"] == source["miou"] and row["date"] == source["date"]
+        assert row["table"] == "3" and row["config_hash"] == by_variant[t3_variant].config_hash
+    assert all(not t3_rows[v]["reused_from"] for v in ("atrous-4", "atrous-6", "atrous-8"))

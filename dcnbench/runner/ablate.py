@@ -37,8 +37,9 @@ def run_ablation(table: int, tier: str, tasks: list[str], seeds: int | None, job
     out_dir = Path(out)
     csv_path = out_dir / f"table{table}_{tier}.csv"
     console.print(f"Table {table}, tier {tier}: {len(cells)} runs -> {csv_path}")
+    others = sorted(p for p in out_dir.glob(f"table*_{tier}.csv") if p != csv_path)
     report = run_sweep(cells, csv_path, out_dir / "logs" / csv_path.stem, out_dir / "checkpoints" / csv_path.stem,
-                       jobs, console)
+                       jobs, console, reuse_from=others)
     console.print(f"{report.ran} ran, {report.skipped} already done, {len(report.failed)} failed")
     print_summary(csv_path, cells, console)
     dist.shutdown()

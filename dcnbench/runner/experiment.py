@@ -42,6 +42,14 @@ class Cell:
         return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     @property
+    def run_hash(self) -> str:
+        """12 hex digits over what the run computes: task and the four sections. Two cells of
+        different tables (Table 3's atrous-2 and Table 1's none) with the same run hash and seed
+        are the same run; the sweep reuses one's row for the other."""
+        payload = {k: self.config[k] for k in ("task", *SECTIONS)}
+        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
     def key(self) -> tuple[str, str, int, str]:
         return self.task, self.variant, self.seed, self.config_hash
 

@@ -1,8 +1,9 @@
 """Results CSVs: one row per finished run, written atomically; provenance of every row.
 
 Columns: the key (table, tier, task, variant, seed), the metrics of the run, then wall_s, device,
-threads, backend, config_hash, git_commit, date, machine, torch. A row is only written when its run
-has finished, by rewriting the file to a temporary sibling and ``os.replace``-ing it, so a sweep
+threads, backend, config_hash, run_hash, reused_from (the CSV, variant and seed of the identical
+run a reused row was copied from; empty for a run of its own), git_commit, date, machine, torch.
+A row is only written when its run has finished, by rewriting the file to a temporary sibling and ``os.replace``-ing it, so a sweep
 killed at any moment leaves the previous complete file.
 """
 
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 KEY_COLUMNS = ["table", "tier", "task", "variant", "seed"]
-PROVENANCE_COLUMNS = ["wall_s", "device", "threads", "backend", "config_hash", "git_commit", "date", "machine", "torch"]
+PROVENANCE_COLUMNS = ["wall_s", "device", "threads", "backend", "config_hash", "run_hash", "reused_from", "git_commit",
+                      "date", "machine", "torch"]
 
 
 def git_commit() -> str:

@@ -46,15 +46,19 @@ def _run_in_worker(config: dict, log_path: Path, checkpoint: Path, threads: int)
 
 
 def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: Path, jobs: int = 1,
-              console: Console | None = None) -> SweepReport:
+              console: Console | None = None, reuse_from: list[Path] = ()) -> SweepReport:
     """Run every cell not already in ``csv_path``; append one row per finished run.
 
-    Each run logs to ``log_dir/<cell>.log`` and saves its weights to ``checkpoint_dir/<cell>.pt``.
+    A cell whose run (same run hash and seed) already finished in one of the ``reuse_from`` CSVs is
+    not run again: that row is copied with this cell's table, variant and config hash, its own
+    provenance kept, and ``reused_from`` naming the source. Each run logs to ``log_dir/<cell>.log`` and saves its weights to ``checkpoint_dir/<cell>.pt``.
     Cells run in ``jobs`` spawned worker processes with ``cpu_count // jobs`` threads apiece; only
     this process writes the CSV. A failing cell is logged and reported; the
     others go on.
     """
     console = console or Console()
+    if dist.is_main():
+        _reuse_identical_runs(cells, csv_path, reuse_from, console)
     if dist.is_distributed():
         return _run_sweep_distributed(cells, csv_path, log_dir, checkpoint_dir, console)
     done = finished_keys(read_rows(csv_path))
@@ -94,7 +98,25 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
 
 def _row(cell: Cell, metrics: dict) -> dict:
     return {"table": cell.table, "tier": cell.tier, "task": cell.task, "variant": cell.variant,
-            "seed": cell.seed, **metrics, "config_hash": cell.config_hash, **provenance()}
+            "seed": cell.seed, **metrics, "config_hash": cell.config_hash, "run_hash": cell.run_hash, **provenance()}
+
+
+def _reuse_identical_runs(cells: list[Cell], csv_path: Path, sources: list[Path], console: Console) -> None:
+    """Append, for each unfinished cell, the row of the identical run found in ``sources``."""
+    done = finished_keys(read_rows(csv_path))
+    finished = {}
+    for source in sources:
+        for row in read_rows(source):
+            if row.get("run_hash") and not row.get("reused_from"):
+                finished.setdefault((row["run_hash"], int(row["seed"])), (source, row))
+    for cell in cells:
+        if cell.key in done or (cell.run_hash, cell.seed) not in finished:
+            continue
+        source, row = finished[(cell.run_hash, cell.seed)]
+        append_row(csv_path, {**row, "table": cell.table, "tier": cell.tier, "variant": cell.variant,
+                              "config_hash": cell.config_hash,
+                              "reused_from": f"{source.name}:{row['variant']}:seed{row['seed']}"})
+        console.print(f"reused {cell.name}: the same run as {row['variant']} in {source.name}")
 
 
 def _run_sweep_distributed(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: Path,
