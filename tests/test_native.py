@@ -152,6 +152,11 @@ ROI_CASES = [
     ("no_rois", 1, 2 * 9, 6, 6, 0, 3, 0.5, 2, 0.1, True, (2, 3)),
     ("ps_sampling5", 2, 3 * 4, 9, 10, 5, 2, 0.5, 5, 0.2, True, (3, 2)),
     ("ps_sampling9", 1, 2 * 4, 9, 10, 4, 2, 0.5, 9, 0.2, True, (1, 2)),
+    # Bin footprints beyond the 8-column window (up to ~23 px), beyond the 24 px profiles (one bin
+    # per roi), and a map narrower than the window.
+    ("ps_wide_bins", 1, 2 * 4, 40, 64, 8, 2, 1.0, 3, 0.1, True, (1, 2)),
+    ("ps_one_bin", 1, 2, 40, 64, 6, 1, 1.0, 4, 0.1, True, (1, 1)),
+    ("ps_narrow_map", 1, 2 * 4, 6, 5, 4, 2, 0.5, 2, 0.1, True, (1, 2)),
 ]
 
 

@@ -630,20 +630,27 @@ struct RoiCtx {
   T scale_y(int64_t r) const { return T(a.gamma) * geo[r].roi_h; }
 };
 
-// Bilinear sum over a bin's valid samples in one plane.
+// dst (cols, rows) = transpose of src (rows, cols), in 32 x 32 blocks (ATen's strided copy is several
+// times slower on these shapes).
 template <typename T>
-inline T plane_sum(const T* P, int64_t W, const Axis<T>* ax, const Axis<T>* ay, int nx, int ny) {
-  T total = 0;
-  for (int v = 0; v < ny; ++v) {
-    const T ly = ay[v].frac, hy = T(1) - ly;
-    const T* r0 = P + ay[v].lo * W;
-    const T* r1 = P + ay[v].hi * W;
-    for (int u = 0; u < nx; ++u) {
-      const T lx = ax[u].frac, hx = T(1) - lx;
-      total += hy * hx * r0[ax[u].lo] + hy * lx * r0[ax[u].hi] + ly * hx * r1[ax[u].lo] + ly * lx * r1[ax[u].hi];
+void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
+  constexpr int64_t B = 32;
+  at::parallel_for(0, (rows + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t r0 = b0 * B; r0 < std::min(rows, b1 * B); r0 += B) {
+      for (int64_t c0 = 0; c0 < cols; c0 += B) {
+        for (int64_t r = r0; r < std::min(rows, r0 + B); ++r) {
+          for (int64_t c = c0; c < std::min(cols, c0 + B); ++c) dst[c * rows + r] = src[r * cols + c];
+        }
+      }
     }
-  }
-  return total;
+  });
+}
+
+template <typename T>
+Tensor transposed(const Tensor& src, int64_t rows, int64_t cols) {
+  Tensor dst = at::empty({cols, rows}, src.options());
+  transpose<T>(src.data_ptr<T>(), rows, cols, dst.data_ptr<T>());
+  return dst;
 }
 
 // ---- position-sensitive: every (output channel, bin) reads its own input plane, so the kernels
@@ -724,8 +731,8 @@ struct PsScratch {
 
 // Geometry of plane (c, i, j) for rois [r0, r0 + n) into s.x / s.y (entry [u * n + (r - r0)]).
 template <typename T>
-void ps_plane_geometry(const RoiCtx<T>& ctx, int64_t cls, int64_t i, int64_t j, int64_t r0, int64_t n,
-                       PsScratch<T>& s) {
+void ps_plane_geometry(const RoiCtx<T>& ctx, const T* off_t, int64_t cls, int64_t i, int64_t j, int64_t r0,
+                       int64_t n, PsScratch<T>& s) {
   const auto& a = ctx.a;
   T* bx = s.x.base.data();
   T* by = s.y.base.data();
@@ -733,12 +740,13 @@ void ps_plane_geometry(const RoiCtx<T>& ctx, int64_t cls, int64_t i, int64_t j, 
     bx[k] = T(j) * s.bin_w[r0 + k] + s.start_x[r0 + k];
     by[k] = T(i) * s.bin_h[r0 + k] + s.start_y[r0 + k];
   }
-  if (ctx.off) {
-    const int64_t pi = (i * a.Ph) / a.ph, pj = (j * a.Pw) / a.pw;
+  if (off_t) {
+    const int64_t cell = (cls * 2 * a.Ph + (i * a.Ph) / a.ph) * a.Pw + (j * a.Pw) / a.pw;
+    const T* tx = off_t + cell * a.K + r0;
+    const T* ty = off_t + (cell + a.Ph * a.Pw) * a.K + r0;
     for (int64_t k = 0; k < n; ++k) {
-      const int64_t cell = (((r0 + k) * a.n_cls + cls) * 2 * a.Ph + pi) * a.Pw + pj;
-      bx[k] = bx[k] + T(a.gamma) * ctx.off[cell] * s.roi_w[r0 + k];
-      by[k] = by[k] + T(a.gamma) * ctx.off[cell + a.Ph * a.Pw] * s.roi_h[r0 + k];
+      bx[k] = bx[k] + T(a.gamma) * tx[k] * s.roi_w[r0 + k];
+      by[k] = by[k] + T(a.gamma) * ty[k] * s.roi_h[r0 + k];
     }
   }
   ps_axis<T>(s.x, s.sub_w.data() + r0, n, a.S, static_cast<int>(a.W));
@@ -767,359 +775,278 @@ void ps_scratch_init(const RoiCtx<T>& ctx, PsScratch<T>& s) {
   }
 }
 
-template <typename T>
-void ps_forward_generic(const RoiCtx<T>& ctx, const T* X, T* Y) {
-  const auto& a = ctx.a;
-  const int64_t HW = a.H * a.W, bins = a.ph * a.pw, K = a.K, S = a.S, W = a.W;
-  at::parallel_for(0, a.Cout * bins, 1, [&](int64_t p0, int64_t p1) {
-    PsScratch<T> s;
-    ps_scratch_init(ctx, s);
-    for (int64_t ic = p0; ic < p1; ++ic) {
-      const int64_t c = ic / bins, i = (ic / a.pw) % a.ph, j = ic % a.pw;
-      if (ic + 1 < p1) prefetch_planes(ctx, X, ic + 1, false);
-      for (int64_t q0 = 0; q0 < K; q0 += kRoiChunk) {
-      const int64_t n = std::min(kRoiChunk, K - q0);
-      ps_plane_geometry(ctx, c / ctx.cpc, i, j, q0, n, s);
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t r = q0 + k;
-        const T count = s.x.count[k] * s.y.count[k];
-        T total = 0;
-        if (count > 0) {
-          const T* P = X + (ctx.batch[r] * a.Cin + ic) * HW;
-          for (int64_t v = 0; v < S; ++v) {
-            const int64_t e = v * n + k;
-            const T* r0 = P + s.y.lo[e] * W;
-            const T* r1 = P + s.y.hi[e] * W;
-            T t0 = 0, t1 = 0;
-            for (int64_t u = 0; u < S; ++u) {
-              const int64_t f = u * n + k;
-              const int32_t xl = s.x.lo[f], xh = s.x.hi[f];
-              const T wl = s.x.wl[f], wh = s.x.wh[f];
-              t0 += wl * r0[xl] + wh * r0[xh];
-              t1 += wl * r1[xl] + wh * r1[xh];
-            }
-            total += s.y.wl[e] * t0 + s.y.wh[e] * t1;
-          }
-          total /= count;
-        }
-        Y[(r * a.Cout + c) * bins + i * a.pw + j] = total;
-      }
-      }
-    }
-  });
-}
-
-// Up to kMaxS samples per axis are kept in registers; larger S uses the generic loops.
-constexpr int kMaxS = 8;
-// Widest bin footprint (in map pixels) handled by the separable profile loops.
+// A bin's bilinear weights are the outer product of a y profile and an x profile: the samples'
+// corner weights summed per map row and per map column (qx / qy: their derivatives along x / y).
+// Footprints up to kLanes columns use a window of exactly kLanes columns, moved inside the map, so
+// the row loops are fixed-width vector code; wider ones (up to kMaxProfile) use their own width,
+// and the rare wider bins the per-sample loops.
+constexpr int64_t kLanes = 8;
 constexpr int64_t kMaxProfile = 24;
 
-// Sum of the bilinear samples of roi r in plane P (S compile-time when SC > 0).
-template <typename T, int SC>
-inline T ps_sum(const PsScratch<T>& s, const T* P, int64_t W, int64_t r, int64_t K, int64_t S_rt) {
-  const int64_t S = SC > 0 ? SC : S_rt;
-  int32_t xl[kMaxS], xh[kMaxS];
-  T wl[kMaxS], wh[kMaxS];
+template <typename T>
+struct BinProfile {
+  int64_t x0, y0, nx, ny;  // window origin in the plane, columns, rows
+  T px[kMaxProfile], py[kMaxProfile], qx[kMaxProfile], qy[kMaxProfile];
+};
+
+// Profile of bin k (entries [u * n + k] of ax) over the window [o, o + len); DERIV also fills q.
+template <typename T, bool DERIV>
+inline void axis_profile(const PsAxes<T>& ax, int64_t k, int64_t n, int64_t S, int64_t o, int64_t len, T* p, T* q) {
+  for (int64_t x = 0; x < len; ++x) p[x] = q[x] = T(0);
   for (int64_t u = 0; u < S; ++u) {
-    xl[u] = s.x.lo[u * K + r];
-    xh[u] = s.x.hi[u * K + r];
-    wl[u] = s.x.wl[u * K + r];
-    wh[u] = s.x.wh[u * K + r];
+    const int64_t e = u * n + k, lo = ax.lo[e] - o, hi = ax.hi[e] - o;
+    p[lo] += ax.wl[e];
+    p[hi] += ax.wh[e];
+    if (DERIV) {
+      q[hi] += ax.valid[e];
+      q[lo] -= ax.valid[e];
+    }
   }
-  const int64_t ymin = s.y.lo[r], ymax = s.y.hi[(S - 1) * K + r];
-  const int64_t xmin = xl[0], xmax = xh[S - 1];
+}
+
+// The profiles of bin k; false when its footprint exceeds kMaxProfile on an axis.
+template <typename T, bool DERIV>
+inline bool bin_profile(const PsScratch<T>& s, int64_t k, int64_t n, int64_t S, int64_t W, BinProfile<T>& b) {
+  const int64_t xmin = s.x.lo[k], xmax = s.x.hi[(S - 1) * n + k];  // positions increase with u
+  const int64_t ymin = s.y.lo[k], ymax = s.y.hi[(S - 1) * n + k];
+  b.nx = xmax - xmin + 1;
+  b.ny = ymax - ymin + 1;
+  if (b.nx > kMaxProfile || b.ny > kMaxProfile) return false;
+  b.x0 = xmin;
+  b.y0 = ymin;
+  if (b.nx <= kLanes && W >= kLanes) {
+    b.x0 = std::min(xmin, W - kLanes);
+    b.nx = kLanes;
+  }
+  axis_profile<T, DERIV>(s.x, k, n, S, b.x0, b.nx, b.px, b.qx);
+  axis_profile<T, DERIV>(s.y, k, n, S, b.y0, b.ny, b.py, b.qy);
+  return true;
+}
+
+// acc[x] = sum over the window rows y of w[y] * P[y0 + y][x0 + x] (NX columns, or b.nx when 0).
+template <typename T, int NX>
+inline void weighted_rows(const BinProfile<T>& b, const T* P, int64_t W, const T* w, T* acc) {
+  const int64_t L = NX > 0 ? NX : b.nx;
+  for (int64_t x = 0; x < L; ++x) acc[x] = T(0);
+  for (int64_t y = 0; y < b.ny; ++y) {
+    const T* __restrict row = P + (b.y0 + y) * W + b.x0;
+    const T wy = w[y];
+#pragma omp simd
+    for (int64_t x = 0; x < L; ++x) acc[x] += wy * row[x];
+  }
+}
+
+template <typename T, int NX>
+inline T window_dot(const BinProfile<T>& b, const T* acc, const T* p) {
+  const int64_t L = NX > 0 ? NX : b.nx;
+  T t = 0;
+#pragma omp simd reduction(+ : t)
+  for (int64_t x = 0; x < L; ++x) t += acc[x] * p[x];
+  return t;
+}
+
+// Sum of bin k's samples in plane P, sample by sample (any footprint).
+template <typename T>
+inline T sample_sum(const PsScratch<T>& s, const T* P, int64_t W, int64_t k, int64_t n, int64_t S) {
   T total = 0;
-  if (xmax - xmin < kMaxProfile && ymax - ymin < kMaxProfile) {
-    // The bin's samples as the outer product of a y profile and an x profile (sample positions
-    // increase with u, so the profiles span [min, max] of the corner indices).
-    T px[kMaxProfile] = {}, py[kMaxProfile] = {};
-    for (int64_t u = 0; u < S; ++u) {
-      px[xl[u] - xmin] += wl[u];
-      px[xh[u] - xmin] += wh[u];
-      const int64_t e = u * K + r;
-      py[s.y.lo[e] - ymin] += s.y.wl[e];
-      py[s.y.hi[e] - ymin] += s.y.wh[e];
-    }
-    const int64_t nx = xmax - xmin + 1;
-    for (int64_t y = 0; y <= ymax - ymin; ++y) {
-      if (py[y] == T(0)) continue;
-      const T* row = P + (ymin + y) * W + xmin;
-      T t = 0;
-      for (int64_t x = 0; x < nx; ++x) t += px[x] * row[x];
-      total += py[y] * t;
-    }
-    return total;
-  }
   for (int64_t v = 0; v < S; ++v) {
-    const int64_t e = v * K + r;
+    const int64_t e = v * n + k;
     const T* r0 = P + s.y.lo[e] * W;
     const T* r1 = P + s.y.hi[e] * W;
     T t0 = 0, t1 = 0;
     for (int64_t u = 0; u < S; ++u) {
-      t0 += wl[u] * r0[xl[u]] + wh[u] * r0[xh[u]];
-      t1 += wl[u] * r1[xl[u]] + wh[u] * r1[xh[u]];
+      const int64_t f = u * n + k;
+      t0 += s.x.wl[f] * r0[s.x.lo[f]] + s.x.wh[f] * r0[s.x.hi[f]];
+      t1 += s.x.wl[f] * r1[s.x.lo[f]] + s.x.wh[f] * r1[s.x.hi[f]];
     }
     total += s.y.wl[e] * t0 + s.y.wh[e] * t1;
   }
   return total;
 }
 
-template <typename T, int SC>
-void ps_forward_s(const RoiCtx<T>& ctx, const T* X, T* Y) {
+// Calls body(plane ic, class, bin row i, bin column j, first roi r0, rois n, scratch) for every
+// input plane and chunk of rois, one thread per range of planes, after computing the chunk's
+// sample geometry from the plane-major offsets off_t (null: none); prefetches the next plane of
+// `prefetch` (and of `prefetch_write`).
+template <typename T, typename Body>
+void for_each_plane_chunk(const RoiCtx<T>& ctx, const T* off_t, const T* prefetch, const T* prefetch_write,
+                          Body body) {
   const auto& a = ctx.a;
-  const int64_t HW = a.H * a.W, bins = a.ph * a.pw, K = a.K, W = a.W;
+  const int64_t bins = a.ph * a.pw;
   at::parallel_for(0, a.Cout * bins, 1, [&](int64_t p0, int64_t p1) {
     PsScratch<T> s;
     ps_scratch_init(ctx, s);
     for (int64_t ic = p0; ic < p1; ++ic) {
       const int64_t c = ic / bins, i = (ic / a.pw) % a.ph, j = ic % a.pw;
-      if (ic + 1 < p1) prefetch_planes(ctx, X, ic + 1, false);
-      for (int64_t q0 = 0; q0 < K; q0 += kRoiChunk) {
-      const int64_t n = std::min(kRoiChunk, K - q0);
-      ps_plane_geometry(ctx, c / ctx.cpc, i, j, q0, n, s);
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t r = q0 + k;
-        const T count = s.x.count[k] * s.y.count[k];
-        T total = 0;
-        if (count > 0) total = ps_sum<T, SC>(s, X + (ctx.batch[r] * a.Cin + ic) * HW, W, k, n, a.S) / count;
-        Y[(r * a.Cout + c) * bins + i * a.pw + j] = total;
+      if (ic + 1 < p1) {
+        if (prefetch) prefetch_planes(ctx, prefetch, ic + 1, false);
+        if (prefetch_write) prefetch_planes(ctx, prefetch_write, ic + 1, true);
       }
+      for (int64_t q0 = 0; q0 < a.K; q0 += kRoiChunk) {
+        const int64_t n = std::min(kRoiChunk, a.K - q0);
+        ps_plane_geometry(ctx, off_t, c / ctx.cpc, i, j, q0, n, s);
+        body(ic, c, i, j, q0, n, s);
       }
     }
   });
 }
 
+// The position-sensitive kernels run plane-major: offsets off_t (2 * n_cls * Ph * Pw, K), output
+// Yt and output gradient GYt (Cin, K), so each plane's rois are contiguous.
 template <typename T>
-void ps_forward(const RoiCtx<T>& ctx, const T* X, T* Y) {
-  switch (ctx.a.S) {
-    case 1: return ps_forward_s<T, 1>(ctx, X, Y);
-    case 2: return ps_forward_s<T, 2>(ctx, X, Y);
-    case 3: return ps_forward_s<T, 3>(ctx, X, Y);
-    case 4: return ps_forward_s<T, 4>(ctx, X, Y);
-    default:
-      if (ctx.a.S <= kMaxS) return ps_forward_s<T, 0>(ctx, X, Y);
-      return ps_forward_generic<T>(ctx, X, Y);
+void ps_forward(const RoiCtx<T>& ctx, const T* X, const T* off_t, T* Yt) {
+  const auto& a = ctx.a;
+  const int64_t HW = a.H * a.W, W = a.W;
+  for_each_plane_chunk<T>(ctx, off_t, X, nullptr, [&](int64_t ic, int64_t c, int64_t i, int64_t j, int64_t q0, int64_t n,
+                                               const PsScratch<T>& s) {
+    BinProfile<T> b;
+    T acc[kMaxProfile];
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t r = q0 + k;
+      const T count = s.x.count[k] * s.y.count[k];
+      T total = 0;
+      if (count > 0) {
+        const T* P = X + (ctx.batch[r] * a.Cin + ic) * HW;
+        if (!bin_profile<T, false>(s, k, n, a.S, W, b)) {
+          total = sample_sum(s, P, W, k, n, a.S);
+        } else if (b.nx == kLanes) {
+          weighted_rows<T, kLanes>(b, P, W, b.py, acc);
+          total = window_dot<T, kLanes>(b, acc, b.px);
+        } else {
+          weighted_rows<T, 0>(b, P, W, b.py, acc);
+          total = window_dot<T, 0>(b, acc, b.px);
+        }
+        total /= count;
+      }
+      Yt[ic * a.K + r] = total;
+    }
+  });
+}
+
+// Bin k's share of the backward pass over its profile window, in one pass over the rows: adds
+// gc * py[y] * px[x] into the input gradient G and, with offsets, returns d sum / d shift_x and
+// d sum / d shift_y through sx, sy.
+template <typename T, int NX>
+inline void window_backward(const BinProfile<T>& b, const T* P, T* G, int64_t W, T gc, bool offsets, T& sx, T& sy) {
+  const int64_t L = NX > 0 ? NX : b.nx;
+  T acc_p[kMaxProfile] = {}, acc_q[kMaxProfile] = {};
+  for (int64_t y = 0; y < b.ny; ++y) {
+    const int64_t at = (b.y0 + y) * W + b.x0;
+    T* __restrict grow = G + at;
+    const T* __restrict row = P + at;
+    const T gy = gc * b.py[y], wp = b.py[y], wq = b.qy[y];
+    if (offsets) {
+#pragma omp simd
+      for (int64_t x = 0; x < L; ++x) {
+        grow[x] += gy * b.px[x];
+        acc_p[x] += wp * row[x];
+        acc_q[x] += wq * row[x];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t x = 0; x < L; ++x) grow[x] += gy * b.px[x];
+    }
+  }
+  if (!offsets) return;
+  sx = window_dot<T, NX>(b, acc_p, b.qx);
+  sy = window_dot<T, NX>(b, acc_q, b.px);
+}
+
+// The same, sample by sample (any footprint).
+template <typename T>
+inline void sample_backward(const PsScratch<T>& s, const T* P, T* G, int64_t W, int64_t k, int64_t n, int64_t S,
+                            T gc, bool offsets, T& sx, T& sy) {
+  for (int64_t v = 0; v < S; ++v) {
+    const int64_t e = v * n + k;
+    const int64_t y0 = s.y.lo[e] * W, y1 = s.y.hi[e] * W;
+    const T hy = s.y.wl[e], ly = s.y.wh[e], g0 = gc * hy, g1 = gc * ly;
+    for (int64_t u = 0; u < S; ++u) {
+      const int64_t f = u * n + k;
+      const int64_t xl = s.x.lo[f], xh = s.x.hi[f];
+      G[y0 + xl] += g0 * s.x.wl[f];
+      G[y0 + xh] += g0 * s.x.wh[f];
+      G[y1 + xl] += g1 * s.x.wl[f];
+      G[y1 + xh] += g1 * s.x.wh[f];
+    }
+    if (!offsets) continue;
+    T dx0 = 0, dx1 = 0, dy = 0;
+    for (int64_t u = 0; u < S; ++u) {
+      const int64_t f = u * n + k;
+      const int64_t xl = s.x.lo[f], xh = s.x.hi[f];
+      // dcn::roi_corners' derivatives: dw/dx = sx * wy, dw/dy = sy * wx (valid samples only).
+      const T v00 = P[y0 + xl], v01 = P[y0 + xh], v10 = P[y1 + xl], v11 = P[y1 + xh];
+      dx0 += s.x.valid[f] * (v01 - v00);
+      dx1 += s.x.valid[f] * (v11 - v10);
+      dy += s.x.wl[f] * (v10 - v00) + s.x.wh[f] * (v11 - v01);
+    }
+    sx += hy * dx0 + ly * dx1;
+    sy += s.y.valid[e] * dy;
   }
 }
 
+// GO[cell of (r, c, i, j)] += gs{x,y}[(r, c, i, j)] * gamma * roi size, each roi by one thread.
 template <typename T>
 void ps_offset_reduce(const RoiCtx<T>& ctx, const T* gsx, const T* gsy, T* GO) {
   const auto& a = ctx.a;
-  const int64_t bins = a.ph * a.pw, K = a.K;
-  at::parallel_for(0, K, 1, [&](int64_t r0, int64_t r1) {
+  const int64_t per_roi = a.Cout * a.ph * a.pw, cells = a.Ph * a.Pw;
+  std::vector<int64_t> cell(per_roi);  // offset cell (t_x) of output (c, i, j) within its roi's offsets
+  for (int64_t c = 0; c < a.Cout; ++c)
+    for (int64_t i = 0; i < a.ph; ++i)
+      for (int64_t j = 0; j < a.pw; ++j)
+        cell[(c * a.ph + i) * a.pw + j] = ((c / ctx.cpc) * 2 * a.Ph + (i * a.Ph) / a.ph) * a.Pw + (j * a.Pw) / a.pw;
+  at::parallel_for(0, a.K, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T kx = ctx.scale_x(r), ky = ctx.scale_y(r);
-      for (int64_t c = 0; c < a.Cout; ++c) {
-        for (int64_t i = 0; i < a.ph; ++i) {
-          for (int64_t j = 0; j < a.pw; ++j) {
-            const int64_t o = (r * a.Cout + c) * bins + i * a.pw + j;
-            const int64_t cell = ((r * a.n_cls + c / ctx.cpc) * 2 * a.Ph + (i * a.Ph) / a.ph) * a.Pw + (j * a.Pw) / a.pw;
-            GO[cell] += gsx[o] * kx;
-            GO[cell + a.Ph * a.Pw] += gsy[o] * ky;
-          }
-        }
+      T* go = GO + r * a.n_cls * 2 * cells;
+      const T* sx = gsx + r * per_roi;
+      const T* sy = gsy + r * per_roi;
+      for (int64_t o = 0; o < per_roi; ++o) {
+        go[cell[o]] += sx[o] * kx;
+        go[cell[o] + cells] += sy[o] * ky;
       }
     }
   });
 }
 
 template <typename T>
-void ps_backward_generic(const RoiCtx<T>& ctx, const T* X, const T* GY, T* GX, T* GO) {
+void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* off_t, const T* GYt, T* GX, T* GO) {
   const auto& a = ctx.a;
-  const int64_t HW = a.H * a.W, bins = a.ph * a.pw, K = a.K, S = a.S, W = a.W;
-  // d out / d shift, per output element; reduced into the offsets per roi afterwards.
-  std::vector<T> gsx(GO ? K * a.Cout * bins : 0), gsy(GO ? K * a.Cout * bins : 0);
-  at::parallel_for(0, a.Cout * bins, 1, [&](int64_t p0, int64_t p1) {
-    PsScratch<T> s;
-    ps_scratch_init(ctx, s);
-    for (int64_t ic = p0; ic < p1; ++ic) {
-      const int64_t c = ic / bins, i = (ic / a.pw) % a.ph, j = ic % a.pw;
-      if (ic + 1 < p1) {
-        prefetch_planes(ctx, GX, ic + 1, true);
-        if (GO) prefetch_planes(ctx, X, ic + 1, false);
+  const int64_t HW = a.H * a.W, W = a.W;
+  const bool offsets = GO != nullptr;
+  // d out / d shift per output element, plane-major; reduced into the offsets per roi afterwards.
+  const Tensor gs = at::empty({offsets ? 2 * a.Cin : 0, a.K}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
+  T* gsx = offsets ? gs.data_ptr<T>() : nullptr;
+  T* gsy = offsets ? gsx + a.Cin * a.K : nullptr;
+  for_each_plane_chunk<T>(ctx, off_t, offsets ? X : nullptr, GX, [&](int64_t ic, int64_t, int64_t, int64_t,
+                                                                     int64_t q0, int64_t n, const PsScratch<T>& s) {
+    BinProfile<T> b;
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t r = q0 + k;
+      const T count = s.x.count[k] * s.y.count[k];
+      const int64_t o = ic * a.K + r;
+      if (!(count > 0)) {
+        if (offsets) gsx[o] = gsy[o] = T(0);
+        continue;
       }
-      for (int64_t q0 = 0; q0 < K; q0 += kRoiChunk) {
-      const int64_t n = std::min(kRoiChunk, K - q0);
-      ps_plane_geometry(ctx, c / ctx.cpc, i, j, q0, n, s);
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t r = q0 + k;
-        const T count = s.x.count[k] * s.y.count[k];
-        if (!(count > 0)) continue;
-        const int64_t o = (r * a.Cout + c) * bins + i * a.pw + j;
-        const T gc = GY[o] / count;
-        const int64_t plane = (ctx.batch[r] * a.Cin + ic) * HW;
-        T* G = GX + plane;
-        for (int64_t v = 0; v < S; ++v) {
-          const int64_t e = v * n + k;
-          T* r0 = G + s.y.lo[e] * W;
-          T* r1 = G + s.y.hi[e] * W;
-          const T g0 = gc * s.y.wl[e], g1 = gc * s.y.wh[e];
-          for (int64_t u = 0; u < S; ++u) {
-            const int64_t f = u * n + k;
-            const int32_t xl = s.x.lo[f], xh = s.x.hi[f];
-            const T wl = s.x.wl[f], wh = s.x.wh[f];
-            r0[xl] += g0 * wl;
-            r0[xh] += g0 * wh;
-            r1[xl] += g1 * wl;
-            r1[xh] += g1 * wh;
-          }
-        }
-        if (!GO) continue;
-        const T* P = X + plane;
-        T sx = 0, sy = 0;
-        for (int64_t v = 0; v < S; ++v) {
-          const int64_t e = v * n + k;
-          const T* r0 = P + s.y.lo[e] * W;
-          const T* r1 = P + s.y.hi[e] * W;
-          const T hy = s.y.wl[e], ly = s.y.wh[e], vy = s.y.valid[e];
-          T dx0 = 0, dx1 = 0, dy = 0;
-          for (int64_t u = 0; u < S; ++u) {
-            const int64_t f = u * n + k;
-            const int32_t xl = s.x.lo[f], xh = s.x.hi[f];
-            const T v00 = r0[xl], v01 = r0[xh], v10 = r1[xl], v11 = r1[xh];
-            // dcn::roi_corners' derivatives: dw/dx = sx * wy, dw/dy = sy * wx (valid samples only).
-            const T vx = s.x.valid[f];
-            dx0 += vx * (v01 - v00);
-            dx1 += vx * (v11 - v10);
-            dy += s.x.wl[f] * (v10 - v00) + s.x.wh[f] * (v11 - v01);
-          }
-          sx += hy * dx0 + ly * dx1;
-          sy += vy * dy;
-        }
+      const T gc = GYt[o] / count;
+      const int64_t plane = (ctx.batch[r] * a.Cin + ic) * HW;
+      T sx = 0, sy = 0;
+      if (!(offsets ? bin_profile<T, true>(s, k, n, a.S, W, b) : bin_profile<T, false>(s, k, n, a.S, W, b))) {
+        sample_backward(s, X + plane, GX + plane, W, k, n, a.S, gc, offsets, sx, sy);
+      } else if (b.nx == kLanes) {
+        window_backward<T, kLanes>(b, X + plane, GX + plane, W, gc, offsets, sx, sy);
+      } else {
+        window_backward<T, 0>(b, X + plane, GX + plane, W, gc, offsets, sx, sy);
+      }
+      if (offsets) {
         gsx[o] = gc * sx;
         gsy[o] = gc * sy;
       }
-      }
     }
   });
-  if (!GO) return;
-  ps_offset_reduce<T>(ctx, gsx.data(), gsy.data(), GO);
-}
-
-template <typename T, int SC>
-void ps_backward_s(const RoiCtx<T>& ctx, const T* X, const T* GY, T* GX, T* GO, T* gsx, T* gsy) {
-  const auto& a = ctx.a;
-  const int64_t HW = a.H * a.W, bins = a.ph * a.pw, K = a.K, W = a.W;
-  const int64_t S = SC > 0 ? SC : a.S;
-  at::parallel_for(0, a.Cout * bins, 1, [&](int64_t p0, int64_t p1) {
-    PsScratch<T> s;
-    ps_scratch_init(ctx, s);
-    for (int64_t ic = p0; ic < p1; ++ic) {
-      const int64_t c = ic / bins, i = (ic / a.pw) % a.ph, j = ic % a.pw;
-      if (ic + 1 < p1) {
-        prefetch_planes(ctx, GX, ic + 1, true);
-        if (GO) prefetch_planes(ctx, X, ic + 1, false);
-      }
-      for (int64_t q0 = 0; q0 < K; q0 += kRoiChunk) {
-      const int64_t n = std::min(kRoiChunk, K - q0);
-      ps_plane_geometry(ctx, c / ctx.cpc, i, j, q0, n, s);
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t r = q0 + k;
-        const T count = s.x.count[k] * s.y.count[k];
-        if (!(count > 0)) continue;
-        const int64_t o = (r * a.Cout + c) * bins + i * a.pw + j;
-        const T gc = GY[o] / count;
-        const int64_t plane = (ctx.batch[r] * a.Cin + ic) * HW;
-        int32_t xl[kMaxS], xh[kMaxS];
-        T wl[kMaxS], wh[kMaxS], vx[kMaxS];
-        for (int64_t u = 0; u < S; ++u) {
-          xl[u] = s.x.lo[u * n + k];
-          xh[u] = s.x.hi[u * n + k];
-          wl[u] = s.x.wl[u * n + k];
-          wh[u] = s.x.wh[u * n + k];
-          vx[u] = s.x.valid[u * n + k];
-        }
-        T* G = GX + plane;
-        const T* P = X + plane;
-        T sx = 0, sy = 0;
-        const int64_t ymin = s.y.lo[k], ymax = s.y.hi[(S - 1) * n + k];
-        const int64_t xmin = xl[0], xmax = xh[S - 1];
-        if (xmax - xmin < kMaxProfile && ymax - ymin < kMaxProfile) {
-          // Separable form: weights py[y] * px[x]; d/dx weights py[y] * qx[x]; d/dy qy[y] * px[x].
-          T px[kMaxProfile] = {}, qx[kMaxProfile] = {}, py[kMaxProfile] = {}, qy[kMaxProfile] = {};
-          for (int64_t u = 0; u < S; ++u) {
-            px[xl[u] - xmin] += wl[u];
-            px[xh[u] - xmin] += wh[u];
-            qx[xh[u] - xmin] += vx[u];
-            qx[xl[u] - xmin] -= vx[u];
-            const int64_t e = u * n + k;
-            py[s.y.lo[e] - ymin] += s.y.wl[e];
-            py[s.y.hi[e] - ymin] += s.y.wh[e];
-            qy[s.y.hi[e] - ymin] += s.y.valid[e];
-            qy[s.y.lo[e] - ymin] -= s.y.valid[e];
-          }
-          const int64_t nxp = xmax - xmin + 1;
-          for (int64_t y = 0; y <= ymax - ymin; ++y) {
-            const T gy = gc * py[y];
-            T* grow = G + (ymin + y) * W + xmin;
-            if (gy != T(0)) {
-              for (int64_t x = 0; x < nxp; ++x) grow[x] += gy * px[x];
-            }
-            if (!GO) continue;
-            const T* row = P + (ymin + y) * W + xmin;
-            T a0 = 0, b0 = 0;
-            for (int64_t x = 0; x < nxp; ++x) {
-              a0 += px[x] * row[x];
-              b0 += qx[x] * row[x];
-            }
-            sx += py[y] * b0;
-            sy += qy[y] * a0;
-          }
-          if (GO) {
-            gsx[o] = gc * sx;
-            gsy[o] = gc * sy;
-          }
-          continue;
-        }
-        for (int64_t v = 0; v < S; ++v) {
-          const int64_t e = v * n + k;
-          const int64_t y0 = s.y.lo[e] * W, y1 = s.y.hi[e] * W;
-          const T hy = s.y.wl[e], ly = s.y.wh[e];
-          const T g0 = gc * hy, g1 = gc * ly;
-          for (int64_t u = 0; u < S; ++u) {
-            G[y0 + xl[u]] += g0 * wl[u];
-            G[y0 + xh[u]] += g0 * wh[u];
-            G[y1 + xl[u]] += g1 * wl[u];
-            G[y1 + xh[u]] += g1 * wh[u];
-          }
-          if (!GO) continue;
-          T dx0 = 0, dx1 = 0, dy = 0;
-          for (int64_t u = 0; u < S; ++u) {
-            const T v00 = P[y0 + xl[u]], v01 = P[y0 + xh[u]], v10 = P[y1 + xl[u]], v11 = P[y1 + xh[u]];
-            // dcn::roi_corners' derivatives: dw/dx = sx * wy, dw/dy = sy * wx (valid samples only).
-            dx0 += vx[u] * (v01 - v00);
-            dx1 += vx[u] * (v11 - v10);
-            dy += wl[u] * (v10 - v00) + wh[u] * (v11 - v01);
-          }
-          sx += hy * dx0 + ly * dx1;
-          sy += s.y.valid[e] * dy;
-        }
-        if (GO) {
-          gsx[o] = gc * sx;
-          gsy[o] = gc * sy;
-        }
-      }
-      }
-    }
-  });
-}
-
-template <typename T>
-void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* GY, T* GX, T* GO) {
-  const auto& a = ctx.a;
-  const int64_t bins = a.ph * a.pw, K = a.K;
-  if (a.S > kMaxS) return ps_backward_generic<T>(ctx, X, GY, GX, GO);
-  // d out / d shift, per output element; reduced into the offsets per roi afterwards.
-  std::vector<T> gsx(GO ? K * a.Cout * bins : 0), gsy(GO ? K * a.Cout * bins : 0);
-  switch (a.S) {
-    case 1: ps_backward_s<T, 1>(ctx, X, GY, GX, GO, gsx.data(), gsy.data()); break;
-    case 2: ps_backward_s<T, 2>(ctx, X, GY, GX, GO, gsx.data(), gsy.data()); break;
-    case 3: ps_backward_s<T, 3>(ctx, X, GY, GX, GO, gsx.data(), gsy.data()); break;
-    case 4: ps_backward_s<T, 4>(ctx, X, GY, GX, GO, gsx.data(), gsy.data()); break;
-    default: ps_backward_s<T, 0>(ctx, X, GY, GX, GO, gsx.data(), gsy.data()); break;
-  }
-  if (!GO) return;
-  ps_offset_reduce<T>(ctx, gsx.data(), gsy.data(), GO);
+  if (!offsets) return;
+  const Tensor gsx_r = transposed<T>(gs, a.Cin, a.K), gsy_r = transposed<T>(gs.slice(0, a.Cin), a.Cin, a.K);
+  ps_offset_reduce<T>(ctx, gsx_r.data_ptr<T>(), gsy_r.data_ptr<T>(), GO);
 }
 
 // ---- plain (not position-sensitive): all channels of a bin share its samples, so the input is
@@ -1265,13 +1192,18 @@ Tensor roi_pool_forward(const Tensor& input, const Tensor& rois, const std::opti
                         std::vector<int64_t> output_size, double spatial_scale, int64_t sampling_ratio, double gamma,
                         bool position_sensitive) {
   const RoiArgs a = roi_args(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive);
-  Tensor out = at::zeros({a.K, a.Cout, a.ph, a.pw}, input.options());
+  // Every element is written (a bin without valid samples gives 0).
+  Tensor out = at::empty({a.K, a.Cout, a.ph, a.pw}, input.options());
   if (out.numel() == 0) return out;
   Tensor off = offset ? *offset : Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnbench_roi_pool_forward", [&] {
     const RoiCtx<scalar_t> ctx(a, rois.data_ptr<scalar_t>(), a.has_offset ? off.data_ptr<scalar_t>() : nullptr);
     if (a.ps) {
-      ps_forward<scalar_t>(ctx, input.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+      const Tensor off_t = a.has_offset ? transposed<scalar_t>(off, a.K, off.numel() / a.K) : Tensor();
+      const Tensor yt = at::empty({a.Cin, a.K}, input.options());
+      ps_forward<scalar_t>(ctx, input.data_ptr<scalar_t>(), a.has_offset ? off_t.data_ptr<scalar_t>() : nullptr,
+                           yt.data_ptr<scalar_t>());
+      transpose<scalar_t>(yt.data_ptr<scalar_t>(), a.Cin, a.K, out.data_ptr<scalar_t>());
     } else {
       const Tensor xl = input.permute({0, 2, 3, 1}).contiguous();
       plain_forward<scalar_t>(ctx, xl.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
@@ -1295,8 +1227,10 @@ std::tuple<Tensor, std::optional<Tensor>> roi_pool_backward(const Tensor& grad_o
       const RoiCtx<scalar_t> ctx(a, rois.data_ptr<scalar_t>(), a.has_offset ? off.data_ptr<scalar_t>() : nullptr);
       scalar_t* go = a.has_offset ? grad_offset.data_ptr<scalar_t>() : nullptr;
       if (a.ps) {
-        ps_backward<scalar_t>(ctx, input.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-                              grad_input.data_ptr<scalar_t>(), go);
+        const Tensor off_t = a.has_offset ? transposed<scalar_t>(off, a.K, off.numel() / a.K) : Tensor();
+        const Tensor gyt = transposed<scalar_t>(grad_out, a.K, a.Cin);
+        ps_backward<scalar_t>(ctx, input.data_ptr<scalar_t>(), a.has_offset ? off_t.data_ptr<scalar_t>() : nullptr,
+                              gyt.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(), go);
       } else {
         const Tensor xl = input.permute({0, 2, 3, 1}).contiguous();
         Tensor gxl = at::zeros_like(xl);
