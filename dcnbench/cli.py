@@ -57,6 +57,8 @@ def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memor
 @click.option("--table", type=click.IntRange(1, 3), required=True, help="Paper table to reproduce (1, 2 or 3).")
 @click.option("--task", "tasks", multiple=True, type=click.Choice(["deeplab", "rpn", "faster", "rfcn"]),
               help="Restrict to these tasks (repeatable); default: all of the table's tasks.")
+@click.option("--variant", "variants", multiple=True,
+              help="Restrict to these variants (repeatable, names as in experiments/table<N>.toml).")
 @click.option("--tier", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu", show_default=True,
               help="smoke: minutes; cpu: the CPU-scale reproduction; paper: ResNet-101 on the real datasets.")
 @click.option("--seeds", type=click.IntRange(1), help="Seeds per cell (default: the tier's).")
@@ -67,13 +69,13 @@ def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memor
 @click.option("--weights", type=click.Path(dir_okay=False), help="ImageNet ResNet-101 state dict (paper tier).")
 @click.option("--nproc", type=click.IntRange(1), help="Train each cell data-parallel in N processes on this node "
               "(launches torchrun: one per GPU with NCCL, else gloo on the CPU; --jobs is then unused).")
-def ablate(table, tasks, tier, seeds, jobs, out, data_root, weights, nproc) -> None:
+def ablate(table, tasks, variants, tier, seeds, jobs, out, data_root, weights, nproc) -> None:
     """Rerun an ablation of the paper: one CSV row per finished run, resumable."""
     from dcnbench.runner.ablate import run_ablation
 
     if nproc:
         raise SystemExit(_relaunch_under_torchrun(click.get_current_context(), nproc))
-    failed = run_ablation(table, tier, list(tasks), seeds, jobs, out, data_root, weights)
+    failed = run_ablation(table, tier, list(tasks), seeds, jobs, out, data_root, weights, variants=list(variants))
     if failed:
         raise SystemExit(1)
 

@@ -64,3 +64,11 @@ def test_rows_accumulate_with_union_of_metric_columns(tmp_path):
     assert rows[0]["map50"] == "" and rows[1]["map50"] == "30"
     assert finished_keys(rows) == {("deeplab", "none", 0, "abc"), ("rpn", "none", 0, "abc")}
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_variant_filter_keeps_only_named_variants_and_names_a_bad_one():
+    spec = load_experiment(3)
+    cells = expand_cells(spec, "smoke", ["faster"], variants=["atrous-2", "deform-roi-pool"])
+    assert [c.variant for c in cells] == ["atrous-2", "deform-roi-pool"]
+    with pytest.raises(ValueError, match="no variant.*'atrous-3'"):
+        expand_cells(spec, "smoke", variants=["atrous-3"])

@@ -13,9 +13,10 @@ from .sweep import run_sweep, summarize
 
 
 def ablation_cells(table: int, tier: str, tasks: list[str] | None = None, seeds: int | None = None,
-                   data_root: str | None = None, weights: str | None = None) -> list[Cell]:
+                   data_root: str | None = None, weights: str | None = None,
+                   variants: list[str] | None = None) -> list[Cell]:
     """The table's cells at ``tier``; ``data_root`` / ``weights`` go into every cell's config."""
-    cells = expand_cells(load_experiment(table), tier, tasks or None, seeds)
+    cells = expand_cells(load_experiment(table), tier, tasks or None, seeds, variants or None)
     for cell in cells:
         if data_root:
             cell.config["data"]["root"] = str(Path(data_root).resolve())
@@ -25,15 +26,15 @@ def ablation_cells(table: int, tier: str, tasks: list[str] | None = None, seeds:
 
 
 def run_ablation(table: int, tier: str, tasks: list[str], seeds: int | None, jobs: int, out: str,
-                 data_root: str | None = None, weights: str | None = None,
-                 console: Console | None = None) -> list[tuple[str, str]]:
+                 data_root: str | None = None, weights: str | None = None, console: Console | None = None,
+                 variants: list[str] | None = None) -> list[tuple[str, str]]:
     """Run (or resume) the sweep into ``<out>/table<N>_<tier>.csv``; returns the failed cells.
 
     Under torchrun every rank calls this; each cell then trains data-parallel and rank 0 reports.
     """
     dist.init_from_env()
     console = console or Console(quiet=not dist.is_main())
-    cells = ablation_cells(table, tier, tasks, seeds, data_root, weights)
+    cells = ablation_cells(table, tier, tasks, seeds, data_root, weights, variants)
     out_dir = Path(out)
     csv_path = out_dir / f"table{table}_{tier}.csv"
     console.print(f"Table {table}, tier {tier}: {len(cells)} runs -> {csv_path}")

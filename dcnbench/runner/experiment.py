@@ -90,10 +90,12 @@ def load_experiment(table: int, directory: Path | None = None) -> dict:
     return spec
 
 
-def expand_cells(spec: dict, tier: str, tasks: list[str] | None = None, seeds: int | None = None) -> list[Cell]:
+def expand_cells(spec: dict, tier: str, tasks: list[str] | None = None, seeds: int | None = None,
+                 variants: list[str] | None = None) -> list[Cell]:
     """All (task, variant, seed) cells of a table at ``tier``, in definition order.
 
-    ``tasks`` restricts to some tasks; ``seeds`` overrides the tier's seed count (seeds 0..N-1).
+    ``tasks`` / ``variants`` restrict to some tasks / variants (names as in the table file);
+    ``seeds`` overrides the tier's seed count (seeds 0..N-1).
     """
     if tier not in spec.get("tiers", {}):
         raise ValueError(f"table {spec['table']} has no tier {tier!r}; it has {sorted(spec.get('tiers', {}))}")
@@ -104,12 +106,17 @@ def expand_cells(spec: dict, tier: str, tasks: list[str] | None = None, seeds: i
         if bad:
             raise ValueError(f"table {spec['table']} has no task(s) {bad}; it has {table_tasks}")
     chosen = [t for t in table_tasks if not tasks or t in tasks]
+    names = [v["name"] for v in spec["variants"]]
+    if variants:
+        bad = [v for v in variants if v not in names]
+        if bad:
+            raise ValueError(f"table {spec['table']} has no variant(s) {bad}; it has {names}")
     n_seeds = seeds if seeds is not None else int(tier_spec.get("seeds", 1))
     cells = []
     for task in chosen:
         task_over = tier_spec.get("task", {}).get(task, {})
         for variant in spec["variants"]:
-            if task not in variant.get("tasks", table_tasks):
+            if task not in variant.get("tasks", table_tasks) or (variants and variant["name"] not in variants):
                 continue
             config = {"table": spec["table"], "tier": tier, "task": task, "variant": variant["name"]}
             for section in SECTIONS:
