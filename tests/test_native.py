@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from dcnbench.ops import deform_conv2d, deform_ps_roi_pool, deform_roi_pool, use_backend
+from dcnbench.ops import DeformConv2d, deform_conv2d, deform_ps_roi_pool, deform_roi_pool, use_backend
 from dcnbench.ops.dispatch import backend_status
 
 ok, why = backend_status("native")
@@ -293,3 +293,20 @@ def test_opcheck_custom_ops():
                           (inp, rois, offset, [2, 2], 0.5, 2, 0.1, True, "native"))
     torch.library.opcheck(torch.ops.dcnbench.deform_roi_pool.default,
                           (inp, rois, None, [2, 2], 0.5, 2, 0.1, False, "native"))
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_forward_in_inference_mode_with_worker_threads(batch):
+    """Workers write into the caller's output tensors; inference mode must reach them (it did not)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        module = DeformConv2d(64, 16, 3, padding=2, dilation=2).eval()  # batch 1: several tiles
+        x = torch.randn(batch, 64, 48, 64)
+        with use_backend("native"), torch.inference_mode():
+            got = module(x)
+        with use_backend("reference"), torch.no_grad():
+            want = module(x)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -18,6 +18,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -30,6 +31,17 @@
 using at::Tensor;
 
 namespace {
+
+// at::parallel_for with the caller's thread-local state (inference mode, grad mode) in every worker:
+// the workers write into tensors the caller made, which inference mode would otherwise refuse.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    const at::ThreadLocalStateGuard guard(state);
+    f(b, e);
+  });
+}
 
 // ------------------------------------------------------------------------------------------------
 // Deformable convolution
@@ -215,7 +227,7 @@ void conv_forward_tiles(const ConvShape& s, const std::vector<std::vector<Segmen
   Sample<T>* smp = wk.samples.data();
   for (int64_t l0 = l_begin; l0 < l_end; l0 += tile) {
     const int64_t tl = std::min(tile, l_end - l0);
-    at::parallel_for(0, tl, 4, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, tl, 4, [&](int64_t r0, int64_t r1) {
       sample_rows<T>(s, segs, X, off_n, mask_n, l0, r0, r1, colp, smp);
     });
     Tensor ct = wk.col.narrow(0, 0, tl);
@@ -259,7 +271,7 @@ void conv_forward_impl(const ConvShape& s, const Tensor& input, const Tensor& of
     for (int64_t n = 0; n < s.N; ++n) {
       xbuf.copy_(input[n].permute({1, 2, 0}));
       const T* X = xbuf.data_ptr<T>();
-      at::parallel_for(0, tc, 1, [&](int64_t c0, int64_t c1) {
+      parallel_for(0, tc, 1, [&](int64_t c0, int64_t c1) {
         ConvWork<T> wk(s, opts, tile, false);
         for (int64_t ch = c0; ch < c1; ++ch) {
           const int64_t lb = std::min(s.L, ch * per_chunk * tile), le = std::min(s.L, (ch + 1) * per_chunk * tile);
@@ -270,7 +282,7 @@ void conv_forward_impl(const ConvShape& s, const Tensor& input, const Tensor& of
     return;
   }
   const int64_t per = (s.N + chunks - 1) / chunks;
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     ConvWork<T> wk(s, opts, tile, false);
     for (int64_t ch = c0; ch < c1; ++ch) {
       for (int64_t n = ch * per; n < std::min(s.N, (ch + 1) * per); ++n)
@@ -299,7 +311,7 @@ void conv_backward_tiles(const ConvShape& s, const std::vector<std::vector<Segme
   const T* D = wk.dcol.template data_ptr<T>();
   for (int64_t l0 = l_begin; l0 < l_end; l0 += tile) {
     const int64_t tl = std::min(tile, l_end - l0);
-    at::parallel_for(0, tl, 4, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, tl, 4, [&](int64_t r0, int64_t r1) {
       sample_rows<T>(s, segs, X, off_n, mask_n, l0, r0, r1, colp, smp);
     });
     Tensor ct = wk.col.narrow(0, 0, tl);
@@ -312,7 +324,7 @@ void conv_backward_tiles(const ConvShape& s, const std::vector<std::vector<Segme
       at::mm_out(dst, go_t.t(), wp.narrow(0, g * s.Og, s.Og));
     }
     // (a) offset and mask gradients: four dot products per sampling point.
-    at::parallel_for(0, tl, 4, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, tl, 4, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t l = l0 + r;
         const T* drow = D + r * s.Ktot;
@@ -358,7 +370,7 @@ void conv_backward_tiles(const ConvShape& s, const std::vector<std::vector<Segme
       }
     });
     // (b) input gradient: each thread owns a channel range and walks the tile in order.
-    at::parallel_for(0, C, c_grain, [&](int64_t cb, int64_t ce) {
+    parallel_for(0, C, c_grain, [&](int64_t cb, int64_t ce) {
       for (int64_t r = 0; r < tl; ++r) {
         const T* drow = D + r * s.Ktot;
         for (int64_t og = 0; og < s.G; ++og) {
@@ -426,7 +438,7 @@ void conv_backward_impl(const ConvShape& s, const Tensor& grad_out, const Tensor
     for (int64_t n = 0; n < s.N; ++n) {
       xbuf.copy_(input[n].permute({1, 2, 0}));
       const T* X = xbuf.data_ptr<T>();
-      at::parallel_for(0, tc, 1, [&](int64_t c0, int64_t c1) {
+      parallel_for(0, tc, 1, [&](int64_t c0, int64_t c1) {
         ConvWork<T> wk(s, opts, tile, true);
         for (int64_t ch = c0; ch < c1; ++ch) {
           const int64_t lb = std::min(s.L, ch * per_chunk * tile), le = std::min(s.L, (ch + 1) * per_chunk * tile);
@@ -447,7 +459,7 @@ void conv_backward_impl(const ConvShape& s, const Tensor& grad_out, const Tensor
   // One weight-gradient partial per chunk, summed in chunk order: reproducible at a thread count.
   const int64_t per = (s.N + chunks - 1) / chunks;
   std::vector<Tensor> parts(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     ConvWork<T> wk(s, opts, tile, true);
     for (int64_t ch = c0; ch < c1; ++ch) {
       parts[ch] = at::zeros({s.O, s.Kg}, opts);
@@ -635,7 +647,7 @@ struct RoiCtx {
 template <typename T>
 void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
   constexpr int64_t B = 32;
-  at::parallel_for(0, (rows + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, (rows + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t r0 = b0 * B; r0 < std::min(rows, b1 * B); r0 += B) {
       for (int64_t c0 = 0; c0 < cols; c0 += B) {
         for (int64_t r = r0; r < std::min(rows, r0 + B); ++r) {
@@ -873,7 +885,7 @@ void for_each_plane_chunk(const RoiCtx<T>& ctx, const T* off_t, const T* prefetc
                           Body body) {
   const auto& a = ctx.a;
   const int64_t bins = a.ph * a.pw;
-  at::parallel_for(0, a.Cout * bins, 1, [&](int64_t p0, int64_t p1) {
+  parallel_for(0, a.Cout * bins, 1, [&](int64_t p0, int64_t p1) {
     PsScratch<T> s;
     ps_scratch_init(ctx, s);
     for (int64_t ic = p0; ic < p1; ++ic) {
@@ -994,7 +1006,7 @@ void ps_offset_reduce(const RoiCtx<T>& ctx, const T* gsx, const T* gsy, T* GO) {
     for (int64_t i = 0; i < a.ph; ++i)
       for (int64_t j = 0; j < a.pw; ++j)
         cell[(c * a.ph + i) * a.pw + j] = ((c / ctx.cpc) * 2 * a.Ph + (i * a.Ph) / a.ph) * a.Pw + (j * a.Pw) / a.pw;
-  at::parallel_for(0, a.K, 1, [&](int64_t r0, int64_t r1) {
+  parallel_for(0, a.K, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T kx = ctx.scale_x(r), ky = ctx.scale_y(r);
       T* go = GO + r * a.n_cls * 2 * cells;
@@ -1056,7 +1068,7 @@ template <typename T>
 void plain_forward(const RoiCtx<T>& ctx, const T* XL, T* Y) {
   const auto& a = ctx.a;
   const int64_t C = a.Cin, bins = a.ph * a.pw;
-  at::parallel_for(0, a.K, 1, [&](int64_t q0, int64_t q1) {
+  parallel_for(0, a.K, 1, [&](int64_t q0, int64_t q1) {
     std::vector<Axis<T>> ax(a.S), ay(a.S);
     std::vector<T> acc(ctx.cpc);
     for (int64_t r = q0; r < q1; ++r) {
@@ -1100,7 +1112,7 @@ void plain_backward(const RoiCtx<T>& ctx, const T* XL, const T* GY, T* GXL, T* G
   const int nt = std::max(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(16, (C + nt - 1) / nt);
   // Input gradient: each thread owns a channel range and walks the rois in order.
-  at::parallel_for(0, C, grain, [&](int64_t cb, int64_t ce) {
+  parallel_for(0, C, grain, [&](int64_t cb, int64_t ce) {
     std::vector<Axis<T>> ax(a.S), ay(a.S);
     std::vector<T> gbuf(ce - cb);
     for (int64_t r = 0; r < a.K; ++r) {
@@ -1141,7 +1153,7 @@ void plain_backward(const RoiCtx<T>& ctx, const T* XL, const T* GY, T* GXL, T* G
   });
   if (!GO) return;
   // Offset gradient: one thread per roi.
-  at::parallel_for(0, a.K, 1, [&](int64_t q0, int64_t q1) {
+  parallel_for(0, a.K, 1, [&](int64_t q0, int64_t q1) {
     std::vector<Axis<T>> ax(a.S), ay(a.S);
     std::vector<T> gbuf(ctx.cpc);
     for (int64_t r = q0; r < q1; ++r) {
