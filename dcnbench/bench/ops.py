@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dcnbench.runner.results import git_commit
+
 CONV_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
     # name: (N, C, H, W, O, dilation); 3x3 kernel, padding = dilation, stride 1
     "res5": (1, 512, 38, 63, 512, 2),
@@ -88,18 +90,6 @@ def machine_info() -> dict[str, str]:
     except OSError:
         pass
     return {"machine": model, "nproc": str(os.cpu_count() or 1)}
-
-
-def git_commit(root: Path | None = None) -> str:
-    root = root or Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dcnbench/csrc", "dcnbench/ops", "kernels"],
-                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _loadavg() -> str:

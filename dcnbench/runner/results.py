@@ -25,13 +25,14 @@ PROVENANCE_COLUMNS = ["wall_s", "device", "threads", "backend", "config_hash", "
 
 
 def git_commit() -> str:
-    """Short commit of the dcnbench checkout, with ``+dirty`` when it has uncommitted changes."""
+    """Short commit of the dcnbench checkout, with ``+dirty`` when tracked files other than the
+    outputs under ``results/`` have uncommitted changes."""
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("+dirty" if dirty else "")
