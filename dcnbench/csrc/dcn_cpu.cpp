@@ -878,7 +878,7 @@ inline T sample_sum(const PsScratch<T>& s, const T* P, int64_t W, int64_t k, int
   return total;
 }
 
-// Calls body(plane ic, class, bin row i, bin column j, first roi r0, rois n, scratch) for every
+// Calls body(plane ic, first roi r0, rois n, scratch) for every
 // input plane and chunk of rois, one thread per range of planes, after computing the chunk's
 // sample geometry from the plane-major offsets off_t (null: none); prefetches the next plane of
 // `prefetch` (and of `prefetch_write`).
@@ -899,7 +899,7 @@ void for_each_plane_chunk(const RoiCtx<T>& ctx, const T* off_t, const T* prefetc
       for (int64_t q0 = 0; q0 < a.K; q0 += kRoiChunk) {
         const int64_t n = std::min(kRoiChunk, a.K - q0);
         ps_plane_geometry(ctx, off_t, c / ctx.cpc, i, j, q0, n, s);
-        body(ic, c, i, j, q0, n, s);
+        body(ic, q0, n, s);
       }
     }
   });
@@ -911,8 +911,7 @@ template <typename T>
 void ps_forward(const RoiCtx<T>& ctx, const T* X, const T* off_t, T* Yt) {
   const auto& a = ctx.a;
   const int64_t HW = a.H * a.W, W = a.W;
-  for_each_plane_chunk<T>(ctx, off_t, X, nullptr, [&](int64_t ic, int64_t c, int64_t i, int64_t j, int64_t q0, int64_t n,
-                                               const PsScratch<T>& s) {
+  for_each_plane_chunk<T>(ctx, off_t, X, nullptr, [&](int64_t ic, int64_t q0, int64_t n, const PsScratch<T>& s) {
     BinProfile<T> b;
     T acc[kMaxProfile];
     for (int64_t k = 0; k < n; ++k) {
@@ -1031,8 +1030,8 @@ void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* off_t, const T* GYt,
   const Tensor gs = at::empty({offsets ? 2 * a.Cin : 0, a.K}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
   T* gsx = offsets ? gs.data_ptr<T>() : nullptr;
   T* gsy = offsets ? gsx + a.Cin * a.K : nullptr;
-  for_each_plane_chunk<T>(ctx, off_t, offsets ? X : nullptr, GX, [&](int64_t ic, int64_t, int64_t, int64_t,
-                                                                     int64_t q0, int64_t n, const PsScratch<T>& s) {
+  for_each_plane_chunk<T>(ctx, off_t, offsets ? X : nullptr, GX, [&](int64_t ic, int64_t q0, int64_t n,
+                                                                     const PsScratch<T>& s) {
     BinProfile<T> b;
     for (int64_t k = 0; k < n; ++k) {
       const int64_t r = q0 + k;
@@ -1107,10 +1106,25 @@ void plain_forward(const RoiCtx<T>& ctx, const T* XL, T* Y) {
   });
 }
 
+// Bin (i, j) of roi r for offset class cls: its sample axes (ax, ay, nx, ny, offset cell) and
+// g[c] = GY[r, lo + c, i, j] / sample count for c < len; false when the bin has no valid sample.
+template <typename T>
+inline bool bin_output_grad(const RoiCtx<T>& ctx, const T* GY, int64_t r, int64_t cls, int64_t i, int64_t j,
+                            int64_t lo, int64_t len, Axis<T>* ax, Axis<T>* ay, int& nx, int& ny, int64_t& cell, T* g) {
+  const auto& a = ctx.a;
+  const int64_t bins = a.ph * a.pw;
+  ctx.bin(r, cls, i, j, ax, ay, nx, ny, cell);
+  const int count = nx * ny;
+  if (count == 0) return false;
+  const T* gy = GY + (r * a.Cout + lo) * bins + i * a.pw + j;
+  for (int64_t c = 0; c < len; ++c) g[c] = gy[c * bins] / T(count);
+  return true;
+}
+
 template <typename T>
 void plain_backward(const RoiCtx<T>& ctx, const T* XL, const T* GY, T* GXL, T* GO) {
   const auto& a = ctx.a;
-  const int64_t C = a.Cin, bins = a.ph * a.pw;
+  const int64_t C = a.Cin;
   const int nt = std::max(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(16, (C + nt - 1) / nt);
   // Input gradient: each thread owns a channel range and walks the rois in order.
@@ -1127,12 +1141,8 @@ void plain_backward(const RoiCtx<T>& ctx, const T* XL, const T* GY, T* GXL, T* G
           for (int64_t j = 0; j < a.pw; ++j) {
             int nx, ny;
             int64_t cell;
-            ctx.bin(r, cls, i, j, ax.data(), ay.data(), nx, ny, cell);
-            const int count = nx * ny;
-            if (count == 0) continue;
-            const T* gy = GY + (r * a.Cout + lo) * bins + i * a.pw + j;
-            T* __restrict g = gbuf.data();
-            for (int64_t c = 0; c < len; ++c) g[c] = gy[c * bins] / T(count);
+            const T* g = gbuf.data();
+            if (!bin_output_grad(ctx, GY, r, cls, i, j, lo, len, ax.data(), ay.data(), nx, ny, cell, gbuf.data())) continue;
             for (int v = 0; v < ny; ++v) {
               const T ly = ay[v].frac, hy = T(1) - ly;
               for (int u = 0; u < nx; ++u) {
@@ -1167,12 +1177,8 @@ void plain_backward(const RoiCtx<T>& ctx, const T* XL, const T* GY, T* GXL, T* G
           for (int64_t j = 0; j < a.pw; ++j) {
             int nx, ny;
             int64_t cell;
-            ctx.bin(r, cls, i, j, ax.data(), ay.data(), nx, ny, cell);
-            const int count = nx * ny;
-            if (count == 0) continue;
-            const T* gy = GY + (r * a.Cout + c0) * bins + i * a.pw + j;
-            T* __restrict g = gbuf.data();
-            for (int64_t c = 0; c < len; ++c) g[c] = gy[c * bins] / T(count);
+            const T* g = gbuf.data();
+            if (!bin_output_grad(ctx, GY, r, cls, i, j, c0, len, ax.data(), ay.data(), nx, ny, cell, gbuf.data())) continue;
             T sx = 0, sy = 0;
             for (int v = 0; v < ny; ++v) {
               const T ly = ay[v].frac, hy = T(1) - ly;
