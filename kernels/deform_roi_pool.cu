@@ -49,6 +49,22 @@ DCN_DEVICE RoiBin<A> roi_bin(const A* rois, const T* offset, index_t k, index_t 
   return bin;
 }
 
+// Output element idx = ((k * out_channels + c) * pooled_h + i) * pooled_w + j: its bin, and through
+// `channel` the input channel it reads.
+template <typename T, typename A>
+DCN_DEVICE RoiBin<A> output_bin(index_t idx, const A* rois, const T* offset, index_t out_channels, index_t classes,
+                                index_t pooled_h, index_t pooled_w, index_t parts_h, index_t parts_w,
+                                index_t samples, bool position_sensitive, double spatial_scale, double gamma,
+                                index_t& channel) {
+  const index_t j = idx % pooled_w;
+  const index_t i = (idx / pooled_w) % pooled_h;
+  const index_t c = (idx / (pooled_w * pooled_h)) % out_channels;
+  const index_t k = idx / (pooled_w * pooled_h * out_channels);
+  channel = position_sensitive ? (c * pooled_h + i) * pooled_w + j : c;
+  return roi_bin<T, A>(rois, offset, k, c / (out_channels / classes), i, j, classes, pooled_h, pooled_w, parts_h,
+                       parts_w, samples, spatial_scale, gamma);
+}
+
 template <typename A>
 DCN_DEVICE index_t roi_valid_samples(const RoiBin<A>& bin, index_t samples, int height, int width) {
   index_t count = 0;
@@ -75,14 +91,9 @@ __global__ void dcn_roi_pool_forward(const T* __restrict__ input, const typename
   typedef typename Acc<T>::type A;
   const index_t hw = height * width;
   DCN_KERNEL_LOOP(idx, num_rois * out_channels * pooled_h * pooled_w) {
-    const index_t j = idx % pooled_w;
-    const index_t i = (idx / pooled_w) % pooled_h;
-    const index_t c = (idx / (pooled_w * pooled_h)) % out_channels;
-    const index_t k = idx / (pooled_w * pooled_h * out_channels);
-    const index_t cls = c / (out_channels / classes);
-    const RoiBin<A> bin = roi_bin<T, A>(rois, offset, k, cls, i, j, classes, pooled_h, pooled_w, parts_h, parts_w,
-                                        samples, spatial_scale, gamma);
-    const index_t channel = position_sensitive ? (c * pooled_h + i) * pooled_w + j : c;
+    index_t channel;
+    const RoiBin<A> bin = output_bin<T, A>(idx, rois, offset, out_channels, classes, pooled_h, pooled_w, parts_h,
+                                           parts_w, samples, position_sensitive, spatial_scale, gamma, channel);
     const T* plane = input + (bin.batch * in_channels + channel) * hw;
     A sum = A(0);
     index_t count = 0;
@@ -116,17 +127,12 @@ __global__ void dcn_roi_pool_backward(const T* __restrict__ grad_output, const T
   typedef typename Acc<T>::type A;
   const index_t hw = height * width;
   DCN_KERNEL_LOOP(idx, num_rois * out_channels * pooled_h * pooled_w) {
-    const index_t j = idx % pooled_w;
-    const index_t i = (idx / pooled_w) % pooled_h;
-    const index_t c = (idx / (pooled_w * pooled_h)) % out_channels;
-    const index_t k = idx / (pooled_w * pooled_h * out_channels);
-    const index_t cls = c / (out_channels / classes);
-    const RoiBin<A> bin = roi_bin<T, A>(rois, offset, k, cls, i, j, classes, pooled_h, pooled_w, parts_h, parts_w,
-                                        samples, spatial_scale, gamma);
+    index_t channel;
+    const RoiBin<A> bin = output_bin<T, A>(idx, rois, offset, out_channels, classes, pooled_h, pooled_w, parts_h,
+                                           parts_w, samples, position_sensitive, spatial_scale, gamma, channel);
     const index_t count = roi_valid_samples<A>(bin, samples, int(height), int(width));
     A grad_x = A(0), grad_y = A(0);
     if (count > 0) {
-      const index_t channel = position_sensitive ? (c * pooled_h + i) * pooled_w + j : c;
       const T* plane = input + (bin.batch * in_channels + channel) * hw;
       A* grad_plane = grad_input != nullptr ? grad_input + (bin.batch * in_channels + channel) * hw : nullptr;
       const A grad = load<A>(grad_output, idx) / A(count);
