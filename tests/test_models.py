@@ -8,6 +8,7 @@ from dcnbench.models import (
     PLACEMENTS, ResNetBackbone, build_model, count_parameters, deformable_layers, load_backbone_weights,
 )
 from dcnbench.models.backbone import DEPTHS
+from dcnbench.models.rpn import RPN
 from dcnbench.ops import DeformConv2d, DeformPSRoIPool, DeformRoIPool, use_backend
 
 TINY = {"backbone": "scaled", "blocks": [1, 1, 1, 3], "width": 8, "num_classes": 3,
@@ -241,3 +242,15 @@ def test_offset_param_groups_follow_the_paper_learning_rates():
     assert by_lr[0.01] == roi_fc.weight.numel() + roi_fc.bias.numel()
     assert by_lr[1.0] == count_parameters(model) - by_lr[0.01]
     assert all(any(p is c.weight for g in groups if g["lr"] == 1.0 for p in g["params"]) for c in convs)
+
+
+@pytest.mark.parametrize("ignore", [True, False])
+def test_rpn_cross_boundary_anchors_are_trained_only_when_not_ignored(ignore):
+    """One anchor shape (181x90) that crosses a 64 px image at every position: Faster R-CNN's rule
+    leaves it out of the loss (nothing sampled, zero loss); sampling all anchors trains it."""
+    rpn = RPN(4, 8, anchor_sizes=(128,), aspect_ratios=(0.5,), ignore_cross_boundary=ignore)
+    feature = torch.randn(1, 4, 8, 8)
+    logits, deltas = rpn.head(feature)
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}]
+    losses = rpn.loss(logits, deltas, rpn.anchors(feature), targets, (64, 64))
+    assert (losses["loss_rpn_cls"].item() == 0) == ignore

@@ -19,6 +19,7 @@ rpn_conv_channels      RPN 3×3 conv width (512; scaled: × width/64; 0 drops th
 anchor_sizes           (128, 256, 512); scaled: (16, 32, 64, 128)
 aspect_ratios          (0.5, 1.0, 2.0)
 rpn_batch_size         anchors sampled per image for the RPN loss (256)
+rpn_ignore_cross_boundary  RPN training ignores anchors crossing the image border (True, Faster R-CNN)
 rpn_pre_nms_top_n      (train, test) proposals before NMS ((12000, 6000))
 rpn_post_nms_top_n     (train, test) proposals kept ((2000, 300); 300 as in Table 4)
 roi_batch_size         RoIs sampled per image for the detection head (128)
@@ -46,7 +47,7 @@ TASKS = ("deeplab", "rpn", "faster_rcnn", "rfcn")
 KNOWN_KEYS = {
     "task", "num_classes", "backbone", "blocks", "width", "output_stride", "res4_dilation", "dilation", "placement",
     "offset_groups", "deformable_roi_pool", "frozen_bn", "feature_channels", "rpn_conv_channels", "anchor_sizes",
-    "aspect_ratios", "rpn_batch_size", "rpn_pre_nms_top_n", "rpn_post_nms_top_n", "roi_batch_size", "fc_channels",
+    "aspect_ratios", "rpn_batch_size", "rpn_ignore_cross_boundary", "rpn_pre_nms_top_n", "rpn_post_nms_top_n", "roi_batch_size", "fc_channels",
     "pool_size", "sampling_ratio", "score_thresh", "nms_thresh", "detections_per_img",
 }
 
@@ -88,6 +89,7 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
         "anchor_sizes": tuple(cfg.get("anchor_sizes", (16, 32, 64, 128) if scaled else (128, 256, 512))),
         "aspect_ratios": tuple(cfg.get("aspect_ratios", (0.5, 1.0, 2.0))),
         "batch_size_per_image": cfg.get("rpn_batch_size", 256),
+        "ignore_cross_boundary": cfg.get("rpn_ignore_cross_boundary", True),
         "pre_nms_top_n": tuple(cfg.get("rpn_pre_nms_top_n", (12000, 6000))),
         "post_nms_top_n": tuple(cfg.get("rpn_post_nms_top_n", (2000, 300))),
     }

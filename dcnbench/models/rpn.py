@@ -43,6 +43,7 @@ class RPN(nn.Module):
         post_nms_top_n: tuple[int, int] = (2000, 300),
         nms_thresh: float = 0.7,
         min_size: float = 1e-3,
+        ignore_cross_boundary: bool = True,
     ) -> None:
         super().__init__()
         self.stride, self.num_classes = stride, num_classes
@@ -62,6 +63,7 @@ class RPN(nn.Module):
         self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
         self.pre_nms_top_n, self.post_nms_top_n = pre_nms_top_n, post_nms_top_n
         self.nms_thresh, self.min_size = nms_thresh, min_size
+        self.ignore_cross_boundary = ignore_cross_boundary
 
     def head(self, feature: Tensor) -> tuple[Tensor, Tensor]:
         """feature (N, C_in, H, W) -> logits (N, H*W*A, C+1), deltas (N, H*W*A, 4), anchor order as grid_anchors."""
@@ -79,7 +81,11 @@ class RPN(nn.Module):
     def loss(self, logits: Tensor, deltas: Tensor, anchors: Tensor, targets: Targets,
              image_size: tuple[int, int]) -> dict[str, Tensor]:
         """Cross entropy over sampled anchors ((C+1)-way; label = matched class, or 1 when
-        num_classes == 1) and smooth-L1 on the positives' deltas, normalized by the sample count."""
+        num_classes == 1) and smooth-L1 on the positives' deltas, normalized by the sample count.
+
+        With ``ignore_cross_boundary`` (Faster R-CNN's rule) anchors crossing the image border are
+        not sampled; an anchor shape that crosses it at every position (e.g. 181×90 on a 128 px
+        image) is then never trained, yet still scored at test time."""
         labels, reg_targets, sampled = [], [], []
         for tgt in targets:
             gt_boxes = tgt["boxes"].to(anchors)
@@ -91,10 +97,11 @@ class RPN(nn.Module):
                 lab = (idx >= 0).long()
             else:
                 lab = torch.where(idx >= 0, tgt["labels"].to(anchors.device)[idx.clamp(min=0)], 0)
-            # Anchors crossing the image border are ignored in training, as in Faster R-CNN.
-            inside = (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= image_size[1]) & (anchors[:, 3] <= image_size[0])
             state = torch.where(idx >= 0, 1, torch.where(idx == Matcher.BELOW_LOW_THRESHOLD, 0, -1))
-            state = torch.where(inside, state, -1)
+            if self.ignore_cross_boundary:
+                inside = ((anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= image_size[1])
+                          & (anchors[:, 3] <= image_size[0]))
+                state = torch.where(inside, state, -1)
             pos, neg = self.sampler([state])
             sampled.append((pos[0] | neg[0]).bool())
             labels.append(lab)
