@@ -38,16 +38,14 @@ class Cell:
     @property
     def config_hash(self) -> str:
         """12 hex digits over everything that defines the run except the seed."""
-        payload = {k: v for k, v in self.config.items() if k != "seed"}
-        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+        return _digest({k: v for k, v in self.config.items() if k != "seed"})
 
     @property
     def run_hash(self) -> str:
         """12 hex digits over what the run computes: task and the four sections. Two cells of
         different tables (Table 3's atrous-2 and Table 1's none) with the same run hash and seed
         are the same run; the sweep reuses one's row for the other."""
-        payload = {k: self.config[k] for k in ("task", *SECTIONS)}
-        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+        return _digest({k: self.config[k] for k in ("task", *SECTIONS)})
 
     @property
     def key(self) -> tuple[str, str, int, str]:
@@ -57,6 +55,10 @@ class Cell:
     def name(self) -> str:
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.variant)
         return f"{self.task}__{safe}__seed{self.seed}"
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _merge(base: dict, override: dict) -> dict:

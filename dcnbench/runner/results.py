@@ -3,8 +3,8 @@
 Columns: the key (table, tier, task, variant, seed), the metrics of the run, then wall_s, device,
 threads, backend, config_hash, run_hash, reused_from (the CSV, variant and seed of the identical
 run a reused row was copied from; empty for a run of its own), git_commit, date, machine, torch.
-A row is only written when its run has finished, by rewriting the file to a temporary sibling and ``os.replace``-ing it, so a sweep
-killed at any moment leaves the previous complete file.
+A row is only written when its run has finished, by rewriting the file to a temporary sibling and
+``os.replace``-ing it, so a sweep killed at any moment leaves the previous complete file.
 """
 
 from __future__ import annotations

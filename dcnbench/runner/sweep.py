@@ -51,10 +51,10 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
 
     A cell whose run (same run hash and seed) already finished in one of the ``reuse_from`` CSVs is
     not run again: that row is copied with this cell's table, variant and config hash, its own
-    provenance kept, and ``reused_from`` naming the source. Each run logs to ``log_dir/<cell>.log`` and saves its weights to ``checkpoint_dir/<cell>.pt``.
-    Cells run in ``jobs`` spawned worker processes with ``cpu_count // jobs`` threads apiece; only
-    this process writes the CSV. A failing cell is logged and reported; the
-    others go on.
+    provenance kept, and ``reused_from`` naming the source. Each run logs to ``log_dir/<cell>.log``
+    and saves its weights to ``checkpoint_dir/<cell>.pt``. Cells run in ``jobs`` spawned worker
+    processes with ``cpu_count // jobs`` threads apiece; only this process writes the CSV. A failing
+    cell is logged and reported; the others go on.
     """
     console = console or Console()
     if dist.is_main():
