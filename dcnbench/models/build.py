@@ -47,8 +47,8 @@ TASKS = ("deeplab", "rpn", "faster_rcnn", "rfcn")
 KNOWN_KEYS = {
     "task", "num_classes", "backbone", "blocks", "width", "output_stride", "res4_dilation", "dilation", "placement",
     "offset_groups", "deformable_roi_pool", "frozen_bn", "feature_channels", "rpn_conv_channels", "anchor_sizes",
-    "aspect_ratios", "rpn_batch_size", "rpn_ignore_cross_boundary", "rpn_pre_nms_top_n", "rpn_post_nms_top_n", "roi_batch_size", "fc_channels",
-    "pool_size", "sampling_ratio", "score_thresh", "nms_thresh", "detections_per_img",
+    "aspect_ratios", "rpn_batch_size", "rpn_ignore_cross_boundary", "rpn_pre_nms_top_n", "rpn_post_nms_top_n",
+    "roi_batch_size", "fc_channels", "pool_size", "sampling_ratio", "score_thresh", "nms_thresh", "detections_per_img",
 }
 
 
