@@ -644,29 +644,6 @@ struct RoiCtx {
   T scale_y(int64_t r) const { return T(a.gamma) * geo[r].roi_h; }
 };
 
-// dst (cols, rows) = transpose of src (rows, cols), in 32 x 32 blocks (ATen's strided copy is several
-// times slower on these shapes).
-template <typename T>
-void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
-  constexpr int64_t B = 32;
-  parallel_for(0, (rows + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t r0 = b0 * B; r0 < std::min(rows, b1 * B); r0 += B) {
-      for (int64_t c0 = 0; c0 < cols; c0 += B) {
-        for (int64_t r = r0; r < std::min(rows, r0 + B); ++r) {
-          for (int64_t c = c0; c < std::min(cols, c0 + B); ++c) dst[c * rows + r] = src[r * cols + c];
-        }
-      }
-    }
-  });
-}
-
-template <typename T>
-Tensor transposed(const Tensor& src, int64_t rows, int64_t cols) {
-  Tensor dst = at::empty({cols, rows}, src.options());
-  transpose<T>(src.data_ptr<T>(), rows, cols, dst.data_ptr<T>());
-  return dst;
-}
-
 // ---- position-sensitive: every (output channel, bin) reads its own input plane, so the kernels
 // walk the input planes (one thread per plane, all rois in order: the plane stays in L1). For one
 // plane the sample geometry of all rois is computed at once in vectorisable loops over the rois
@@ -745,8 +722,8 @@ struct PsScratch {
 
 // Geometry of plane (c, i, j) for rois [r0, r0 + n) into s.x / s.y (entry [u * n + (r - r0)]).
 template <typename T>
-void ps_plane_geometry(const RoiCtx<T>& ctx, const T* off_t, int64_t cls, int64_t i, int64_t j, int64_t r0,
-                       int64_t n, PsScratch<T>& s) {
+void ps_plane_geometry(const RoiCtx<T>& ctx, int64_t cls, int64_t i, int64_t j, int64_t r0, int64_t n,
+                       PsScratch<T>& s) {
   const auto& a = ctx.a;
   T* bx = s.x.base.data();
   T* by = s.y.base.data();
@@ -754,13 +731,14 @@ void ps_plane_geometry(const RoiCtx<T>& ctx, const T* off_t, int64_t cls, int64_
     bx[k] = T(j) * s.bin_w[r0 + k] + s.start_x[r0 + k];
     by[k] = T(i) * s.bin_h[r0 + k] + s.start_y[r0 + k];
   }
-  if (off_t) {
+  if (ctx.off) {
     const int64_t cell = (cls * 2 * a.Ph + (i * a.Ph) / a.ph) * a.Pw + (j * a.Pw) / a.pw;
-    const T* tx = off_t + cell * a.K + r0;
-    const T* ty = off_t + (cell + a.Ph * a.Pw) * a.K + r0;
+    const int64_t stride = 2 * a.n_cls * a.Ph * a.Pw;  // offsets per roi
+    const T* tx = ctx.off + r0 * stride + cell;
+    const T* ty = tx + a.Ph * a.Pw;
     for (int64_t k = 0; k < n; ++k) {
-      bx[k] = bx[k] + T(a.gamma) * tx[k] * s.roi_w[r0 + k];
-      by[k] = by[k] + T(a.gamma) * ty[k] * s.roi_h[r0 + k];
+      bx[k] = bx[k] + T(a.gamma) * tx[k * stride] * s.roi_w[r0 + k];
+      by[k] = by[k] + T(a.gamma) * ty[k * stride] * s.roi_h[r0 + k];
     }
   }
   ps_axis<T>(s.x, s.sub_w.data() + r0, n, a.S, static_cast<int>(a.W));
@@ -804,18 +782,32 @@ struct BinProfile {
 };
 
 // Profile of bin k (entries [u * n + k] of ax) over the window [o, o + len); DERIV also fills q.
-template <typename T, bool DERIV>
-inline void axis_profile(const PsAxes<T>& ax, int64_t k, int64_t n, int64_t S, int64_t o, int64_t len, T* p, T* q) {
-  for (int64_t x = 0; x < len; ++x) p[x] = q[x] = T(0);
+// Written as a compare over the whole window per sample, not a scatter: consecutive samples often
+// share a column, and scattered read-modify-writes of one entry wait on each other's stores.
+// Entries get the same additions in the same order as a scatter (plus exact zeros).
+template <typename T, int L, bool DERIV>
+inline void axis_profile_fixed(const PsAxes<T>& ax, int64_t k, int64_t n, int64_t S, int64_t o, T* p, T* q) {
+  T lp[L] = {}, lq[L] = {};  // accumulated in registers, stored once
   for (int64_t u = 0; u < S; ++u) {
-    const int64_t e = u * n + k, lo = ax.lo[e] - o, hi = ax.hi[e] - o;
-    p[lo] += ax.wl[e];
-    p[hi] += ax.wh[e];
+    const int64_t e = u * n + k;
+    const int32_t lo = static_cast<int32_t>(ax.lo[e] - o), hi = static_cast<int32_t>(ax.hi[e] - o);
+    const T wl = ax.wl[e], wh = ax.wh[e], v = ax.valid[e];
+#pragma omp simd
+    for (int32_t x = 0; x < L; ++x) lp[x] += (x == lo ? wl : T(0)) + (x == hi ? wh : T(0));
     if (DERIV) {
-      q[hi] += ax.valid[e];
-      q[lo] -= ax.valid[e];
+#pragma omp simd
+      for (int32_t x = 0; x < L; ++x) lq[x] += (x == hi ? v : T(0)) - (x == lo ? v : T(0));
     }
   }
+  std::copy_n(lp, L, p);
+  if (DERIV) std::copy_n(lq, L, q);
+}
+
+template <typename T, bool DERIV>
+inline void axis_profile(const PsAxes<T>& ax, int64_t k, int64_t n, int64_t S, int64_t o, int64_t len, T* p, T* q) {
+  if (len <= kLanes) return axis_profile_fixed<T, kLanes, DERIV>(ax, k, n, S, o, p, q);
+  if (len <= 2 * kLanes) return axis_profile_fixed<T, 2 * kLanes, DERIV>(ax, k, n, S, o, p, q);
+  axis_profile_fixed<T, kMaxProfile, DERIV>(ax, k, n, S, o, p, q);
 }
 
 // The profiles of bin k; false when its footprint exceeds kMaxProfile on an axis.
@@ -880,10 +872,10 @@ inline T sample_sum(const PsScratch<T>& s, const T* P, int64_t W, int64_t k, int
 
 // Calls body(plane ic, first roi r0, rois n, scratch) for every
 // input plane and chunk of rois, one thread per range of planes, after computing the chunk's
-// sample geometry from the plane-major offsets off_t (null: none); prefetches the next plane of
+// sample geometry; prefetches the next plane of
 // `prefetch` (and of `prefetch_write`).
 template <typename T, typename Body>
-void for_each_plane_chunk(const RoiCtx<T>& ctx, const T* off_t, const T* prefetch, const T* prefetch_write,
+void for_each_plane_chunk(const RoiCtx<T>& ctx, const T* prefetch, const T* prefetch_write,
                           Body body) {
   const auto& a = ctx.a;
   const int64_t bins = a.ph * a.pw;
@@ -898,20 +890,20 @@ void for_each_plane_chunk(const RoiCtx<T>& ctx, const T* off_t, const T* prefetc
       }
       for (int64_t q0 = 0; q0 < a.K; q0 += kRoiChunk) {
         const int64_t n = std::min(kRoiChunk, a.K - q0);
-        ps_plane_geometry(ctx, off_t, c / ctx.cpc, i, j, q0, n, s);
+        ps_plane_geometry(ctx, c / ctx.cpc, i, j, q0, n, s);
         body(ic, q0, n, s);
       }
     }
   });
 }
 
-// The position-sensitive kernels run plane-major: offsets off_t (2 * n_cls * Ph * Pw, K), output
-// Yt and output gradient GYt (Cin, K), so each plane's rois are contiguous.
+// Output Y and its gradient GY are (K, Cin): a plane's rois are Cin apart, and the rois of a few
+// consecutive planes share cache lines.
 template <typename T>
-void ps_forward(const RoiCtx<T>& ctx, const T* X, const T* off_t, T* Yt) {
+void ps_forward(const RoiCtx<T>& ctx, const T* X, T* Y) {
   const auto& a = ctx.a;
   const int64_t HW = a.H * a.W, W = a.W;
-  for_each_plane_chunk<T>(ctx, off_t, X, nullptr, [&](int64_t ic, int64_t q0, int64_t n, const PsScratch<T>& s) {
+  for_each_plane_chunk<T>(ctx, X, nullptr, [&](int64_t ic, int64_t q0, int64_t n, const PsScratch<T>& s) {
     BinProfile<T> b;
     T acc[kMaxProfile];
     for (int64_t k = 0; k < n; ++k) {
@@ -931,7 +923,7 @@ void ps_forward(const RoiCtx<T>& ctx, const T* X, const T* off_t, T* Yt) {
         }
         total /= count;
       }
-      Yt[ic * a.K + r] = total;
+      Y[r * a.Cin + ic] = total;
     }
   });
 }
@@ -1021,27 +1013,31 @@ void ps_offset_reduce(const RoiCtx<T>& ctx, const T* gsx, const T* gsy, T* GO) {
   });
 }
 
+// GX need not be zeroed: each plane is zeroed by the thread that owns it.
 template <typename T>
-void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* off_t, const T* GYt, T* GX, T* GO) {
+void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* GY, T* GX, T* GO) {
   const auto& a = ctx.a;
   const int64_t HW = a.H * a.W, W = a.W;
   const bool offsets = GO != nullptr;
-  // d out / d shift per output element, plane-major; reduced into the offsets per roi afterwards.
-  const Tensor gs = at::empty({offsets ? 2 * a.Cin : 0, a.K}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
+  // d out / d shift per output element, (K, Cin) like GY; reduced into the offsets per roi afterwards.
+  const Tensor gs = at::empty({offsets ? 2 * a.K : 0, a.Cin}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
   T* gsx = offsets ? gs.data_ptr<T>() : nullptr;
-  T* gsy = offsets ? gsx + a.Cin * a.K : nullptr;
-  for_each_plane_chunk<T>(ctx, off_t, offsets ? X : nullptr, GX, [&](int64_t ic, int64_t q0, int64_t n,
+  T* gsy = offsets ? gsx + a.K * a.Cin : nullptr;
+  for_each_plane_chunk<T>(ctx, offsets ? X : nullptr, GX, [&](int64_t ic, int64_t q0, int64_t n,
                                                                      const PsScratch<T>& s) {
+    if (q0 == 0) {
+      for (int64_t img = 0; img < a.N; ++img) std::fill_n(GX + (img * a.Cin + ic) * HW, HW, T(0));
+    }
     BinProfile<T> b;
     for (int64_t k = 0; k < n; ++k) {
       const int64_t r = q0 + k;
       const T count = s.x.count[k] * s.y.count[k];
-      const int64_t o = ic * a.K + r;
+      const int64_t o = r * a.Cin + ic;
       if (!(count > 0)) {
         if (offsets) gsx[o] = gsy[o] = T(0);
         continue;
       }
-      const T gc = GYt[o] / count;
+      const T gc = GY[o] / count;
       const int64_t plane = (ctx.batch[r] * a.Cin + ic) * HW;
       T sx = 0, sy = 0;
       if (!(offsets ? bin_profile<T, true>(s, k, n, a.S, W, b) : bin_profile<T, false>(s, k, n, a.S, W, b))) {
@@ -1058,8 +1054,7 @@ void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* off_t, const T* GYt,
     }
   });
   if (!offsets) return;
-  const Tensor gsx_r = transposed<T>(gs, a.Cin, a.K), gsy_r = transposed<T>(gs.slice(0, a.Cin), a.Cin, a.K);
-  ps_offset_reduce<T>(ctx, gsx_r.data_ptr<T>(), gsy_r.data_ptr<T>(), GO);
+  ps_offset_reduce<T>(ctx, gsx, gsy, GO);
 }
 
 // ---- plain (not position-sensitive): all channels of a bin share its samples, so the input is
@@ -1219,11 +1214,7 @@ Tensor roi_pool_forward(const Tensor& input, const Tensor& rois, const std::opti
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnbench_roi_pool_forward", [&] {
     const RoiCtx<scalar_t> ctx(a, rois.data_ptr<scalar_t>(), a.has_offset ? off.data_ptr<scalar_t>() : nullptr);
     if (a.ps) {
-      const Tensor off_t = a.has_offset ? transposed<scalar_t>(off, a.K, off.numel() / a.K) : Tensor();
-      const Tensor yt = at::empty({a.Cin, a.K}, input.options());
-      ps_forward<scalar_t>(ctx, input.data_ptr<scalar_t>(), a.has_offset ? off_t.data_ptr<scalar_t>() : nullptr,
-                           yt.data_ptr<scalar_t>());
-      transpose<scalar_t>(yt.data_ptr<scalar_t>(), a.Cin, a.K, out.data_ptr<scalar_t>());
+      ps_forward<scalar_t>(ctx, input.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
     } else {
       const Tensor xl = input.permute({0, 2, 3, 1}).contiguous();
       plain_forward<scalar_t>(ctx, xl.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
@@ -1239,7 +1230,9 @@ std::tuple<Tensor, std::optional<Tensor>> roi_pool_backward(const Tensor& grad_o
                                                             bool position_sensitive) {
   const RoiArgs a = roi_args(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive);
   const Tensor grad_out = grad_out_in.contiguous();
-  Tensor grad_input = at::zeros_like(input);
+  // The position-sensitive kernel zeroes each input-gradient plane itself.
+  const bool kernel_zeroes = position_sensitive && a.K > 0 && a.Cout > 0;
+  Tensor grad_input = kernel_zeroes ? at::empty_like(input) : at::zeros_like(input);
   Tensor grad_offset = offset ? at::zeros_like(*offset) : Tensor();
   if (a.K > 0 && a.Cout > 0) {
     Tensor off = offset ? *offset : Tensor();
@@ -1247,10 +1240,8 @@ std::tuple<Tensor, std::optional<Tensor>> roi_pool_backward(const Tensor& grad_o
       const RoiCtx<scalar_t> ctx(a, rois.data_ptr<scalar_t>(), a.has_offset ? off.data_ptr<scalar_t>() : nullptr);
       scalar_t* go = a.has_offset ? grad_offset.data_ptr<scalar_t>() : nullptr;
       if (a.ps) {
-        const Tensor off_t = a.has_offset ? transposed<scalar_t>(off, a.K, off.numel() / a.K) : Tensor();
-        const Tensor gyt = transposed<scalar_t>(grad_out, a.K, a.Cin);
-        ps_backward<scalar_t>(ctx, input.data_ptr<scalar_t>(), a.has_offset ? off_t.data_ptr<scalar_t>() : nullptr,
-                              gyt.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(), go);
+        ps_backward<scalar_t>(ctx, input.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+                              grad_input.data_ptr<scalar_t>(), go);
       } else {
         const Tensor xl = input.permute({0, 2, 3, 1}).contiguous();
         Tensor gxl = at::zeros_like(xl);
