@@ -785,10 +785,12 @@ struct BinProfile {
 // Written as a compare over the whole window per sample, not a scatter: consecutive samples often
 // share a column, and scattered read-modify-writes of one entry wait on each other's stores.
 // Entries get the same additions in the same order as a scatter (plus exact zeros).
-template <typename T, int L, bool DERIV>
+// SS: the sample count when known at compile time (unrolled), else 0.
+template <typename T, int L, bool DERIV, int SS>
 inline void axis_profile_fixed(const PsAxes<T>& ax, int64_t k, int64_t n, int64_t S, int64_t o, T* p, T* q) {
   T lp[L] = {}, lq[L] = {};  // accumulated in registers, stored once
-  for (int64_t u = 0; u < S; ++u) {
+  const int64_t samples = SS > 0 ? SS : S;
+  for (int64_t u = 0; u < samples; ++u) {
     const int64_t e = u * n + k;
     const int32_t lo = static_cast<int32_t>(ax.lo[e] - o), hi = static_cast<int32_t>(ax.hi[e] - o);
     const T wl = ax.wl[e], wh = ax.wh[e], v = ax.valid[e];
@@ -805,9 +807,12 @@ inline void axis_profile_fixed(const PsAxes<T>& ax, int64_t k, int64_t n, int64_
 
 template <typename T, bool DERIV>
 inline void axis_profile(const PsAxes<T>& ax, int64_t k, int64_t n, int64_t S, int64_t o, int64_t len, T* p, T* q) {
-  if (len <= kLanes) return axis_profile_fixed<T, kLanes, DERIV>(ax, k, n, S, o, p, q);
-  if (len <= 2 * kLanes) return axis_profile_fixed<T, 2 * kLanes, DERIV>(ax, k, n, S, o, p, q);
-  axis_profile_fixed<T, kMaxProfile, DERIV>(ax, k, n, S, o, p, q);
+  if (len <= kLanes) {
+    if (S == 4) return axis_profile_fixed<T, kLanes, DERIV, 4>(ax, k, n, S, o, p, q);  // the paper's setting
+    return axis_profile_fixed<T, kLanes, DERIV, 0>(ax, k, n, S, o, p, q);
+  }
+  if (len <= 2 * kLanes) return axis_profile_fixed<T, 2 * kLanes, DERIV, 0>(ax, k, n, S, o, p, q);
+  axis_profile_fixed<T, kMaxProfile, DERIV, 0>(ax, k, n, S, o, p, q);
 }
 
 // The profiles of bin k; false when its footprint exceeds kMaxProfile on an axis.
