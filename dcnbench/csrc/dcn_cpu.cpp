@@ -650,17 +650,21 @@ struct RoiCtx {
 // (structure of arrays, entry [u * K + r]); an invalid sample keeps a clamped in-map index and gets
 // weight 0, so the sampling loops have no branches.
 
-// Pull input plane ic of every image the rois use into cache (the kernels then read it at random).
+// Pull part `part` of `parts` of input plane ic of every image the rois use into cache (the kernels
+// then read it at random); the parts spread the prefetches over the previous plane's work.
 template <typename T>
-inline void prefetch_planes(const RoiCtx<T>& ctx, const T* base, int64_t ic, bool write) {
-  const int64_t HW = ctx.a.H * ctx.a.W;
+inline void prefetch_planes(const RoiCtx<T>& ctx, const T* base, int64_t ic, bool write, int64_t part,
+                            int64_t parts) {
+  const int64_t bytes = ctx.a.H * ctx.a.W * static_cast<int64_t>(sizeof(T));
+  const int64_t lines = (bytes + 63) / 64, l0 = lines * part / parts, l1 = lines * (part + 1) / parts;
   for (int64_t b : ctx.images) {
-    const char* p = reinterpret_cast<const char*>(base + (b * ctx.a.Cin + ic) * HW);
-    const int64_t bytes = HW * static_cast<int64_t>(sizeof(T));
-    if (write) {
-      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 1, 3);
-    } else {
-      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+    const char* p = reinterpret_cast<const char*>(base + (b * ctx.a.Cin + ic) * ctx.a.H * ctx.a.W);
+    for (int64_t l = l0; l < l1; ++l) {
+      if (write) {
+        __builtin_prefetch(p + l * 64, 1, 3);
+      } else {
+        __builtin_prefetch(p + l * 64, 0, 3);
+      }
     }
   }
 }
@@ -875,13 +879,11 @@ inline T sample_sum(const PsScratch<T>& s, const T* P, int64_t W, int64_t k, int
   return total;
 }
 
-// Calls body(plane ic, first roi r0, rois n, scratch) for every
-// input plane and chunk of rois, one thread per range of planes, after computing the chunk's
-// sample geometry; prefetches the next plane of
-// `prefetch` (and of `prefetch_write`).
+// Calls body(plane ic, first roi r0, rois n, scratch) for every input plane and chunk of rois, one
+// thread per range of planes, after computing the chunk's sample geometry; each chunk prefetches
+// its share of the next plane of `prefetch` (and of `prefetch_write`).
 template <typename T, typename Body>
-void for_each_plane_chunk(const RoiCtx<T>& ctx, const T* prefetch, const T* prefetch_write,
-                          Body body) {
+void for_each_plane_chunk(const RoiCtx<T>& ctx, const T* prefetch, const T* prefetch_write, Body body) {
   const auto& a = ctx.a;
   const int64_t bins = a.ph * a.pw;
   parallel_for(0, a.Cout * bins, 1, [&](int64_t p0, int64_t p1) {
@@ -889,12 +891,13 @@ void for_each_plane_chunk(const RoiCtx<T>& ctx, const T* prefetch, const T* pref
     ps_scratch_init(ctx, s);
     for (int64_t ic = p0; ic < p1; ++ic) {
       const int64_t c = ic / bins, i = (ic / a.pw) % a.ph, j = ic % a.pw;
-      if (ic + 1 < p1) {
-        if (prefetch) prefetch_planes(ctx, prefetch, ic + 1, false);
-        if (prefetch_write) prefetch_planes(ctx, prefetch_write, ic + 1, true);
-      }
+      const int64_t chunks = (a.K + kRoiChunk - 1) / kRoiChunk;
       for (int64_t q0 = 0; q0 < a.K; q0 += kRoiChunk) {
         const int64_t n = std::min(kRoiChunk, a.K - q0);
+        if (ic + 1 < p1) {
+          if (prefetch) prefetch_planes(ctx, prefetch, ic + 1, false, q0 / kRoiChunk, chunks);
+          if (prefetch_write) prefetch_planes(ctx, prefetch_write, ic + 1, true, q0 / kRoiChunk, chunks);
+        }
         ps_plane_geometry(ctx, c / ctx.cpc, i, j, q0, n, s);
         body(ic, q0, n, s);
       }
