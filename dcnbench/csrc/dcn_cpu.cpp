@@ -997,7 +997,7 @@ inline void sample_backward(const PsScratch<T>& s, const T* P, T* G, int64_t W, 
   }
 }
 
-// GO[cell of (r, c, i, j)] += gs{x,y}[(r, c, i, j)] * gamma * roi size, each roi by one thread.
+// GO[cell of (r, c, i, j)] += gs{x,y}[(c, i, j), r] * gamma * roi size, each roi by one thread.
 template <typename T>
 void ps_offset_reduce(const RoiCtx<T>& ctx, const T* gsx, const T* gsy, T* GO) {
   const auto& a = ctx.a;
@@ -1011,11 +1011,9 @@ void ps_offset_reduce(const RoiCtx<T>& ctx, const T* gsx, const T* gsy, T* GO) {
     for (int64_t r = r0; r < r1; ++r) {
       const T kx = ctx.scale_x(r), ky = ctx.scale_y(r);
       T* go = GO + r * a.n_cls * 2 * cells;
-      const T* sx = gsx + r * per_roi;
-      const T* sy = gsy + r * per_roi;
       for (int64_t o = 0; o < per_roi; ++o) {
-        go[cell[o]] += sx[o] * kx;
-        go[cell[o] + cells] += sy[o] * ky;
+        go[cell[o]] += gsx[o * a.K + r] * kx;
+        go[cell[o] + cells] += gsy[o * a.K + r] * ky;
       }
     }
   });
@@ -1027,8 +1025,9 @@ void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* GY, T* GX, T* GO) {
   const auto& a = ctx.a;
   const int64_t HW = a.H * a.W, W = a.W;
   const bool offsets = GO != nullptr;
-  // d out / d shift per output element, (K, Cin) like GY; reduced into the offsets per roi afterwards.
-  const Tensor gs = at::empty({offsets ? 2 * a.K : 0, a.Cin}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
+  // d out / d shift per output element, plane-major (Cin, K) so that a plane's writes are contiguous;
+  // reduced into the offsets per roi afterwards.
+  const Tensor gs = at::empty({offsets ? 2 * a.Cin : 0, a.K}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
   T* gsx = offsets ? gs.data_ptr<T>() : nullptr;
   T* gsy = offsets ? gsx + a.K * a.Cin : nullptr;
   for_each_plane_chunk<T>(ctx, offsets ? X : nullptr, GX, [&](int64_t ic, int64_t q0, int64_t n,
@@ -1040,9 +1039,9 @@ void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* GY, T* GX, T* GO) {
     for (int64_t k = 0; k < n; ++k) {
       const int64_t r = q0 + k;
       const T count = s.x.count[k] * s.y.count[k];
-      const int64_t o = r * a.Cin + ic;
+      const int64_t o = r * a.Cin + ic, t = ic * a.K + r;  // in GY, in gs
       if (!(count > 0)) {
-        if (offsets) gsx[o] = gsy[o] = T(0);
+        if (offsets) gsx[t] = gsy[t] = T(0);
         continue;
       }
       const T gc = GY[o] / count;
@@ -1056,8 +1055,8 @@ void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* GY, T* GX, T* GO) {
         window_backward<T, 0>(b, X + plane, GX + plane, W, gc, offsets, sx, sy);
       }
       if (offsets) {
-        gsx[o] = gc * sx;
-        gsy[o] = gc * sy;
+        gsx[t] = gc * sx;
+        gsy[t] = gc * sy;
       }
     }
   });
