@@ -644,6 +644,28 @@ struct RoiCtx {
   T scale_y(int64_t r) const { return T(a.gamma) * geo[r].roi_h; }
 };
 
+// (cols, rows) transpose of a contiguous (rows, cols) matrix, in 16 x 16 blocks.
+template <typename T>
+Tensor transposed(const Tensor& src, int64_t rows, int64_t cols) {
+  Tensor dst_t = at::empty({cols, rows}, src.options());
+  const T* S = src.data_ptr<T>();
+  T* D = dst_t.data_ptr<T>();
+  constexpr int64_t B = 16;
+  parallel_for(0, (cols + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t c0 = b0 * B; c0 < std::min(cols, b1 * B); c0 += B) {
+      const int64_t c1 = std::min(cols, c0 + B);
+      for (int64_t r0 = 0; r0 < rows; r0 += B) {
+        const int64_t r1 = std::min(rows, r0 + B);
+        for (int64_t c = c0; c < c1; ++c) {
+          T* __restrict d = D + c * rows;
+          for (int64_t r = r0; r < r1; ++r) d[r] = S[r * cols + c];
+        }
+      }
+    }
+  });
+  return dst_t;
+}
+
 // ---- position-sensitive: every (output channel, bin) reads its own input plane, so the kernels
 // walk the input planes (one thread per plane, all rois in order: the plane stays in L1). For one
 // plane the sample geometry of all rois is computed at once in vectorisable loops over the rois
@@ -1019,9 +1041,10 @@ void ps_offset_reduce(const RoiCtx<T>& ctx, const T* gsx, const T* gsy, T* GO) {
   });
 }
 
-// GX need not be zeroed: each plane is zeroed by the thread that owns it.
+// GYt: the output gradient plane-major (Cin, K). GX need not be zeroed: each plane is zeroed by the
+// thread that owns it.
 template <typename T>
-void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* GY, T* GX, T* GO) {
+void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* GYt, T* GX, T* GO) {
   const auto& a = ctx.a;
   const int64_t HW = a.H * a.W, W = a.W;
   const bool offsets = GO != nullptr;
@@ -1039,12 +1062,12 @@ void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* GY, T* GX, T* GO) {
     for (int64_t k = 0; k < n; ++k) {
       const int64_t r = q0 + k;
       const T count = s.x.count[k] * s.y.count[k];
-      const int64_t o = r * a.Cin + ic, t = ic * a.K + r;  // in GY, in gs
+      const int64_t t = ic * a.K + r;
       if (!(count > 0)) {
         if (offsets) gsx[t] = gsy[t] = T(0);
         continue;
       }
-      const T gc = GY[o] / count;
+      const T gc = GYt[t] / count;
       const int64_t plane = (ctx.batch[r] * a.Cin + ic) * HW;
       T sx = 0, sy = 0;
       if (!(offsets ? bin_profile<T, true>(s, k, n, a.S, W, b) : bin_profile<T, false>(s, k, n, a.S, W, b))) {
@@ -1247,7 +1270,8 @@ std::tuple<Tensor, std::optional<Tensor>> roi_pool_backward(const Tensor& grad_o
       const RoiCtx<scalar_t> ctx(a, rois.data_ptr<scalar_t>(), a.has_offset ? off.data_ptr<scalar_t>() : nullptr);
       scalar_t* go = a.has_offset ? grad_offset.data_ptr<scalar_t>() : nullptr;
       if (a.ps) {
-        ps_backward<scalar_t>(ctx, input.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+        const Tensor gyt = transposed<scalar_t>(grad_out, a.K, a.Cin);
+        ps_backward<scalar_t>(ctx, input.data_ptr<scalar_t>(), gyt.data_ptr<scalar_t>(),
                               grad_input.data_ptr<scalar_t>(), go);
       } else {
         const Tensor xl = input.permute({0, 2, 3, 1}).contiguous();
