@@ -927,10 +927,9 @@ void for_each_plane_chunk(const RoiCtx<T>& ctx, const T* prefetch, const T* pref
   });
 }
 
-// Output Y and its gradient GY are (K, Cin): a plane's rois are Cin apart, and the rois of a few
-// consecutive planes share cache lines.
+// Yt: the output plane-major (Cin, K), so that a plane's writes are contiguous.
 template <typename T>
-void ps_forward(const RoiCtx<T>& ctx, const T* X, T* Y) {
+void ps_forward(const RoiCtx<T>& ctx, const T* X, T* Yt) {
   const auto& a = ctx.a;
   const int64_t HW = a.H * a.W, W = a.W;
   for_each_plane_chunk<T>(ctx, X, nullptr, [&](int64_t ic, int64_t q0, int64_t n, const PsScratch<T>& s) {
@@ -953,7 +952,7 @@ void ps_forward(const RoiCtx<T>& ctx, const T* X, T* Y) {
         }
         total /= count;
       }
-      Y[r * a.Cin + ic] = total;
+      Yt[ic * a.K + r] = total;
     }
   });
 }
@@ -1240,11 +1239,13 @@ Tensor roi_pool_forward(const Tensor& input, const Tensor& rois, const std::opti
   // Every element is written (a bin without valid samples gives 0).
   Tensor out = at::empty({a.K, a.Cout, a.ph, a.pw}, input.options());
   if (out.numel() == 0) return out;
+  const Tensor yt = a.ps ? at::empty({a.Cin, a.K}, input.options()) : Tensor();
   Tensor off = offset ? *offset : Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnbench_roi_pool_forward", [&] {
     const RoiCtx<scalar_t> ctx(a, rois.data_ptr<scalar_t>(), a.has_offset ? off.data_ptr<scalar_t>() : nullptr);
     if (a.ps) {
-      ps_forward<scalar_t>(ctx, input.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+      ps_forward<scalar_t>(ctx, input.data_ptr<scalar_t>(), yt.data_ptr<scalar_t>());
+      out = transposed<scalar_t>(yt, a.Cin, a.K).view({a.K, a.Cout, a.ph, a.pw});
     } else {
       const Tensor xl = input.permute({0, 2, 3, 1}).contiguous();
       plain_forward<scalar_t>(ctx, xl.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
