@@ -970,11 +970,14 @@ inline void window_backward(const BinProfile<T>& b, const T* P, T* G, int64_t W,
     const T* __restrict row = P + at;
     const T gy = gc * b.py[y], wp = b.py[y], wq = b.qy[y];
     if (offsets) {
+      // The input row is read before the gradient row is written: the two planes usually lie a
+      // multiple of 4 KiB apart, and a load behind a store to the same address bits waits for it.
 #pragma omp simd
       for (int64_t x = 0; x < L; ++x) {
+        const T v = row[x];
+        acc_p[x] += wp * v;
+        acc_q[x] += wq * v;
         grow[x] += gy * b.px[x];
-        acc_p[x] += wp * row[x];
-        acc_q[x] += wq * row[x];
       }
     } else {
 #pragma omp simd
