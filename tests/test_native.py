@@ -201,6 +201,17 @@ def test_roi_native_equals_reference(case, dtype):
     assert_all_close(native, ref, dtype)
 
 
+def test_ps_roi_input_gradient_is_zero_on_images_without_rois():
+    """The PS kernel zeroes the input gradient itself: images no roi points at must come out zero."""
+    x, rois, offset = roi_inputs(3, 2 * 9, 12, 12, 10, 3, 0.5, torch.float32, (2, 3))
+    rois[:, 0] = 1
+    dirty = [torch.full_like(x, float("nan")) for _ in range(4)]
+    del dirty  # freed blocks of the gradient's size, full of NaN, for the allocator to hand out again
+    grad_x = run_roi("native", x, rois, offset, (3, 0.5, 2, 0.1), True)[1]
+    assert torch.count_nonzero(grad_x[0]) == 0 and torch.count_nonzero(grad_x[2]) == 0
+    assert torch.count_nonzero(grad_x[1]) > 0
+
+
 def test_roi_gradients_bitwise_deterministic():
     x, rois, offset = roi_inputs(2, 4 * 9, 16, 20, 40, 3, 0.25, torch.float32, (4, 3))
     args = (3, 0.25, 4, 0.1)
