@@ -1242,11 +1242,11 @@ Tensor roi_pool_forward(const Tensor& input, const Tensor& rois, const std::opti
   // Every element is written (a bin without valid samples gives 0).
   Tensor out = at::empty({a.K, a.Cout, a.ph, a.pw}, input.options());
   if (out.numel() == 0) return out;
-  const Tensor yt = a.ps ? at::empty({a.Cin, a.K}, input.options()) : Tensor();
   Tensor off = offset ? *offset : Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnbench_roi_pool_forward", [&] {
     const RoiCtx<scalar_t> ctx(a, rois.data_ptr<scalar_t>(), a.has_offset ? off.data_ptr<scalar_t>() : nullptr);
     if (a.ps) {
+      const Tensor yt = at::empty({a.Cin, a.K}, input.options());
       ps_forward<scalar_t>(ctx, input.data_ptr<scalar_t>(), yt.data_ptr<scalar_t>());
       out = transposed<scalar_t>(yt, a.Cin, a.K).view({a.K, a.Cout, a.ph, a.pw});
     } else {
