@@ -935,33 +935,42 @@ void ps_forward(const RoiCtx<T>& ctx, const T* X, T* Yt) {
   for_each_plane_chunk<T>(ctx, X, nullptr, [&](int64_t ic, int64_t q0, int64_t n, const PsScratch<T>& s) {
     BinProfile<T> b;
     T acc[kMaxProfile];
+    // Bins on the fixed-width path leave their kLanes products in prod and are summed together
+    // after the chunk (one vectorised pass instead of a horizontal sum per bin); the others leave
+    // their sum in prod[k * kLanes] and zeros.
+    T prod[kRoiChunk * kLanes];
     for (int64_t k = 0; k < n; ++k) {
       const int64_t r = q0 + k;
+      T* pk = prod + k * kLanes;
+      std::fill_n(pk, kLanes, T(0));
+      if (!(s.x.count[k] * s.y.count[k] > 0)) continue;
+      const T* P = X + (ctx.batch[r] * a.Cin + ic) * HW;
+      if (!bin_profile<T, false>(s, k, n, a.S, W, b)) {
+        pk[0] = sample_sum(s, P, W, k, n, a.S);
+      } else if (b.nx == kLanes) {
+        weighted_rows<T, kLanes>(b, P, W, b.py, acc);
+#pragma omp simd
+        for (int64_t x = 0; x < kLanes; ++x) pk[x] = acc[x] * b.px[x];
+      } else {
+        weighted_rows<T, 0>(b, P, W, b.py, acc);
+        pk[0] = window_dot<T, 0>(b, acc, b.px);
+      }
+    }
+    for (int64_t k = 0; k < n; ++k) {
       const T count = s.x.count[k] * s.y.count[k];
       T total = 0;
-      if (count > 0) {
-        const T* P = X + (ctx.batch[r] * a.Cin + ic) * HW;
-        if (!bin_profile<T, false>(s, k, n, a.S, W, b)) {
-          total = sample_sum(s, P, W, k, n, a.S);
-        } else if (b.nx == kLanes) {
-          weighted_rows<T, kLanes>(b, P, W, b.py, acc);
-          total = window_dot<T, kLanes>(b, acc, b.px);
-        } else {
-          weighted_rows<T, 0>(b, P, W, b.py, acc);
-          total = window_dot<T, 0>(b, acc, b.px);
-        }
-        total /= count;
-      }
-      Yt[ic * a.K + r] = total;
+      for (int64_t x = 0; x < kLanes; ++x) total += prod[k * kLanes + x];
+      Yt[ic * a.K + q0 + k] = count > 0 ? total / count : T(0);
     }
   });
 }
 
 // Bin k's share of the backward pass over its profile window, in one pass over the rows: adds
-// gc * py[y] * px[x] into the input gradient G and, with offsets, returns d sum / d shift_x and
-// d sum / d shift_y through sx, sy.
+// gc * py[y] * px[x] into the input gradient G and, with offsets, leaves d sum / d shift_x and
+// d sum / d shift_y as kLanes terms each in sx, sy (NX = kLanes: the per-column products, summed
+// later; else the sums in entry 0).
 template <typename T, int NX>
-inline void window_backward(const BinProfile<T>& b, const T* P, T* G, int64_t W, T gc, bool offsets, T& sx, T& sy) {
+inline void window_backward(const BinProfile<T>& b, const T* P, T* G, int64_t W, T gc, bool offsets, T* sx, T* sy) {
   const int64_t L = NX > 0 ? NX : b.nx;
   T acc_p[kMaxProfile] = {}, acc_q[kMaxProfile] = {};
   for (int64_t y = 0; y < b.ny; ++y) {
@@ -985,8 +994,16 @@ inline void window_backward(const BinProfile<T>& b, const T* P, T* G, int64_t W,
     }
   }
   if (!offsets) return;
-  sx = window_dot<T, NX>(b, acc_p, b.qx);
-  sy = window_dot<T, NX>(b, acc_q, b.px);
+  if (NX == kLanes) {
+#pragma omp simd
+    for (int64_t x = 0; x < kLanes; ++x) {
+      sx[x] = acc_p[x] * b.qx[x];
+      sy[x] = acc_q[x] * b.px[x];
+    }
+  } else {
+    sx[0] = window_dot<T, NX>(b, acc_p, b.qx);
+    sy[0] = window_dot<T, NX>(b, acc_q, b.px);
+  }
 }
 
 // The same, sample by sample (any footprint).
@@ -1061,28 +1078,38 @@ void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* GYt, T* GX, T* GO) {
       for (int64_t img = 0; img < a.N; ++img) std::fill_n(GX + (img * a.Cin + ic) * HW, HW, T(0));
     }
     BinProfile<T> b;
+    // d sum / d shift of the chunk's bins as kLanes terms each, summed after the chunk (as in
+    // ps_forward); gcs: each bin's output gradient / sample count.
+    T terms_x[kRoiChunk * kLanes], terms_y[kRoiChunk * kLanes], gcs[kRoiChunk];
     for (int64_t k = 0; k < n; ++k) {
       const int64_t r = q0 + k;
       const T count = s.x.count[k] * s.y.count[k];
-      const int64_t t = ic * a.K + r;
-      if (!(count > 0)) {
-        if (offsets) gsx[t] = gsy[t] = T(0);
-        continue;
-      }
-      const T gc = GYt[t] / count;
+      T* tx = terms_x + k * kLanes;
+      T* ty = terms_y + k * kLanes;
+      std::fill_n(tx, kLanes, T(0));
+      std::fill_n(ty, kLanes, T(0));
+      gcs[k] = T(0);
+      if (!(count > 0)) continue;
+      const T gc = GYt[ic * a.K + r] / count;
+      gcs[k] = gc;
       const int64_t plane = (ctx.batch[r] * a.Cin + ic) * HW;
-      T sx = 0, sy = 0;
       if (!(offsets ? bin_profile<T, true>(s, k, n, a.S, W, b) : bin_profile<T, false>(s, k, n, a.S, W, b))) {
-        sample_backward(s, X + plane, GX + plane, W, k, n, a.S, gc, offsets, sx, sy);
+        sample_backward(s, X + plane, GX + plane, W, k, n, a.S, gc, offsets, tx[0], ty[0]);
       } else if (b.nx == kLanes) {
-        window_backward<T, kLanes>(b, X + plane, GX + plane, W, gc, offsets, sx, sy);
+        window_backward<T, kLanes>(b, X + plane, GX + plane, W, gc, offsets, tx, ty);
       } else {
-        window_backward<T, 0>(b, X + plane, GX + plane, W, gc, offsets, sx, sy);
+        window_backward<T, 0>(b, X + plane, GX + plane, W, gc, offsets, tx, ty);
       }
-      if (offsets) {
-        gsx[t] = gc * sx;
-        gsy[t] = gc * sy;
+    }
+    if (!offsets) return;
+    for (int64_t k = 0; k < n; ++k) {
+      T sx = 0, sy = 0;
+      for (int64_t x = 0; x < kLanes; ++x) {
+        sx += terms_x[k * kLanes + x];
+        sy += terms_y[k * kLanes + x];
       }
+      gsx[ic * a.K + q0 + k] = gcs[k] * sx;
+      gsy[ic * a.K + q0 + k] = gcs[k] * sy;
     }
   });
   if (!offsets) return;
