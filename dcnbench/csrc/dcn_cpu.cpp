@@ -873,12 +873,20 @@ inline void weighted_rows(const BinProfile<T>& b, const T* P, int64_t W, const T
   }
 }
 
-template <typename T, int NX>
+// Dot product of acc and p over a window of b.nx columns (windows other than the fixed kLanes).
+template <typename T>
 inline T window_dot(const BinProfile<T>& b, const T* acc, const T* p) {
-  const int64_t L = NX > 0 ? NX : b.nx;
   T t = 0;
 #pragma omp simd reduction(+ : t)
-  for (int64_t x = 0; x < L; ++x) t += acc[x] * p[x];
+  for (int64_t x = 0; x < b.nx; ++x) t += acc[x] * p[x];
+  return t;
+}
+
+// Sum of a bin's kLanes deferred terms (see ps_forward).
+template <typename T>
+inline T lane_sum(const T* terms) {
+  T t = 0;
+  for (int64_t x = 0; x < kLanes; ++x) t += terms[x];
   return t;
 }
 
@@ -953,14 +961,12 @@ void ps_forward(const RoiCtx<T>& ctx, const T* X, T* Yt) {
         for (int64_t x = 0; x < kLanes; ++x) pk[x] = acc[x] * b.px[x];
       } else {
         weighted_rows<T, 0>(b, P, W, b.py, acc);
-        pk[0] = window_dot<T, 0>(b, acc, b.px);
+        pk[0] = window_dot<T>(b, acc, b.px);
       }
     }
     for (int64_t k = 0; k < n; ++k) {
       const T count = s.x.count[k] * s.y.count[k];
-      T total = 0;
-      for (int64_t x = 0; x < kLanes; ++x) total += prod[k * kLanes + x];
-      Yt[ic * a.K + q0 + k] = count > 0 ? total / count : T(0);
+      Yt[ic * a.K + q0 + k] = count > 0 ? lane_sum(prod + k * kLanes) / count : T(0);
     }
   });
 }
@@ -994,15 +1000,15 @@ inline void window_backward(const BinProfile<T>& b, const T* P, T* G, int64_t W,
     }
   }
   if (!offsets) return;
-  if (NX == kLanes) {
+  if constexpr (NX == kLanes) {
 #pragma omp simd
     for (int64_t x = 0; x < kLanes; ++x) {
       sx[x] = acc_p[x] * b.qx[x];
       sy[x] = acc_q[x] * b.px[x];
     }
   } else {
-    sx[0] = window_dot<T, NX>(b, acc_p, b.qx);
-    sy[0] = window_dot<T, NX>(b, acc_q, b.px);
+    sx[0] = window_dot<T>(b, acc_p, b.qx);
+    sy[0] = window_dot<T>(b, acc_q, b.px);
   }
 }
 
@@ -1103,13 +1109,8 @@ void ps_backward(const RoiCtx<T>& ctx, const T* X, const T* GYt, T* GX, T* GO) {
     }
     if (!offsets) return;
     for (int64_t k = 0; k < n; ++k) {
-      T sx = 0, sy = 0;
-      for (int64_t x = 0; x < kLanes; ++x) {
-        sx += terms_x[k * kLanes + x];
-        sy += terms_y[k * kLanes + x];
-      }
-      gsx[ic * a.K + q0 + k] = gcs[k] * sx;
-      gsy[ic * a.K + q0 + k] = gcs[k] * sy;
+      gsx[ic * a.K + q0 + k] = gcs[k] * lane_sum(terms_x + k * kLanes);
+      gsy[ic * a.K + q0 + k] = gcs[k] * lane_sum(terms_y + k * kLanes);
     }
   });
   if (!offsets) return;
