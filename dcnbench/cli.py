@@ -41,15 +41,16 @@ def bench() -> None:
 @click.option("--reference", "with_reference", is_flag=True, help="Also time the pure-PyTorch reference.")
 @click.option("--no-roi", is_flag=True, help="Skip the RoI pooling cases.")
 @click.option("--no-memory", is_flag=True, help="Skip the batch-64 peak-RSS case.")
+@click.option("--tf32", is_flag=True, help="CUDA: cuDNN and cuBLAS in TF32 (default: both in full float32).")
 @click.option("--out", type=click.Path(file_okay=False), default="results/bench", show_default=True)
-def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memory, out) -> None:
+def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memory, tf32, out) -> None:
     """Time deform_conv2d and deformable (PS) RoI pooling against torchvision and F.conv2d / roi_align;
     writes <out>/ops_<device>.csv."""
     from dcnbench.bench.ops import parse_shape, run_ops_benchmark
 
     chosen = dict(parse_shape(s) for s in shapes) if shapes else None
     path = run_ops_benchmark(chosen, [int(t) for t in threads.split(",")], device, out, repeats,
-                             with_reference=with_reference, with_roi=not no_roi, with_memory=not no_memory)
+                             with_reference=with_reference, with_roi=not no_roi, with_memory=not no_memory, tf32=tf32)
     click.echo(f"wrote {path}")
 
 

@@ -39,7 +39,7 @@ PAPER_TABLE4 = Path(__file__).resolve().parents[1] / "results" / "paper" / "tabl
 VARIANTS = ("plain", "deformable")
 RUNTIME_COLUMNS = [
     "model", "variant", "device", "net_forward_s", "runtime_s", "repeats", "scale", "input_hw", "raw_hw",
-    "proposals", "params", "net_forward_min_s", "runtime_min_s", "net_forward_all_s", "runtime_all_s", "loadavg_1m", "backend", "threads", "machine", "torch",
+    "proposals", "params", "net_forward_min_s", "runtime_min_s", "net_forward_all_s", "runtime_all_s", "loadavg_1m", "backend", "threads", "float32_mode", "machine", "torch",
     "git_commit", "date",
 ]
 MEAN = (0.485, 0.456, 0.406)
@@ -231,6 +231,11 @@ def run_runtime(
 
     dev = torch.device(device)
     backend = backend_for(torch.empty(0, device=dev))
+    float32_mode, machine_name = "", machine()
+    if dev.type == "cuda":  # the paper's K40 has no TF32: cuDNN and cuBLAS both in full float32
+        from dcnbench.ops.cuda import set_float32_mode
+
+        float32_mode, machine_name = set_float32_mode(False), torch.cuda.get_device_name(dev)
     specs = [s for s in TABLE4_MODELS if models is None or s.name in models]
     if models is not None and len(specs) != len(set(models)):
         raise ValueError(f"unknown model in {models}; known: {[s.name for s in TABLE4_MODELS]}")
@@ -264,7 +269,8 @@ def run_runtime(
                 "net_forward_min_s": f"{min(net):.4f}", "runtime_min_s": f"{min(total):.4f}",
                 "net_forward_all_s": " ".join(f"{t:.4f}" for t in net), "runtime_all_s": " ".join(f"{t:.4f}" for t in total),
                 "loadavg_1m": f"{load_before:.2f}/{load_after:.2f}",
-                "backend": backend, "threads": torch.get_num_threads(), "machine": machine(), "torch": torch.__version__,
+                "backend": backend, "threads": torch.get_num_threads(), "float32_mode": float32_mode, "machine": machine_name,
+                "torch": torch.__version__,
                 "git_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             log(f"  {variant}: net forward {row['net_forward_s']} s, runtime {row['runtime_s']} s")

@@ -52,7 +52,7 @@ TORCHVISION = "torchvision"
 
 FIELDS = [
     "op", "implementation", "shape", "shape_desc", "pass", "threads", "ms", "baseline", "ratio_to_baseline",
-    "speedup_vs_torchvision", "peak_rss_mb", "repeats", "loadavg", "device", "machine", "nproc", "torch",
+    "speedup_vs_torchvision", "peak_rss_mb", "repeats", "loadavg", "device", "float32_mode", "machine", "nproc", "torch",
     "torchvision", "git_commit", "date",
 ]
 
@@ -290,9 +290,11 @@ def run_ops_benchmark(
     with_reference: bool = False,
     with_roi: bool = True,
     with_memory: bool = True,
+    tf32: bool = False,
     console=None,
 ) -> Path:
-    """Run the benchmark and write ``<out>/ops_<device>.csv``; returns its path."""
+    """Run the benchmark and write ``<out>/ops_<device>.csv`` (``ops_cuda_tf32.csv`` with ``tf32``:
+    cuDNN and cuBLAS both in TF32; else both in full float32); returns its path."""
     import torchvision
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -311,7 +313,12 @@ def run_ops_benchmark(
     meta = {**machine_info(), "device": device, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "git_commit": git_commit(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
     if device.startswith("cuda"):
+        from dcnbench.ops.cuda import set_float32_mode
+
         meta["machine"] = torch.cuda.get_device_name(device)
+        meta["float32_mode"] = set_float32_mode(tf32)
+    elif tf32:
+        raise ValueError("tf32 applies to CUDA devices only")
 
     rows: list[dict] = []
     n_cases = len(shapes) + (2 if with_roi else 0)
@@ -359,7 +366,7 @@ def run_ops_benchmark(
                         "ratio_to_baseline": f"{res['ms'] / conv['ms']:.3f}", "speedup_vs_torchvision": "",
                         "peak_rss_mb": f"{res['peak_rss_mb']:.0f}", "repeats": 1, "loadavg": _loadavg(), **meta,
                     })
-    path = out / f"ops_{device.split(':')[0]}.csv"
+    path = out / f"ops_{device.split(':')[0]}{'_tf32' if tf32 else ''}.csv"
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()

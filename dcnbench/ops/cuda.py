@@ -205,6 +205,16 @@ def status() -> tuple[bool, str]:
     return _status()
 
 
+def set_float32_mode(tf32: bool) -> str:
+    """Make cuDNN's convolutions and cuBLAS's float32 GEMMs use the same precision, so that a
+    timing of a deformable op (GEMMs through torch.matmul) against F.conv2d (cuDNN) compares like
+    with like: torch's defaults allow TF32 in cuDNN but not in torch.matmul. Returns the mode's
+    name for results tables: ``"tf32"`` or ``"fp32"``."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return "tf32" if tf32 else "fp32"
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers.
 

@@ -26,7 +26,10 @@ PROVENANCE_COLUMNS = ["wall_s", "device", "threads", "backend", "config_hash", "
 
 def git_commit() -> str:
     """Short commit of the dcnbench checkout, with ``+dirty`` when tracked files other than the
-    outputs under ``results/`` have uncommitted changes."""
+    outputs under ``results/`` have uncommitted changes. ``$DCNBENCH_GIT_COMMIT``, when set, is taken
+    as it is: a copy of the tree without ``.git`` (a lent GPU machine) is told its commit."""
+    if os.environ.get("DCNBENCH_GIT_COMMIT"):
+        return os.environ["DCNBENCH_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root, capture_output=True,
