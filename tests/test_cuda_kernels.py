@@ -433,24 +433,33 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_low_precision_close_to_fp32(dtype):
+    """fp16/bf16 kernels (storage in the low dtype, arithmetic in float32) stay within 1e-2 relative
+    error of the float32 kernels on the same inputs. The inputs are rounded to the low dtype first:
+    rounding an offset can move a sample across a pixel edge, which changes the offset gradient by a
+    step that says nothing about the kernels (bf16 rounding alone gave 10% on the offsets)."""
     _require_cuda_backend()
-    args = _conv_case(torch.float32, n=4)
-    grad = torch.randn(4, 6, args[1].shape[2], args[1].shape[3])
+
+    def rounded(args):
+        return [t.to(dtype).float() if isinstance(t, torch.Tensor) else t for t in args]
+
+    def errors(got, want):
+        return [_rel_err(g, w) for g, w in zip(got, want)]
+
+    args = rounded(_conv_case(torch.float32, n=4))
+    grad = torch.randn(4, 6, args[1].shape[2], args[1].shape[3]).to(dtype).float()
     out32, grads32 = _run_conv("cuda", torch.float32, args, grad, "cuda")
     out, grads = _run_conv("cuda", dtype, args, grad, "cuda")
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
-    assert _rel_err(out, out32) < 1e-2
-    for got, want in zip(grads, grads32):
-        assert _rel_err(got, want) < 1e-2
+    conv_errors = errors([out, *grads], [out32, *grads32])  # out, input, offset, weight, bias, mask
+    assert max(conv_errors) < 1e-2, conv_errors
     for ps in (False, True):
-        roi_args = _roi_case(torch.float32, ps, True)
+        roi_args = rounded(_roi_case(torch.float32, ps, True))
         c_out = roi_args[0].shape[1] // 9 if ps else roi_args[0].shape[1]
-        rgrad = torch.randn(roi_args[1].shape[0], c_out, 3, 3)
+        rgrad = torch.randn(roi_args[1].shape[0], c_out, 3, 3).to(dtype).float()
         out32, grads32 = _run_roi("cuda", torch.float32, roi_args, rgrad, "cuda", ps)
         out, grads = _run_roi("cuda", dtype, roi_args, rgrad, "cuda", ps)
-        assert _rel_err(out, out32) < 1e-2
-        for got, want in zip(grads, grads32):
-            assert _rel_err(got, want) < 2e-2  # offset grads go through 2-3 roundings of the sample position
+        roi_errors = errors([out, *grads], [out32, *grads32])  # out, input, offset
+        assert max(roi_errors) < 1e-2, (ps, roi_errors)
 
 
 @pytest.mark.cuda

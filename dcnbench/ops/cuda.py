@@ -25,12 +25,14 @@ in deterministic mode.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -72,6 +74,7 @@ _MAX_BLOCKS = 1 << 20
 _COLUMN_BUDGET = 1 << 26  # elements of the im2col buffer per chunk of images
 
 Launch = Callable[[str, torch.dtype, int, Sequence[object]], None]
+_CONVERTERS = {"p": numpy.uint64, "i": numpy.int64, "d": numpy.float64}  # kernel ABI; pointers as raw addresses
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,21 +162,36 @@ def pack_args(name: str, args: Sequence[object]) -> list[tuple[str, int | float]
     return packed
 
 
-def _cupy_launch(name: str, dtype: torch.dtype, total: int, args: Sequence[object]) -> None:
-    """Run kernel ``name<dtype>`` with at least min(total, 2^28) threads on torch's current stream."""
+@functools.cache
+def _function(name: str, ctype: str, device_index: int):
+    return _module(device_index).get_function(f"{name}<{ctype}>")
+
+
+@functools.cache
+def _cupy_stream(device_index: int, handle: int):
+    """cupy's view of the torch stream with raw ``handle`` (torch's streams live as long as the
+    process; a stream is only a handle here, so a cached view of a freed one is never used)."""
     import cupy
-    import numpy
+
+    return cupy.cuda.ExternalStream(handle, device_index)
+
+
+def _cupy_launch(name: str, dtype: torch.dtype, total: int, args: Sequence[object]) -> None:
+    """Run kernel ``name<dtype>`` with at least min(total, 2^28) threads on torch's current stream.
+    Host cost matters (small layers are launch-bound): functions and stream views are cached."""
+    import cupy
 
     packed = pack_args(name, args)
     if total <= 0:
         return
     device = next(a for a in args if isinstance(a, Tensor)).device
     index = device.index if device.index is not None else torch.cuda.current_device()
-    converters = {"p": numpy.uint64, "i": numpy.int64, "d": numpy.float64}  # pointers as raw addresses
-    values = tuple(converters[kind](value) for kind, value in packed)
+    values = tuple(_CONVERTERS[kind](value) for kind, value in packed)
     blocks = min((total + _BLOCK - 1) // _BLOCK, _MAX_BLOCKS)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
-        function = _module(index).get_function(f"{name}<{CTYPES[dtype]}>")
+    function = _function(name, CTYPES[dtype], index)
+    stream = _cupy_stream(index, torch.cuda.current_stream(device).cuda_stream)
+    on_device = contextlib.nullcontext() if cupy.cuda.runtime.getDevice() == index else cupy.cuda.Device(index)
+    with on_device, stream:
         function((blocks,), (_BLOCK,), values)
 
 
@@ -283,8 +301,8 @@ def _deform_conv2d_forward(launch: Launch, input, offset, weight, bias, stride, 
     w_mat = weight.reshape(g["groups"], g["out_c"] // g["groups"], g["c_per_group"] * g["taps"])
     for b0, b1 in _chunks(g["n"], g["c"] * g["taps"] * length):
         columns = _im2col(launch, g, input[b0:b1], offset[b0:b1], None if mask is None else mask[b0:b1])
-        result = torch.matmul(w_mat, columns)  # (B, groups, O/groups, L)
-        out[b0:b1].copy_(result.reshape(b1 - b0, g["out_c"], g["ho"], g["wo"]))
+        chunk_out = out[b0:b1].view(b1 - b0, g["groups"], g["out_c"] // g["groups"], length)
+        torch.matmul(w_mat, columns, out=chunk_out)
     if bias is not None:
         out += bias.reshape(1, -1, 1, 1)
     return out
@@ -344,6 +362,8 @@ def _deform_conv2d_backward(launch: Launch, grad_out, input, offset, weight, bia
 
 def _no_autocast(device: torch.device):
     """The kernels run in the input's dtype: the GEMMs inside must not be autocast."""
+    if not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._validate import check_deform_conv2d, pair
-from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_conv2d_op
+from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_conv2d_kernels
 
 
 def deform_conv2d(
@@ -45,7 +45,7 @@ def deform_conv2d(
     backend = backend_for(input)
     if backend == "reference":
         return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
-    return deform_conv2d_op(
+    return deform_conv2d_kernels(
         input.contiguous(), offset.contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), None if mask is None else mask.contiguous(),
         list(stride), list(padding), list(dilation), backend,

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._validate import check_roi_pool, pair, rois_to_tensor
-from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_roi_pool_op
+from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_roi_pool_kernels
 
 Rois = Tensor | Sequence[Tensor]
 
@@ -26,7 +26,7 @@ def _roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, g
     backend = backend_for(input)
     if backend == "reference":
         return reference.roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive)
-    return deform_roi_pool_op(
+    return deform_roi_pool_kernels(
         input.contiguous(), rois.contiguous(), None if offset is None else offset.contiguous(),
         list(output_size), spatial_scale, sampling_ratio, gamma, position_sensitive, backend,
     )

@@ -26,6 +26,7 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import cuda, native
 
@@ -144,6 +145,10 @@ def deform_conv2d_op(
     input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
     stride: list[int], padding: list[int], dilation: list[int], backend: str,
 ) -> Tensor:
+    return _deform_conv2d_forward_kernels(input, offset, weight, bias, mask, stride, padding, dilation, backend)
+
+
+def _deform_conv2d_forward_kernels(input, offset, weight, bias, mask, stride, padding, dilation, backend) -> Tensor:
     return _kernel_module(backend).deform_conv2d_forward(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
@@ -153,15 +158,21 @@ def _(input, offset, weight, bias, mask, stride, padding, dilation, backend):
     return input.new_empty((input.shape[0], weight.shape[0], ho, wo))
 
 
+def _deform_conv2d_backward_kernels(grad_output, input, offset, weight, bias, mask, stride, padding, dilation,
+                                    backend):
+    """Grads of (input, offset, weight, bias or None, mask or None)."""
+    return _kernel_module(backend).deform_conv2d_backward(grad_output, input, offset, weight, bias, stride, padding,
+                                                          dilation, mask)
+
+
 @torch.library.custom_op("dcnbench::deform_conv2d_backward", mutates_args=())
 def deform_conv2d_backward_op(
     grad_output: Tensor, input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
     stride: list[int], padding: list[int], dilation: list[int], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns grads of (input, offset, weight, bias, mask); an absent bias/mask gets an empty tensor."""
-    gi, go, gw, gb, gm = _kernel_module(backend).deform_conv2d_backward(
-        grad_output, input, offset, weight, bias, stride, padding, dilation, mask
-    )
+    gi, go, gw, gb, gm = _deform_conv2d_backward_kernels(grad_output, input, offset, weight, bias, mask, stride,
+                                                         padding, dilation, backend)
     # Distinct empty tensors: custom-op outputs must not alias each other.
     return gi, go, gw, input.new_empty((0,)) if gb is None else gb, input.new_empty((0,)) if gm is None else gm
 
@@ -179,13 +190,16 @@ def _deform_conv2d_setup(ctx, inputs, output):
     ctx.args = (stride, padding, dilation, backend)
 
 
-def _deform_conv2d_backward(ctx, grad_output):
-    input, offset, weight, bias, mask = ctx.saved_tensors
-    gi, go, gw, gb, gm = deform_conv2d_backward_op(grad_output.contiguous(), input, offset, weight, bias, mask, *ctx.args)
-    return gi, go, gw, gb if bias is not None else None, gm if mask is not None else None, None, None, None, None
+def _deform_conv2d_backward_with(backward_kernels):
+    def backward(ctx, grad_output):
+        input, offset, weight, bias, mask = ctx.saved_tensors
+        gi, go, gw, gb, gm = backward_kernels(grad_output.contiguous(), input, offset, weight, bias, mask, *ctx.args)
+        return gi, go, gw, gb if bias is not None else None, gm if mask is not None else None, None, None, None, None
+    return backward
 
 
-deform_conv2d_op.register_autograd(_deform_conv2d_backward, setup_context=_deform_conv2d_setup)
+deform_conv2d_op.register_autograd(_deform_conv2d_backward_with(deform_conv2d_backward_op),
+                                   setup_context=_deform_conv2d_setup)
 
 
 @torch.library.custom_op("dcnbench::deform_roi_pool", mutates_args=())
@@ -193,6 +207,12 @@ def deform_roi_pool_op(
     input: Tensor, rois: Tensor, offset: Tensor | None, output_size: list[int], spatial_scale: float,
     sampling_ratio: int, gamma: float, position_sensitive: bool, backend: str,
 ) -> Tensor:
+    return _roi_pool_forward_kernels(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
+                                     position_sensitive, backend)
+
+
+def _roi_pool_forward_kernels(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
+                              position_sensitive, backend) -> Tensor:
     return _kernel_module(backend).roi_pool_forward(
         input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive
     )
@@ -204,15 +224,22 @@ def _(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, po
     return input.new_empty((rois.shape[0], c, output_size[0], output_size[1]))
 
 
+def _roi_pool_backward_kernels(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
+                               position_sensitive, backend):
+    """Grads of (input, offset or None)."""
+    return _kernel_module(backend).roi_pool_backward(
+        grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive
+    )
+
+
 @torch.library.custom_op("dcnbench::deform_roi_pool_backward", mutates_args=())
 def deform_roi_pool_backward_op(
     grad_output: Tensor, input: Tensor, rois: Tensor, offset: Tensor | None, output_size: list[int],
     spatial_scale: float, sampling_ratio: int, gamma: float, position_sensitive: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Returns grads of (input, offset); without offset the second is an empty tensor."""
-    gi, go = _kernel_module(backend).roi_pool_backward(
-        grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive
-    )
+    gi, go = _roi_pool_backward_kernels(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio,
+                                        gamma, position_sensitive, backend)
     return gi, input.new_empty((0,)) if go is None else go
 
 
@@ -227,10 +254,55 @@ def _roi_pool_setup(ctx, inputs, output):
     ctx.args = args
 
 
-def _roi_pool_backward(ctx, grad_output):
-    input, rois, offset = ctx.saved_tensors
-    gi, go = deform_roi_pool_backward_op(grad_output.contiguous(), input, rois, offset, *ctx.args)
-    return gi, None, go if offset is not None else None, None, None, None, None, None, None
+def _roi_pool_backward_with(backward_kernels):
+    def backward(ctx, grad_output):
+        input, rois, offset = ctx.saved_tensors
+        gi, go = backward_kernels(grad_output.contiguous(), input, rois, offset, *ctx.args)
+        return gi, None, go if offset is not None else None, None, None, None, None, None, None
+    return backward
 
 
-deform_roi_pool_op.register_autograd(_roi_pool_backward, setup_context=_roi_pool_setup)
+deform_roi_pool_op.register_autograd(_roi_pool_backward_with(deform_roi_pool_backward_op), setup_context=_roi_pool_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager calls: the same kernels and autograd formulas under a plain autograd.Function. The custom
+# ops' Python dispatch (fake-tensor checks, schema defaults, aliasing checks, their autograd
+# wrapper) cost ~1 ms of host time per forward+backward of a small layer (measured on an H200's
+# host: a 16x32x24x24 layer took 1.49 ms through the custom op against 0.45 ms calling the kernels
+# directly), so they serve only while torch.compile traces.
+
+def _eager_function(name: str, forward_kernels, setup_context, backward) -> type[torch.autograd.Function]:
+    def forward(ctx, *inputs):
+        setup_context(ctx, inputs, None)
+        return forward_kernels(*inputs)
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(once_differentiable(backward)),
+    })
+
+
+_DeformConv2dEager = _eager_function(
+    "_DeformConv2dEager", _deform_conv2d_forward_kernels, _deform_conv2d_setup,
+    _deform_conv2d_backward_with(_deform_conv2d_backward_kernels))
+_DeformRoiPoolEager = _eager_function(
+    "_DeformRoiPoolEager", _roi_pool_forward_kernels, _roi_pool_setup, _roi_pool_backward_with(_roi_pool_backward_kernels))
+
+
+def deform_conv2d_kernels(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
+                          stride: list[int], padding: list[int], dilation: list[int], backend: str) -> Tensor:
+    """Deformable convolution on kernel backend ``backend`` (contiguous tensors), with autograd."""
+    if torch.compiler.is_compiling():
+        return deform_conv2d_op(input, offset, weight, bias, mask, stride, padding, dilation, backend)
+    return _DeformConv2dEager.apply(input, offset, weight, bias, mask, stride, padding, dilation, backend)
+
+
+def deform_roi_pool_kernels(input: Tensor, rois: Tensor, offset: Tensor | None, output_size: list[int],
+                            spatial_scale: float, sampling_ratio: int, gamma: float, position_sensitive: bool,
+                            backend: str) -> Tensor:
+    """Deformable (PS) RoI pooling on kernel backend ``backend`` (contiguous tensors), with autograd."""
+    args = (input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive, backend)
+    if torch.compiler.is_compiling():
+        return deform_roi_pool_op(*args)
+    return _DeformRoiPoolEager.apply(*args)
