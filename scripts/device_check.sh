@@ -1,40 +1,52 @@
 #!/usr/bin/env bash
-# The GPU checks of one device lease, in one call (see /work/.library/device or any CUDA machine):
-#   1. the CUDA backend's tests against the CPU reference (pytest -m cuda),
-#   2. `dcnbench bench ops --device cuda` in full float32 and in TF32,
-#   3. `dcnbench runtime --device cuda` (Table 4 at the paper's sizes).
-# Everything lands in $OUT (default /tmp/dcnbench-device); each step has its own time limit and a
-# failing step does not stop the next. No install: the checkout runs from PYTHONPATH.
-# Usage: DCNBENCH_GIT_COMMIT=<sha> scripts/device_check.sh [steps]   (the copy there has no .git)
-#        steps: any of "tests bench tf32 runtime" (default all)
+# The GPU checks of one device lease, in one call (see /work/.library/device, or any CUDA machine):
+#   tests    the CUDA backend's tests against the CPU reference (pytest -m cuda)
+#   bench    `dcnbench bench ops --device cuda` on the issue's shapes, full float32 and TF32
+#   large    the same on batched shapes where the kernels, not the host, set the time
+#   runtime  `dcnbench runtime --device cuda` (Table 4 at the paper's sizes)
+# Results land in $OUT (default /tmp/dcnbench-device): CSVs, gpu.txt and one log of every step
+# (device_check.log). Each step has its own time limit; a failing step does not stop the next. No
+# install: the checkout runs from PYTHONPATH.
+# Usage: DCNBENCH_GIT_COMMIT=<sha> scripts/device_check.sh [steps]   (default: all steps; name the
+#        commit where the copy has no .git)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dcnbench-device}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
-steps=${*:-tests bench tf32 runtime}
+LOG="$OUT/device_check.log"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 PYTHONWARNINGS=ignore::DeprecationWarning
+steps=${*:-tests bench large runtime}
 start=$SECONDS
-step() { echo "=== $1 ($((SECONDS - start)) s)"; }
+step() { echo "=== $1 ($((SECONDS - start)) s)" | tee -a "$LOG"; }
+bench() {  # bench <out dir> <time limit> [options]
+  local out=$1 limit=$2; shift 2
+  for mode in "" --tf32; do
+    timeout "$limit" python3 -m dcnbench.cli bench ops --device cuda --threads 1 --repeats 25 --out "$out" $mode "$@" \
+      >>"$LOG" 2>&1 || echo "bench $out $mode failed or timed out" | tee -a "$LOG"
+  done
+}
 
 step gpu
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, torchvision, cupy; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cupy', cupy.__version__)"
-  git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head; } 2>&1 | tee "$OUT/gpu.txt"
+} 2>&1 | tee "$OUT/gpu.txt" >>"$LOG"
 
 if [[ $steps == *tests* ]]; then
   step tests
-  timeout 180 python3 -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_cuda_kernels.py 2>&1 | tee "$OUT/pytest_cuda.log"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_cuda_kernels.py >>"$LOG" 2>&1
+  tail -1 "$LOG"
 fi
 if [[ $steps == *bench* ]]; then
   step bench
-  timeout 120 python3 -m dcnbench.cli bench ops --device cuda --threads 1 --repeats 25 --out "$OUT" 2>&1 | tee "$OUT/bench_fp32.log"
+  bench "$OUT" 60
 fi
-if [[ $steps == *tf32* ]]; then
-  step tf32
-  timeout 90 python3 -m dcnbench.cli bench ops --device cuda --threads 1 --repeats 25 --tf32 --out "$OUT" 2>&1 | tee "$OUT/bench_tf32.log"
+if [[ $steps == *large* ]]; then
+  step large
+  bench "$OUT/large" 60 --no-roi --shapes res5-b8=8,512,38,63,512,2 --shapes mid-b8=8,256,64,64,256,1 \
+    --shapes small-b64=64,64,48,48,64,2
 fi
 if [[ $steps == *runtime* ]]; then
   step runtime
-  timeout 150 python3 -m dcnbench.cli runtime --device cuda --repeats 10 --results-dir "$OUT" 2>&1 | tee "$OUT/runtime.log"
+  timeout 90 python3 -m dcnbench.cli runtime --device cuda --repeats 10 --results-dir "$OUT" >>"$LOG" 2>&1
 fi
 step done
