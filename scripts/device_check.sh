@@ -33,20 +33,20 @@ step gpu
 
 if [[ $steps == *tests* ]]; then
   step tests
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_cuda_kernels.py >>"$LOG" 2>&1
+  timeout 50 python3 -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_cuda_kernels.py >>"$LOG" 2>&1
   tail -1 "$LOG"
 fi
 if [[ $steps == *bench* ]]; then
   step bench
-  bench "$OUT" 60
+  bench "$OUT" 35
 fi
 if [[ $steps == *large* ]]; then
   step large
-  bench "$OUT/large" 60 --no-roi --shapes res5-b8=8,512,38,63,512,2 --shapes mid-b8=8,256,64,64,256,1 \
+  bench "$OUT/large" 40 --no-roi --shapes res5-b8=8,512,38,63,512,2 --shapes mid-b8=8,256,64,64,256,1 \
     --shapes small-b64=64,64,48,48,64,2
 fi
 if [[ $steps == *runtime* ]]; then
   step runtime
-  timeout 90 python3 -m dcnbench.cli runtime --device cuda --repeats 10 --results-dir "$OUT" >>"$LOG" 2>&1
+  timeout 60 python3 -m dcnbench.cli runtime --device cuda --repeats 10 --results-dir "$OUT" >>"$LOG" 2>&1
 fi
 step done
