@@ -1,8 +1,9 @@
 """Tables and the README performance section from ``results/bench/ops_<device>.csv``.
 
 ``python -m dcnbench.bench.report results/bench/ops_cpu.csv --readme README.md`` replaces the block
-between ``<!-- bench:ops:start -->`` and ``<!-- bench:ops:end -->`` in the README with the section
-rendered from the CSV (every number comes from that one run).
+between ``<!-- bench:results/bench/ops_cpu.csv:start -->`` and ``<!-- bench:results/bench/ops_cpu.csv:end -->``
+in the README with the section rendered from the CSV (every number comes from that one run); each
+CSV has its own block.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from pathlib import Path
 
 NATIVE = "dcnbench-native"
 NATIVE_MASKED = "dcnbench-native-modulated"
-START, END = "<!-- bench:ops:start -->", "<!-- bench:ops:end -->"
+
+
+def markers(csv_name: str) -> tuple[str, str]:
+    """The README block of one CSV."""
+    return f"<!-- bench:{csv_name}:start -->", f"<!-- bench:{csv_name}:end -->"
+
 
 # Issue 3's targets, all forward+backward: (ratio to F.conv2d at most, speed-up over torchvision at least).
 CONV_TARGETS = {"res5": (1.4, 4.0), "mid": (1.4, 4.0), "small": (2.0, 15.0), "tiny": (3.0, 15.0)}
@@ -65,6 +71,12 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
     return checks
 
 
+def _ms(value: str) -> str:
+    """Milliseconds with three significant digits or more (GPU timings are fractions of a ms)."""
+    v = float(value)
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
+
+
 def _conv_summary(rows: list[dict]) -> list[list[str]]:
     idx = _index(rows)
     out = []
@@ -79,9 +91,9 @@ def _conv_summary(rows: list[dict]) -> list[list[str]]:
                 if conv is None or nat is None:
                     cells += ["", "", ""]
                     continue
-                cells.append(f"{float(conv['ms']):.1f} / {float(nat['ms']):.1f}")
+                cells.append(f"{_ms(conv['ms'])} / {_ms(nat['ms'])}")
                 cells.append(f"{float(nat['ratio_to_baseline']):.2f}×")
-                cells.append(f"{float(tv['ms']):.0f} ms, {float(nat['speedup_vs_torchvision']):.1f}×" if tv else "")
+                cells.append(f"{_ms(tv['ms'])} ms, {float(nat['speedup_vs_torchvision']):.2f}×" if tv else "")
             masked = idx.get(("deform_conv2d", NATIVE_MASKED, shape, "forward+backward", t))
             nat = idx.get(("deform_conv2d", NATIVE, shape, "forward+backward", t))
             cells.append(f"{float(masked['ms']) / float(nat['ms']):.2f}×" if masked and nat else "")
@@ -102,7 +114,7 @@ def _roi_summary(rows: list[dict]) -> list[list[str]]:
                     cells += ["", ""]
                     continue
                 present = True
-                cells += [f"{float(b['ms']):.1f} / {float(n['ms']):.1f}", f"{float(n['speedup_vs_torchvision']):.1f}×"]
+                cells += [f"{_ms(b['ms'])} / {_ms(n['ms'])}", f"{float(n['speedup_vs_torchvision']):.2f}×"]
             if present:
                 out.append(cells)
     return out
@@ -128,33 +140,42 @@ ROI_HEADER = ["op", "threads", "fwd ms torchvision / native", "fwd speed-up", "f
 
 def render_markdown(rows: list[dict], csv_name: str = "results/bench/ops_cpu.csv") -> str:
     first = rows[0]
-    checks = evaluate_targets(rows)
+    on_cuda = first["device"].startswith("cuda")
+    checks = [] if on_cuda else evaluate_targets(rows)  # issue 3's targets are CPU targets
     met = [c for c in checks if c["met"]]
     missed = [c for c in checks if not c["met"]]
+    source = (f"Generated from `{csv_name}` by `python -m dcnbench.bench.report` (measured with `dcnbench bench ops"
+              + (" --device cuda" + (" --tf32" if first.get("float32_mode") == "tf32" else "") if on_cuda else "")
+              + f"`): {first['machine']}, torch {first['torch']}, torchvision {first['torchvision']}, commit "
+              f"{first['git_commit']}, {first['date']}. Median of interleaved rounds; ratios compare runs in the same "
+              "process")
+    if on_cuda:
+        source += (f". float32 tensors, {first.get('float32_mode') or 'fp32'} arithmetic in cuDNN and cuBLAS alike. "
+                   f"Each timing synchronizes the device before and after, so it includes the host's launch work "
+                   f"({first['nproc']} host CPUs), which sets the time of small cases. `native` is the CUDA kernel "
+                   "backend here.")
+    else:
+        source += (f" at the same thread count ({first['nproc']} CPUs). float32. The CSV's `loadavg` column is the "
+                   "machine's 1-minute load when each case finished: other jobs shared these CPUs, which inflates "
+                   "and skews the 2-thread numbers most.")
     parts = [
-        f"Generated from `{csv_name}` by `python -m dcnbench.bench.report` (measured with `dcnbench bench ops`): "
-        f"{first['machine']}, {first['nproc']} CPUs, torch {first['torch']}, torchvision {first['torchvision']}, "
-        f"commit {first['git_commit']}, {first['date']}. float32, median of interleaved rounds; ratios compare "
-        "runs in the same process at the same thread count. The CSV's `loadavg` column is the machine's "
-        "1-minute load when each case finished: other jobs shared these 2 CPUs, which inflates and skews "
-        "the 2-thread numbers most. Reproduce: `dcnbench bench ops` then "
-        "`python -m dcnbench.bench.report results/bench/ops_cpu.csv --readme README.md`.",
+        source + f" Regenerate: `python -m dcnbench.bench.report {csv_name} --readme README.md`.",
         "",
         "**deform_conv2d** (3×3, offsets ~ N(0, 1.5²) px) against `F.conv2d` of the same shape and "
         "`torchvision.ops.deform_conv2d`:",
         "",
         _md_table(CONV_HEADER, _conv_summary(rows)),
-        "",
-        "**Deformable (PS) RoI pooling** (300 RoIs, 7×7, 4×4 samples per bin) against torchvision's "
-        "`ps_roi_align` / `roi_align` at the same samples per bin:",
-        "",
-        _md_table(ROI_HEADER, _roi_summary(rows)),
     ]
+    roi = _roi_summary(rows)
+    if roi:
+        parts += ["", "**Deformable (PS) RoI pooling** (300 RoIs, 7×7, 4×4 samples per bin) against torchvision's "
+                  "`ps_roi_align` / `roi_align` at the same samples per bin:", "", _md_table(ROI_HEADER, roi)]
     mem = _memory_summary(rows)
     if mem:
         parts += ["", "**Memory** (forward+backward in a fresh process; peak RSS includes the inputs):", "",
                   _md_table(["implementation", "threads", "ms", "peak RSS MB", "case"], mem)]
-    parts += ["", f"**Targets of issue 3: {len(met)} of {len(checks)} checks met.**"]
+    if checks:
+        parts += ["", f"**Targets of issue 3: {len(met)} of {len(checks)} checks met.**"]
     if missed:
         parts += ["", "Missed:", ""] + [f"- {c['target']}, {c['threads']} thread(s): {c['value']}" for c in missed]
     if met:
@@ -183,10 +204,11 @@ def update_readme(readme: Path | str, csv_path: Path | str) -> None:
     readme = Path(readme)
     text = readme.read_text()
     rows = read_rows(csv_path)
-    block = f"{START}\n{render_markdown(rows, str(csv_path))}{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
+    start, end = markers(str(csv_path))
+    block = f"{start}\n{render_markdown(rows, str(csv_path))}{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
         text = head + block + tail
     else:
         text = text.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
@@ -196,7 +218,7 @@ def update_readme(readme: Path | str, csv_path: Path | str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("csv", nargs="?", default="results/bench/ops_cpu.csv")
-    parser.add_argument("--readme", help="README to update in place (between the bench:ops markers)")
+    parser.add_argument("--readme", help="README to update in place (between the CSV's bench markers)")
     args = parser.parse_args(argv)
     if args.readme:
         update_readme(args.readme, args.csv)

@@ -562,8 +562,15 @@ def build_table4(results_dir: Path | None = None, paper_dir: Path | None = None,
     notes = ["(×r): overhead ratio of the deformable model over its plain counterpart.",
              "Paper: ResNet-101, Intel E5-2650 v2 CPU and Nvidia K40 GPU. Ours: "
              + (f"params from {_rel(results_dir / 'table4_params.csv')}" if params_rows else "no params CSV yet")
-             + "; " + (", ".join(_rel(p) for p in runtime_files) if runtime_files else "no runtime CSVs yet") + "."]
+             + "; " + (", ".join(f"{_rel(p)} ({_machines(p)})" for p in runtime_files) if runtime_files
+                       else "no runtime CSVs yet") + "."]
     return Rendered(4, tier, f"Table 4: {TITLES[4]}", header, rows, notes, records)
+
+
+def _machines(path: Path) -> str:
+    """The machines (and float32 modes, where recorded) a runtime CSV was measured on."""
+    names = {r.get("machine", "") + (f", {r['float32_mode']}" if r.get("float32_mode") else "") for r in _read_csv(path)}
+    return "; ".join(sorted(n for n in names if n)) or "machine not recorded"
 
 
 def _ratio(v: float | None, b: float | None):
