@@ -5,7 +5,7 @@ import csv
 from click.testing import CliRunner
 
 from dcnbench.cli import main
-from dcnbench.runtime import TABLE4_MODELS, overhead_rows, read_paper_table4
+from dcnbench.runtime import TABLE4_MODELS, overhead_rows, paired_ratio, read_paper_table4, verdict
 
 REQUIRED = ["model", "variant", "device", "net_forward_s", "runtime_s", "repeats"]
 PROVENANCE = ["backend", "threads", "machine", "torch", "git_commit", "date"]
@@ -65,3 +65,29 @@ def test_overhead_ratio():
     (rec,) = overhead_rows(rows)
     assert rec["ratio_net_forward_s"] == 1.25 and abs(rec["ratio_runtime_s"] - 1.1) < 1e-12
     assert abs(rec["paper_ratio_net_forward_s"] - 0.169 / 0.143) < 1e-12
+    assert "paired_ratio_net_forward_s" not in rec  # no per-round times in these rows
+
+
+def test_paired_ratio_is_the_median_of_round_ratios_with_an_interval_around_it():
+    plain = [1.0, 2.0, 1.0, 1.5, 1.0]
+    deformable = [1.1, 2.4, 1.05, 1.65, 1.3]  # round ratios 1.1, 1.2, 1.05, 1.1, 1.3
+    median, low, high = paired_ratio(plain, deformable)
+    assert abs(median - 1.1) < 1e-12
+    assert 1.05 <= low <= median <= high <= 1.3
+    assert paired_ratio(plain, deformable) == (median, low, high)  # seeded
+
+
+def test_verdict_needs_the_whole_interval_on_one_side_of_the_paper():
+    assert verdict(1.01, 1.06, 1.07) == "met"
+    assert verdict(1.08, 1.12, 1.07) == "not met"
+    assert verdict(1.03, 1.09, 1.07) == "unresolved"
+
+
+def test_overhead_rows_carry_the_paired_ratio_and_verdict():
+    rows = [{"model": "R-FCN", "variant": "plain", "net_forward_s": "2.0", "runtime_s": "4.0",
+             "net_forward_all_s": "2.0 2.1 1.9", "runtime_all_s": "4.0 4.1 3.9"},
+            {"model": "R-FCN", "variant": "deformable", "net_forward_s": "2.2", "runtime_s": "4.4",
+             "net_forward_all_s": "2.2 2.3 2.1", "runtime_all_s": "5.2 5.3 5.1"}]
+    (rec,) = overhead_rows(rows)
+    assert rec["verdict_net_forward_s"] == "met"  # ~1.10 against the paper's 1.18
+    assert rec["verdict_runtime_s"] == "not met"  # ~1.30 against 1.14
