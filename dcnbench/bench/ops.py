@@ -18,6 +18,7 @@ Cases (issue 3):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -279,6 +280,18 @@ def memory_case(impl: str, threads: int, dims) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@contextlib.contextmanager
+def _restoring_torch_settings():
+    """The benchmark sets torch's thread count (and, on CUDA, the TF32 flags); the caller gets its own back."""
+    threads = torch.get_num_threads()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
 def run_ops_benchmark(
     shapes: dict[str, tuple[int, int, int, int, int, int]] | None = None,
     threads: list[int] | None = None,
@@ -310,62 +323,64 @@ def run_ops_benchmark(
         raise RuntimeError(f"dcnbench {backend} backend unavailable: {why}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {**machine_info(), "device": device, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "git_commit": git_commit(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
-    if device.startswith("cuda"):
-        from dcnbench.ops.cuda import set_float32_mode
+    with _restoring_torch_settings():
+        meta = {**machine_info(), "device": device, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                "git_commit": git_commit(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+        if device.startswith("cuda"):
+            from dcnbench.ops.cuda import set_float32_mode
 
-        meta["machine"] = torch.cuda.get_device_name(device)
-        meta["float32_mode"] = set_float32_mode(tf32)
-    elif tf32:
-        raise ValueError("tf32 applies to CUDA devices only")
+            meta["machine"] = torch.cuda.get_device_name(device)
+            meta["float32_mode"] = set_float32_mode(tf32)
+        elif tf32:
+            raise ValueError("tf32 applies to CUDA devices only")
 
-    rows: list[dict] = []
-    n_cases = len(shapes) + (2 if with_roi else 0)
-    total = len(threads) * n_cases * len(PASSES) * repeats
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
-        task = progress.add_task("ops benchmark", total=total)
-        for t in threads:
-            torch.set_num_threads(t)
-            cases = [conv_case(name, dims, device, with_reference) for name, dims in shapes.items()]
-            if with_roi:
-                cases += [roi_case(True, device, with_reference), roi_case(False, device, with_reference)]
-            for case in cases:
-                for pass_name in PASSES:
-                    progress.update(task, description=f"{t} thr  {case.op} {case.shape} {pass_name}")
-                    result = time_case(case, pass_name != "forward", device, repeats, warmup, budget_s,
-                                       on_step=lambda: progress.advance(task))
-                    base_ms = result[case.baseline][0]
-                    # torchvision's own op: deform_conv2d, or the roi case's baseline (ps_)roi_align.
-                    if TORCHVISION in result:
-                        tv_ms = result[TORCHVISION][0]
-                    else:
-                        tv_ms = result[case.baseline][0] if case.op != "deform_conv2d" else None
-                    load = _loadavg()
-                    for impl, (ms, n) in result.items():
+        rows: list[dict] = []
+        n_cases = len(shapes) + (2 if with_roi else 0)
+        total = len(threads) * n_cases * len(PASSES) * repeats
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            task = progress.add_task("ops benchmark", total=total)
+            for t in threads:
+                torch.set_num_threads(t)
+                cases = [conv_case(name, dims, device, with_reference) for name, dims in shapes.items()]
+                if with_roi:
+                    cases += [roi_case(True, device, with_reference), roi_case(False, device, with_reference)]
+                for case in cases:
+                    for pass_name in PASSES:
+                        progress.update(task, description=f"{t} thr  {case.op} {case.shape} {pass_name}")
+                        result = time_case(case, pass_name != "forward", device, repeats, warmup, budget_s,
+                                           on_step=lambda: progress.advance(task))
+                        base_ms = result[case.baseline][0]
+                        # torchvision's own op: deform_conv2d, or the roi case's baseline (ps_)roi_align.
+                        if TORCHVISION in result:
+                            tv_ms = result[TORCHVISION][0]
+                        else:
+                            tv_ms = result[case.baseline][0] if case.op != "deform_conv2d" else None
+                        load = _loadavg()
+                        for impl, (ms, n) in result.items():
+                            rows.append({
+                                "op": case.op, "implementation": impl, "shape": case.shape, "shape_desc": case.desc,
+                                "pass": pass_name, "threads": t, "ms": f"{ms:.3f}", "baseline": case.baseline,
+                                "ratio_to_baseline": f"{ms / base_ms:.3f}",
+                                "speedup_vs_torchvision": f"{tv_ms / ms:.2f}" if tv_ms else "",
+                                "peak_rss_mb": "", "repeats": n, "loadavg": load, **meta,
+                            })
+                if with_memory and not device.startswith("cuda"):
+                    name, dims = MEMORY_SHAPE
+                    n, c, h, w, o, d = dims
+                    progress.update(task, description=f"{t} thr  memory {name} (fresh processes)")
+                    base_rss = memory_case("inputs-only", t, dims)["peak_rss_mb"]
+                    conv = memory_case("F.conv2d", t, dims)
+                    for impl, label in (("F.conv2d", "F.conv2d"), ("native", NATIVE)):
+                        res = conv if impl == "F.conv2d" else memory_case(impl, t, dims)
                         rows.append({
-                            "op": case.op, "implementation": impl, "shape": case.shape, "shape_desc": case.desc,
-                            "pass": pass_name, "threads": t, "ms": f"{ms:.3f}", "baseline": case.baseline,
-                            "ratio_to_baseline": f"{ms / base_ms:.3f}",
-                            "speedup_vs_torchvision": f"{tv_ms / ms:.2f}" if tv_ms else "",
-                            "peak_rss_mb": "", "repeats": n, "loadavg": load, **meta,
+                            "op": "deform_conv2d", "implementation": label, "shape": name,
+                            "shape_desc": f"({n},{c},{h},{w})->{o}, 3x3, dil {d}; inputs alone {base_rss:.0f} MB RSS",
+                            "pass": "forward+backward", "threads": t, "ms": f"{res['ms']:.3f}", "baseline": "F.conv2d",
+                            "ratio_to_baseline": f"{res['ms'] / conv['ms']:.3f}", "speedup_vs_torchvision": "",
+                            "peak_rss_mb": f"{res['peak_rss_mb']:.0f}", "repeats": 1, "loadavg": _loadavg(), **meta,
                         })
-            if with_memory and not device.startswith("cuda"):
-                name, dims = MEMORY_SHAPE
-                n, c, h, w, o, d = dims
-                progress.update(task, description=f"{t} thr  memory {name} (fresh processes)")
-                base_rss = memory_case("inputs-only", t, dims)["peak_rss_mb"]
-                conv = memory_case("F.conv2d", t, dims)
-                for impl, label in (("F.conv2d", "F.conv2d"), ("native", NATIVE)):
-                    res = conv if impl == "F.conv2d" else memory_case(impl, t, dims)
-                    rows.append({
-                        "op": "deform_conv2d", "implementation": label, "shape": name,
-                        "shape_desc": f"({n},{c},{h},{w})->{o}, 3x3, dil {d}; inputs alone {base_rss:.0f} MB RSS",
-                        "pass": "forward+backward", "threads": t, "ms": f"{res['ms']:.3f}", "baseline": "F.conv2d",
-                        "ratio_to_baseline": f"{res['ms'] / conv['ms']:.3f}", "speedup_vs_torchvision": "",
-                        "peak_rss_mb": f"{res['peak_rss_mb']:.0f}", "repeats": 1, "loadavg": _loadavg(), **meta,
-                    })
+
     path = out / f"ops_{device.split(':')[0]}{'_tf32' if tf32 else ''}.csv"
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)

@@ -1,0 +1,66 @@
+"""`dcnbench bench ops` (dcnbench.bench.ops) and the README blocks generated from its CSVs
+(dcnbench.bench.report)."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcnbench.bench.ops import FIELDS, run_ops_benchmark
+from dcnbench.bench.report import markers, read_rows, render_markdown, update_readme
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_CSV = "results/bench/ops_cpu.csv"
+CUDA_CSV = "results/bench/ops_cuda.csv"
+
+
+def test_each_csv_owns_its_readme_block(tmp_path, monkeypatch):
+    """Regenerating one CSV's block rewrites that block alone; text around and between blocks stays."""
+    monkeypatch.chdir(ROOT)
+    readme = tmp_path / "README.md"
+    cpu_start, cpu_end = markers(CPU_CSV)
+    cuda_start, cuda_end = markers(CUDA_CSV)
+    readme.write_text(f"intro\n{cpu_start}\nold cpu\n{cpu_end}\nbetween\n{cuda_start}\nold cuda\n{cuda_end}\nend\n")
+    update_readme(readme, CUDA_CSV)
+    text = readme.read_text()
+    assert "old cpu" in text and "old cuda" not in text
+    assert text.startswith("intro\n") and "\nbetween\n" in text and text.endswith("end\n")
+    assert render_markdown(read_rows(CUDA_CSV), CUDA_CSV) in text
+
+
+def test_cuda_block_names_the_card_and_float32_mode_and_skips_cpu_targets(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cuda = render_markdown(read_rows(CUDA_CSV), CUDA_CSV)
+    first = read_rows(CUDA_CSV)[0]
+    assert first["machine"] in cuda and f"{first['float32_mode']} arithmetic" in cuda
+    assert "Targets of issue 3" not in cuda
+    assert "Targets of issue 3" in render_markdown(read_rows(CPU_CSV), CPU_CSV)
+
+
+def test_bench_ops_writes_one_row_per_implementation_shape_and_pass(tmp_path):
+    from rich.console import Console
+
+    threads = torch.get_num_threads()
+    path = run_ops_benchmark({"t": (2, 4, 6, 6, 4, 1)}, [1], "cpu", tmp_path, repeats=3, with_roi=False,
+                             with_memory=False, console=Console(file=open("/dev/null", "w")))
+    assert torch.get_num_threads() == threads  # the caller's thread count is restored
+    assert path == tmp_path / "ops_cpu.csv"
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == FIELDS
+        rows = list(reader)
+    impls = {r["implementation"] for r in rows}
+    assert impls == {"F.conv2d", "dcnbench-native", "dcnbench-native-modulated", "torchvision"}
+    assert len(rows) == len(impls) * 2  # forward, forward+backward
+    for r in rows:
+        base = next(b for b in rows if b["implementation"] == "F.conv2d" and b["pass"] == r["pass"])
+        # ratio = ms / baseline ms, up to the CSV's 3-decimal rounding of sub-millisecond times
+        assert float(r["ratio_to_baseline"]) == pytest.approx(float(r["ms"]) / float(base["ms"]), rel=0.1)
+        assert r["device"] == "cpu" and r["float32_mode"] == "" and r["git_commit"]
+
+
+def test_bench_ops_tf32_is_a_cuda_option(tmp_path):
+    with pytest.raises(ValueError, match="CUDA"):
+        run_ops_benchmark({"t": (1, 2, 4, 4, 2, 1)}, [1], "cpu", tmp_path, repeats=3, with_roi=False,
+                          with_memory=False, tf32=True)
