@@ -1,0 +1,100 @@
+"""Where the CUDA backend's time goes (run on a CUDA machine; results/bench/cuda_notes.md has a run).
+
+1. Host split of a small layer (16x32x24x24, batch-1-like sizes are launch-bound): forward alone,
+   backward alone (retain_graph), forward+backward, against torchvision's op.
+2. The ten largest GPU kernels of deform_conv2d and (PS) RoI pooling forward+backward, per
+   iteration, from torch.profiler (full float32 in cuDNN and cuBLAS alike).
+
+Usage: PYTHONPATH=. python scripts/profile_cuda.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.profiler import ProfilerActivity, profile
+
+from dcnbench.bench.ops import _rfcn_rois
+from dcnbench.ops import deform_conv2d, deform_ps_roi_pool, deform_roi_pool, use_backend
+from dcnbench.ops.cuda import set_float32_mode
+
+
+def per_call_us(fn, n: int = 300) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def conv_inputs(g: torch.Generator, n: int, c: int, h: int, w: int, o: int):
+    x = torch.randn(n, c, h, w, generator=g).cuda().requires_grad_()
+    weight = (torch.randn(o, c, 3, 3, generator=g) / (3 * c**0.5)).cuda().requires_grad_()
+    offset = (1.5 * torch.randn(n, 18, h, w, generator=g)).cuda().requires_grad_()
+    return x, offset, weight, torch.randn(n, o, h, w, generator=g).cuda()
+
+
+def host_split(g: torch.Generator) -> None:
+    x, offset, weight, grad = conv_inputs(g, 16, 32, 24, 24, 32)
+
+    def forward():
+        with use_backend("cuda"):
+            return deform_conv2d(x, offset, weight, None, 1, 2, 2)
+
+    out = forward()
+    rows = {
+        "forward": forward,
+        "backward alone (retain_graph)": lambda: out.backward(grad, retain_graph=True),
+        "forward+backward": lambda: forward().backward(grad),
+        "torchvision forward+backward": lambda: torchvision.ops.deform_conv2d(x, offset, weight, None, 1, 2, 2)
+        .backward(grad),
+    }
+    print("host split, (16,32,24,24)->32, dil 2 (us per call):")
+    for name, fn in rows.items():
+        print(f"  {name:32s} {per_call_us(fn):8.1f}")
+
+
+def kernel_table(g: torch.Generator) -> None:
+    cases = {}
+    for name, dims in {"res5 (1,512,38,63)": (1, 512, 38, 63, 512), "res5 batch 8": (8, 512, 38, 63, 512)}.items():
+        x, offset, weight, grad = conv_inputs(g, *dims)
+        cases[f"deform_conv2d {name}"] = (
+            lambda x=x, offset=offset, weight=weight, grad=grad:
+            deform_conv2d(x, offset, weight, None, 1, 2, 2).backward(grad))
+        cases[f"F.conv2d {name}"] = lambda x=x, weight=weight, grad=grad: F.conv2d(x, weight, None, 1, 2, 2).backward(grad)
+    rois = _rfcn_rois(300, 38, 63, 1 / 16, g).cuda()
+    feats = torch.randn(1, 49 * 21, 38, 63, generator=g).cuda().requires_grad_()
+    ps_offset = (0.5 * torch.randn(300, 42, 7, 7, generator=g)).cuda().requires_grad_()
+    ps_grad = torch.randn(300, 21, 7, 7, generator=g).cuda()
+    cases["deform_ps_roi_pool R-FCN"] = lambda: deform_ps_roi_pool(feats, rois, ps_offset, 7, 1 / 16, 4, 0.1).backward(ps_grad)
+    cases["ps_roi_align R-FCN"] = lambda: torchvision.ops.ps_roi_align(feats, rois, 7, 1 / 16, 4).backward(ps_grad)
+    for name, fn in cases.items():
+        with use_backend("cuda"):
+            wall = per_call_us(fn, 20) / 1e3
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+        kernels = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                         key=lambda e: -e.self_device_time_total)[:10]
+        print(f"{name}: {wall:.3f} ms per forward+backward (wall)")
+        for e in kernels:
+            print(f"  {e.self_device_time_total / 10 / 1e3:7.3f} ms  x{e.count // 10:<2d} {e.key[:100]}")
+
+
+def main() -> None:
+    set_float32_mode(False)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    g = torch.Generator().manual_seed(0)
+    host_split(g)
+    kernel_table(g)
+
+
+if __name__ == "__main__":
+    main()
