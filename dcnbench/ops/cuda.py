@@ -169,8 +169,8 @@ def _function(name: str, ctype: str, device_index: int):
 
 @functools.cache
 def _cupy_stream(device_index: int, handle: int):
-    """cupy's view of the torch stream with raw ``handle`` (torch's streams live as long as the
-    process; a stream is only a handle here, so a cached view of a freed one is never used)."""
+    """cupy's view of the CUDA stream with raw ``handle``: it holds the handle alone, so a view
+    cached for a stream that was freed serves whichever stream later gets the same handle."""
     import cupy
 
     return cupy.cuda.ExternalStream(handle, device_index)
