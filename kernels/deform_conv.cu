@@ -15,19 +15,13 @@
 
 namespace dcn {
 
-// (v / n, v % n) for v < 2^31 (a tap, or an output pixel: the host checks out_h * out_w < 2^31) in
-// 32-bit arithmetic, several times cheaper than 64-bit division on GPUs.
-DCN_DEVICE void divmod32(index_t v, index_t n, int& quotient, int& remainder) {
-  quotient = int(v) / int(n);
-  remainder = int(v) - quotient * int(n);
-}
-
-// Sampling position of tap k = (i, j) at output l = (ho, wo) of the offset group block `off`, in
-// accumulation type.
+// Sampling position of (offset group block `off`, tap k, output l) in accumulation type.
 template <typename T, typename A>
-DCN_DEVICE void conv_sample(const T* off, index_t k, index_t l, index_t L, int i, int j, int ho, int wo,
+DCN_DEVICE void conv_sample(const T* off, index_t k, index_t l, index_t L, index_t kernel_w, index_t out_w,
                             index_t stride_h, index_t stride_w, index_t pad_h, index_t pad_w, index_t dil_h,
                             index_t dil_w, A& y, A& x) {
+  const index_t i = k / kernel_w, j = k % kernel_w;
+  const index_t ho = l / out_w, wo = l % out_w;
   y = A(ho * stride_h - pad_h + i * dil_h) + load<A>(off, (2 * k) * L + l);
   x = A(wo * stride_w - pad_w + j * dil_w) + load<A>(off, (2 * k + 1) * L + l);
 }
@@ -53,13 +47,9 @@ __global__ void dcn_im2col(const T* __restrict__ input, const T* __restrict__ of
     const T* plane = input + (b * channels + c) * hw;
     const T* off = offset + bg * taps * 2 * L;
     T* col = columns + (b * channels + c) * taps * L + l;
-    int ho, wo;
-    divmod32(l, out_w, ho, wo);
     for (index_t k = 0; k < taps; ++k) {
-      int i, j;
-      divmod32(k, kernel_w, i, j);
       A y, x;
-      conv_sample<T, A>(off, k, l, L, i, j, ho, wo, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, y, x);
+      conv_sample<T, A>(off, k, l, L, kernel_w, out_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, y, x);
       A value = A(0);
       Corners<A> cs;
       if (conv_corners<A>(y, x, int(height), int(width), cs)) {
@@ -89,11 +79,8 @@ __global__ void dcn_col2im(const T* __restrict__ grad_columns, const T* __restri
     const index_t c = (idx / (L * taps)) % channels;
     const index_t b = idx / (L * taps * channels);
     const index_t bg = b * offset_groups + c / per_group;
-    int i, j, ho, wo;
-    divmod32(k, kernel_w, i, j);
-    divmod32(l, out_w, ho, wo);
     A y, x;
-    conv_sample<T, A>(offset + bg * taps * 2 * L, k, l, L, i, j, ho, wo, stride_h, stride_w, pad_h, pad_w, dil_h,
+    conv_sample<T, A>(offset + bg * taps * 2 * L, k, l, L, kernel_w, out_w, stride_h, stride_w, pad_h, pad_w, dil_h,
                       dil_w, y, x);
     Corners<A> cs;
     if (!conv_corners<A>(y, x, int(height), int(width), cs)) continue;
@@ -127,11 +114,8 @@ __global__ void dcn_col2im_coord(const T* __restrict__ grad_columns, const T* __
     const index_t k = (idx / L) % taps;
     const index_t bg = idx / (L * taps);  // b * offset_groups + g
     const index_t b = bg / offset_groups, g = bg % offset_groups;
-    int i, j, ho, wo;
-    divmod32(k, kernel_w, i, j);
-    divmod32(l, out_w, ho, wo);
     A y, x;
-    conv_sample<T, A>(offset + bg * taps * 2 * L, k, l, L, i, j, ho, wo, stride_h, stride_w, pad_h, pad_w, dil_h,
+    conv_sample<T, A>(offset + bg * taps * 2 * L, k, l, L, kernel_w, out_w, stride_h, stride_w, pad_h, pad_w, dil_h,
                       dil_w, y, x);
     A grad_y = A(0), grad_x = A(0), grad_m = A(0);
     Corners<A> cs;
@@ -178,11 +162,8 @@ __global__ void dcn_col2im_entries(const T* __restrict__ offset, const T* __rest
     const index_t l = idx % L;
     const index_t k = (idx / L) % taps;
     const index_t bg = idx / (L * taps);
-    int i, j, ho, wo;
-    divmod32(k, kernel_w, i, j);
-    divmod32(l, out_w, ho, wo);
     A y, x;
-    conv_sample<T, A>(offset + bg * taps * 2 * L, k, l, L, i, j, ho, wo, stride_h, stride_w, pad_h, pad_w, dil_h,
+    conv_sample<T, A>(offset + bg * taps * 2 * L, k, l, L, kernel_w, out_w, stride_h, stride_w, pad_h, pad_w, dil_h,
                       dil_w, y, x);
     Corners<A> cs;
     const bool any = conv_corners<A>(y, x, int(height), int(width), cs);

@@ -270,9 +270,6 @@ def _conv_geometry(input: Tensor, offset: Tensor, weight: Tensor, stride, paddin
     n, c, h, w = input.shape
     out_c, c_per_group, kh, kw = weight.shape
     taps = kh * kw
-    if offset.shape[2] * offset.shape[3] >= 2**31:
-        raise ValueError(f"the CUDA kernels index output pixels in 32 bits: an output map of {offset.shape[2]}x"
-                         f"{offset.shape[3]} (offset shape {tuple(offset.shape)}) is too large")
     return dict(
         n=n, c=c, h=h, w=w, out_c=out_c, c_per_group=c_per_group, groups=c // c_per_group, kh=kh, kw=kw,
         taps=taps, offset_groups=offset.shape[1] // (2 * taps), ho=offset.shape[2], wo=offset.shape[3],
