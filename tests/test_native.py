@@ -97,13 +97,16 @@ def test_conv_offsets_leaving_the_map():
     assert (native[2] == 0).any()
 
 
+@pytest.mark.parametrize("tile_min", [7, 30])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_conv_many_tiles(monkeypatch, batch, threads):
-    # A tiny tile budget forces many tiles per sample, the last one partial; batch 1 at 2 threads
-    # splits each sample's tiles over the threads, batch 3 splits the samples.
+def test_conv_many_tiles(monkeypatch, batch, threads, tile_min):
+    # A tiny tile budget forces many tiles per sample (of tile_min pixels), the last one partial.
+    # Batch 3 at 2 threads splits the samples over the threads; batch 1 splits each sample's tiles
+    # (99 pixels >= 2 threads x 2 tiles of 7) or, with tiles of 30, runs its forward tiles in order
+    # with the sampling and GEMMs multithreaded.
     monkeypatch.setenv("DCNBENCH_NATIVE_TILE_BYTES", "64")
-    monkeypatch.setenv("DCNBENCH_NATIVE_TILE_MIN", "7")
+    monkeypatch.setenv("DCNBENCH_NATIVE_TILE_MIN", str(tile_min))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
