@@ -137,12 +137,19 @@ inline int64_t min_tile_pixels() {
   return 256;
 }
 
+// Column bytes per tile: 4 MB; a sample whose tiles run in order (see split_sample_tiles) and whose
+// columns fit in 16 MB is one tile, one wide GEMM (512 channels, 23x30, 12.7 MB: 1.40-1.44x F.conv2d
+// at 2 threads and 1.42x at 1, against 1.62x and 1.59x in 4 MB tiles; larger samples, e.g. 38x63,
+// were 1-2% slower in 16 MB tiles and keep 4 MB).
+constexpr int64_t kTileBytes = 4 << 20;
+constexpr int64_t kWholeSampleBytes = 16 << 20;
+
 // Output pixels per tile: at least 256 (each GEMM call re-reads the whole weight matrix, so small
-// tiles cost weight traffic) and up to a 4 MB column tile, balanced over the sample; when `split`
-// threads share the sample, the tile count is a multiple of it (3 tiles on 2 threads left one idle
-// a third of the time on small maps, e.g. 23x30).
-int64_t tile_pixels(const ConvShape& s, size_t elem, int64_t split) {
-  int64_t target = 4 << 20;
+// tiles cost weight traffic) and up to `budget` bytes of columns ($DCNBENCH_NATIVE_TILE_BYTES
+// overrides it), balanced over the sample; when `split` threads share the sample, the tile count
+// is a multiple of it (3 tiles on 2 threads left one idle a third of the time).
+int64_t tile_pixels(const ConvShape& s, size_t elem, int64_t split, int64_t budget) {
+  int64_t target = budget;
   if (const char* env = std::getenv("DCNBENCH_NATIVE_TILE_BYTES")) {
     const long long v = std::atoll(env);
     if (v > 0) target = v;
@@ -278,7 +285,9 @@ void conv_forward_impl(const ConvShape& s, const Tensor& input, const Tensor& of
   const auto opts = input.options();
   const int64_t chunks = sample_chunks(s.N);
   const bool split = chunks == 1 && split_sample_tiles(s);
-  const int64_t tile = tile_pixels(s, sizeof(T), split ? at::get_num_threads() : 1);
+  const bool whole = chunks == 1 && !split && s.L * s.Ktot * int64_t(sizeof(T)) <= kWholeSampleBytes;
+  const int64_t tile = tile_pixels(s, sizeof(T), split ? at::get_num_threads() : 1,
+                                   whole ? kWholeSampleBytes : kTileBytes);
   Tensor wp = weight.permute({0, 2, 3, 1}).contiguous().view({s.O, s.Kg});  // (O, tap, Cg)
   const T* off = offset.data_ptr<T>();
   const T* msk = s.has_mask ? mask.data_ptr<T>() : nullptr;
@@ -439,7 +448,7 @@ void conv_backward_impl(const ConvShape& s, const Tensor& grad_out, const Tensor
   const auto segs = make_segments(s);
   const auto opts = input.options();
   const int64_t chunks = sample_chunks(s.N);
-  const int64_t tile = tile_pixels(s, sizeof(T), chunks == 1 ? at::get_num_threads() : 1);
+  const int64_t tile = tile_pixels(s, sizeof(T), chunks == 1 ? at::get_num_threads() : 1, kTileBytes);
   Tensor wp = weight.permute({0, 2, 3, 1}).contiguous().view({s.O, s.Kg});
   const T* off = offset.data_ptr<T>();
   const T* msk = s.has_mask ? mask.data_ptr<T>() : nullptr;
