@@ -285,13 +285,14 @@ void conv_forward_impl(const ConvShape& s, const Tensor& input, const Tensor& of
   const auto opts = input.options();
   const int64_t chunks = sample_chunks(s.N);
   const bool split = chunks == 1 && split_sample_tiles(s);
-  const bool whole = chunks == 1 && !split && s.L * s.Ktot * int64_t(sizeof(T)) <= kWholeSampleBytes;
+  const bool in_order = chunks == 1 && !split;  // a sample's tiles in order, multithreaded inside
+  const bool whole = in_order && s.L * s.Ktot * int64_t(sizeof(T)) <= kWholeSampleBytes;
   const int64_t tile = tile_pixels(s, sizeof(T), split ? at::get_num_threads() : 1,
                                    whole ? kWholeSampleBytes : kTileBytes);
   Tensor wp = weight.permute({0, 2, 3, 1}).contiguous().view({s.O, s.Kg});  // (O, tap, Cg)
   const T* off = offset.data_ptr<T>();
   const T* msk = s.has_mask ? mask.data_ptr<T>() : nullptr;
-  if (chunks == 1 && !split) {
+  if (in_order) {
     ConvWork<T> wk(s, opts, tile, false);
     for (int64_t n = 0; n < s.N; ++n) conv_forward_sample<T>(s, segs, tile, input, off, msk, wp, out, n, wk);
     return;
