@@ -13,6 +13,7 @@ from dcnbench.ops import (
     DeformPSRoIPool,
     DeformRoIPool,
     backend_for,
+    deform_conv2d,
     deform_ps_roi_pool,
     deform_roi_pool,
     offset_param_groups,
@@ -28,6 +29,27 @@ def test_fresh_deform_conv_equals_conv2d(cpu_backend):
     assert layer.offset_conv.out_channels == 2 * 2 * 9
     assert (layer.offset_conv.kernel_size, layer.offset_conv.stride, layer.offset_conv.padding,
             layer.offset_conv.dilation) == ((3, 3), (2, 2), (2, 2), (2, 2))
+
+
+def test_weight_stays_channels_last(cpu_backend):
+    """The layer's weight keeps the channels-last order the CPU kernels read without a copy, through
+    from_conv, load_state_dict and a dtype change; the order does not change outputs or gradients."""
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    layer = DeformConv2d.from_conv(conv)
+    layer.load_state_dict(DeformConv2d.from_conv(conv).state_dict())
+    for module in (layer, DeformConv2d(4, 6, 3).float()):
+        assert module.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not module.weight.is_contiguous()
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    offset = torch.randn(2, 18, 7, 6, dtype=torch.float64)
+    grads = []
+    for weight in (layer.weight.detach(), layer.weight.detach().contiguous()):
+        weight = weight.clone(memory_format=torch.preserve_format).requires_grad_()
+        out = deform_conv2d(x, offset, weight, None, padding=1)
+        out.backward(torch.ones_like(out))
+        grads.append((out.detach(), weight.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)
 
 
 def test_fresh_modulated_layer_is_half_conv_plus_bias(cpu_backend):

@@ -205,6 +205,12 @@ void sample_rows(const ConvShape& s, const std::vector<std::vector<Segment>>& se
   }
 }
 
+// The weight (O, Cg, kh, kw) as the (O, tap * Cg) matrix the columns multiply: a view of a
+// channels-last weight (DeformConv2d keeps its weight so), a copy of a standard one.
+inline Tensor tap_major(const Tensor& weight, const ConvShape& s) {
+  return weight.permute({0, 2, 3, 1}).contiguous().view({s.O, s.Kg});
+}
+
 // Per-thread working set: channels-last input (and input gradient) of one sample, column tiles.
 template <typename T>
 struct ConvWork {
@@ -289,7 +295,7 @@ void conv_forward_impl(const ConvShape& s, const Tensor& input, const Tensor& of
   const bool whole = in_order && s.L * s.Ktot * int64_t(sizeof(T)) <= kWholeSampleBytes;
   const int64_t tile = tile_pixels(s, sizeof(T), split ? at::get_num_threads() : 1,
                                    whole ? kWholeSampleBytes : kTileBytes);
-  Tensor wp = weight.permute({0, 2, 3, 1}).contiguous().view({s.O, s.Kg});  // (O, tap, Cg)
+  Tensor wp = tap_major(weight, s);
   const T* off = offset.data_ptr<T>();
   const T* msk = s.has_mask ? mask.data_ptr<T>() : nullptr;
   if (in_order) {
@@ -450,7 +456,7 @@ void conv_backward_impl(const ConvShape& s, const Tensor& grad_out, const Tensor
   const auto opts = input.options();
   const int64_t chunks = sample_chunks(s.N);
   const int64_t tile = tile_pixels(s, sizeof(T), chunks == 1 ? at::get_num_threads() : 1, kTileBytes);
-  Tensor wp = weight.permute({0, 2, 3, 1}).contiguous().view({s.O, s.Kg});
+  Tensor wp = tap_major(weight, s);
   const T* off = offset.data_ptr<T>();
   const T* msk = s.has_mask ? mask.data_ptr<T>() : nullptr;
   T* goff = grad_offset.data_ptr<T>();
@@ -509,8 +515,9 @@ void check_conv_args(const Tensor& input, const Tensor& offset, const Tensor& we
                      const std::optional<Tensor>& bias, const std::optional<Tensor>& mask) {
   TORCH_CHECK(input.device().is_cpu(), "dcnbench native kernels run on CPU tensors");
   TORCH_CHECK(input.dim() == 4 && offset.dim() == 4 && weight.dim() == 4, "input, offset, weight must be 4-D");
-  TORCH_CHECK(input.is_contiguous() && offset.is_contiguous() && weight.is_contiguous(),
-              "input, offset and weight must be contiguous");
+  TORCH_CHECK(input.is_contiguous() && offset.is_contiguous(), "input and offset must be contiguous");
+  TORCH_CHECK(weight.is_contiguous() || weight.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "weight must be contiguous (standard or channels-last)");
   TORCH_CHECK(offset.scalar_type() == input.scalar_type() && weight.scalar_type() == input.scalar_type(),
               "dtypes must match");
   if (bias) TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "bias dtype must match input");

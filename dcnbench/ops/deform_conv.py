@@ -46,10 +46,18 @@ def deform_conv2d(
     if backend == "reference":
         return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     return deform_conv2d_kernels(
-        input.contiguous(), offset.contiguous(), weight.contiguous(),
+        input.contiguous(), offset.contiguous(), _dense(weight),
         None if bias is None else bias.contiguous(), None if mask is None else mask.contiguous(),
         list(stride), list(padding), list(dilation), backend,
     )
+
+
+def _dense(weight: Tensor) -> Tensor:
+    """``weight`` itself when dense in standard or channels-last order (the CPU kernels read a
+    channels-last weight without a copy), else a standard contiguous copy."""
+    if weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last):
+        return weight
+    return weight.contiguous()
 
 
 class DeformConv2d(nn.Module):
@@ -62,6 +70,10 @@ class DeformConv2d(nn.Module):
 
     Input (N, in_channels, H, W) -> (N, out_channels, Ho, Wo). The offset branch trains at the base
     learning rate (``offset_lr_mult`` = beta = 1, paper section 2.3).
+
+    ``weight`` has torchvision's shape (out_channels, in_channels/groups, kh, kw) in channels-last
+    memory order, (out, kh, kw, in/groups), the order of the CPU kernels' column matrix: they use it
+    without a per-call copy. ``copy_``, ``load_state_dict`` and ``.to()`` keep that order.
     """
 
     offset_lr_mult = 1.0
@@ -89,7 +101,8 @@ class DeformConv2d(nn.Module):
         self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
         self.dilation = pair(dilation, "dilation")
         self.groups, self.offset_groups, self.modulated = groups, offset_groups, modulated
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size,
+                                               memory_format=torch.channels_last))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         taps = self.kernel_size[0] * self.kernel_size[1]
         self.offset_conv = nn.Conv2d(

@@ -179,7 +179,8 @@ def deform_conv2d_backward_op(
 
 @deform_conv2d_backward_op.register_fake
 def _(grad_output, input, offset, weight, bias, mask, stride, padding, dilation, backend):
-    return (torch.empty_like(input), torch.empty_like(offset), torch.empty_like(weight),
+    # Every backend returns the weight gradient in standard order, whatever the weight's order.
+    return (torch.empty_like(input), torch.empty_like(offset), weight.new_empty(weight.shape),
             input.new_empty((0,)) if bias is None else torch.empty_like(bias),
             input.new_empty((0,)) if mask is None else torch.empty_like(mask))
 
