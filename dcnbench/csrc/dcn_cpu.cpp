@@ -708,8 +708,7 @@ Tensor transposed(const Tensor& src, int64_t rows, int64_t cols) {
 // ---- position-sensitive: every (output channel, bin) reads its own input plane, so the kernels
 // walk the input planes (one thread per plane, all rois in order: the plane stays in L1). For one
 // plane the sample geometry of all rois is computed at once in vectorisable loops over the rois
-// (structure of arrays, entry [u * K + r]); an invalid sample keeps a clamped in-map index and gets
-// weight 0, so the sampling loops have no branches.
+// (structure of arrays, entry [u * K + r]): the samples' positions along each axis.
 
 // Pull part `part` of `parts` of input plane ic of every image the rois use into cache (the kernels
 // then read it at random); the parts spread the prefetches over the previous plane's work.
@@ -730,53 +729,64 @@ inline void prefetch_planes(const RoiCtx<T>& ctx, const T* base, int64_t ic, boo
   }
 }
 
+// A sample's bilinear weights along one axis are a tent: map index x gets max(0, 1 - |x - c|) from
+// the sample at clamped position c, which is 1 - frac at floor(c), frac at ceil(c) and 0 elsewhere,
+// as roi_axis. An invalid sample is stored at kNoSample, far left of every map index, so its tent is
+// zero on any window and the sampling loops have no branches.
+template <typename T>
+constexpr T kNoSample = T(-8);
+
 template <typename T>
 struct PsAxes {
-  std::vector<int32_t> lo, hi;  // [S * K]
-  std::vector<T> wl, wh, valid;  // weight of lo (1 - frac) and hi (frac), 0 when invalid; valid 0/1
-  std::vector<T> base, count;    // [K]
+  std::vector<T> pos;                // [S * K]: clamped position of sample u of roi r, or kNoSample
+  std::vector<int32_t> first, last;  // [K]: floor of sample 0's clamped position, ceil of sample S-1's
+  std::vector<T> base, count;        // [K]
   void resize(int64_t n, int64_t k) {
-    lo.resize(n);
-    hi.resize(n);
-    wl.resize(n);
-    wh.resize(n);
-    valid.resize(n);
+    pos.resize(n);
+    first.resize(k);
+    last.resize(k);
     base.resize(k);
     count.resize(k);
   }
 };
 
-// One axis for all rois: sample u of roi r at base[r] + u * sub[r]; same operations as roi_axis.
+// One axis for all rois: sample u of roi r at base[r] + u * sub[r]; same rule as roi_axis.
 template <typename T>
 void ps_axis(PsAxes<T>& ax, const T* sub, int64_t K, int64_t S, int size) {
   const T lo_lim = T(-0.5), hi_lim = T(size) - T(0.5), top = T(size - 1);
-  std::fill(ax.count.begin(), ax.count.begin() + K, T(0));
+  T* __restrict count = ax.count.data();
+  const T* __restrict base = ax.base.data();
+  std::fill(count, count + K, T(0));
   for (int64_t u = 0; u < S; ++u) {
-    int32_t* __restrict lo = ax.lo.data() + u * K;
-    int32_t* __restrict hi = ax.hi.data() + u * K;
-    T* __restrict wl = ax.wl.data() + u * K;
-    T* __restrict wh = ax.wh.data() + u * K;
-    T* __restrict valid = ax.valid.data() + u * K;
-    T* __restrict count = ax.count.data();
-    const T* __restrict base = ax.base.data();
+    T* __restrict pos = ax.pos.data() + u * K;
     const T uu = T(u);
 #pragma omp simd
     for (int64_t r = 0; r < K; ++r) {
       const T v = base[r] + uu * sub[r];
-      const T ok = ((v >= lo_lim) & (v <= hi_lim)) ? T(1) : T(0);
+      const bool ok = (v >= lo_lim) & (v <= hi_lim);
       T c = v > T(0) ? v : T(0);
       c = c < top ? c : top;
-      const T f = std::floor(c);
-      const T frac = c - f;
-      const int32_t fl = static_cast<int32_t>(f);
-      lo[r] = fl;
-      hi[r] = fl + ((frac > T(0)) ? 1 : 0);  // ceil(c), as c >= 0
-      valid[r] = ok;
-      wl[r] = ok * (T(1) - frac);
-      wh[r] = ok * frac;
-      count[r] += ok;
+      pos[r] = ok ? c : kNoSample<T>;
+      count[r] += ok ? T(1) : T(0);
     }
   }
+  // The window ends (positions increase with u): from the clamped positions, valid or not.
+  for (int64_t r = 0; r < K; ++r) {
+    const T v0 = base[r], v1 = base[r] + T(S - 1) * sub[r];
+    ax.first[r] = static_cast<int32_t>(std::floor(std::min(std::max(v0, T(0)), top)));
+    ax.last[r] = static_cast<int32_t>(std::ceil(std::min(std::max(v1, T(0)), top)));
+  }
+}
+
+// roi_axis for a stored sample position: false for kNoSample.
+template <typename T>
+inline bool stored_axis(T c, Axis<T>& a) {
+  if (c < T(0)) return false;
+  const T f = std::floor(c);
+  a.lo = int(f);
+  a.hi = int(std::ceil(c));
+  a.frac = c - f;
+  return true;
 }
 
 template <typename T>
@@ -846,24 +856,23 @@ struct BinProfile {
   T px[kMaxProfile], py[kMaxProfile], qx[kMaxProfile], qy[kMaxProfile];
 };
 
-// Profile of bin k (entries [u * n + k] of ax) over the window [o, o + len); DERIV also fills q.
-// Written as a compare over the whole window per sample, not a scatter: consecutive samples often
-// share a column, and scattered read-modify-writes of one entry wait on each other's stores.
-// Entries get the same additions in the same order as a scatter (plus exact zeros).
+// Profile of bin k (entries [u * n + k] of ax) over the window [o, o + len): the sum of its
+// samples' tents; DERIV also fills q, their derivatives along the axis (+1 at ceil(c), -1 at
+// floor(c), 0 when c is a map index, as dcn::roi_corners). Evaluated over the whole window per
+// sample, not scattered: consecutive samples often share a column, and scattered read-modify-writes
+// of one entry wait on each other's stores.
 // SS: the sample count when known at compile time (unrolled), else 0.
 template <typename T, int L, bool DERIV, int SS>
 inline void axis_profile_fixed(const PsAxes<T>& ax, int64_t k, int64_t n, int64_t S, int64_t o, T* p, T* q) {
   T lp[L] = {}, lq[L] = {};  // accumulated in registers, stored once
   const int64_t samples = SS > 0 ? SS : S;
   for (int64_t u = 0; u < samples; ++u) {
-    const int64_t e = u * n + k;
-    const int32_t lo = static_cast<int32_t>(ax.lo[e] - o), hi = static_cast<int32_t>(ax.hi[e] - o);
-    const T wl = ax.wl[e], wh = ax.wh[e], v = ax.valid[e];
+    const T d = ax.pos[u * n + k] - T(o);  // exact: o is an integer at most the position (or kNoSample)
 #pragma omp simd
-    for (int32_t x = 0; x < L; ++x) lp[x] += (x == lo ? wl : T(0)) + (x == hi ? wh : T(0));
-    if (DERIV) {
-#pragma omp simd
-      for (int32_t x = 0; x < L; ++x) lq[x] += (x == hi ? v : T(0)) - (x == lo ? v : T(0));
+    for (int32_t x = 0; x < L; ++x) {
+      const T t = T(x) - d, a = std::abs(t);
+      lp[x] += std::max(T(1) - a, T(0));
+      if (DERIV) lq[x] += ((a < T(1)) & (t > T(0)) ? T(1) : T(0)) - ((a < T(1)) & (t < T(0)) ? T(1) : T(0));
     }
   }
   std::copy_n(lp, L, p);
@@ -883,8 +892,8 @@ inline void axis_profile(const PsAxes<T>& ax, int64_t k, int64_t n, int64_t S, i
 // The profiles of bin k; false when its footprint exceeds kMaxProfile on an axis.
 template <typename T, bool DERIV>
 inline bool bin_profile(const PsScratch<T>& s, int64_t k, int64_t n, int64_t S, int64_t W, BinProfile<T>& b) {
-  const int64_t xmin = s.x.lo[k], xmax = s.x.hi[(S - 1) * n + k];  // positions increase with u
-  const int64_t ymin = s.y.lo[k], ymax = s.y.hi[(S - 1) * n + k];
+  const int64_t xmin = s.x.first[k], xmax = s.x.last[k];
+  const int64_t ymin = s.y.first[k], ymax = s.y.last[k];
   b.nx = xmax - xmin + 1;
   b.ny = ymax - ymin + 1;
   if (b.nx > kMaxProfile || b.ny > kMaxProfile) return false;
@@ -902,13 +911,23 @@ inline bool bin_profile(const PsScratch<T>& s, int64_t k, int64_t n, int64_t S, 
 // acc[x] = sum over the window rows y of w[y] * P[y0 + y][x0 + x] (NX columns, or b.nx when 0).
 template <typename T, int NX>
 inline void weighted_rows(const BinProfile<T>& b, const T* P, int64_t W, const T* w, T* acc) {
-  const int64_t L = NX > 0 ? NX : b.nx;
-  for (int64_t x = 0; x < L; ++x) acc[x] = T(0);
-  for (int64_t y = 0; y < b.ny; ++y) {
-    const T* __restrict row = P + (b.y0 + y) * W + b.x0;
-    const T wy = w[y];
+  if constexpr (NX > 0) {
+    T a[NX] = {};  // in registers, stored once
+    for (int64_t y = 0; y < b.ny; ++y) {
+      const T* __restrict row = P + (b.y0 + y) * W + b.x0;
+      const T wy = w[y];
 #pragma omp simd
-    for (int64_t x = 0; x < L; ++x) acc[x] += wy * row[x];
+      for (int64_t x = 0; x < NX; ++x) a[x] += wy * row[x];
+    }
+    std::copy_n(a, NX, acc);
+  } else {
+    for (int64_t x = 0; x < b.nx; ++x) acc[x] = T(0);
+    for (int64_t y = 0; y < b.ny; ++y) {
+      const T* __restrict row = P + (b.y0 + y) * W + b.x0;
+      const T wy = w[y];
+#pragma omp simd
+      for (int64_t x = 0; x < b.nx; ++x) acc[x] += wy * row[x];
+    }
   }
 }
 
@@ -929,21 +948,22 @@ inline T lane_sum(const T* terms) {
   return t;
 }
 
-// Sum of bin k's samples in plane P, sample by sample (any footprint).
+// Sum of bin k's valid samples in plane P, sample by sample (any footprint).
 template <typename T>
 inline T sample_sum(const PsScratch<T>& s, const T* P, int64_t W, int64_t k, int64_t n, int64_t S) {
   T total = 0;
+  Axis<T> ay, ax;
   for (int64_t v = 0; v < S; ++v) {
-    const int64_t e = v * n + k;
-    const T* r0 = P + s.y.lo[e] * W;
-    const T* r1 = P + s.y.hi[e] * W;
+    if (!stored_axis(s.y.pos[v * n + k], ay)) continue;
+    const T* r0 = P + ay.lo * W;
+    const T* r1 = P + ay.hi * W;
     T t0 = 0, t1 = 0;
     for (int64_t u = 0; u < S; ++u) {
-      const int64_t f = u * n + k;
-      t0 += s.x.wl[f] * r0[s.x.lo[f]] + s.x.wh[f] * r0[s.x.hi[f]];
-      t1 += s.x.wl[f] * r1[s.x.lo[f]] + s.x.wh[f] * r1[s.x.hi[f]];
+      if (!stored_axis(s.x.pos[u * n + k], ax)) continue;
+      t0 += (T(1) - ax.frac) * r0[ax.lo] + ax.frac * r0[ax.hi];
+      t1 += (T(1) - ax.frac) * r1[ax.lo] + ax.frac * r1[ax.hi];
     }
-    total += s.y.wl[e] * t0 + s.y.wh[e] * t1;
+    total += (T(1) - ay.frac) * t0 + ay.frac * t1;
   }
   return total;
 }
@@ -1055,31 +1075,29 @@ inline void window_backward(const BinProfile<T>& b, const T* P, T* G, int64_t W,
 template <typename T>
 inline void sample_backward(const PsScratch<T>& s, const T* P, T* G, int64_t W, int64_t k, int64_t n, int64_t S,
                             T gc, bool offsets, T& sx, T& sy) {
+  Axis<T> ay, ax;
   for (int64_t v = 0; v < S; ++v) {
-    const int64_t e = v * n + k;
-    const int64_t y0 = s.y.lo[e] * W, y1 = s.y.hi[e] * W;
-    const T hy = s.y.wl[e], ly = s.y.wh[e], g0 = gc * hy, g1 = gc * ly;
-    for (int64_t u = 0; u < S; ++u) {
-      const int64_t f = u * n + k;
-      const int64_t xl = s.x.lo[f], xh = s.x.hi[f];
-      G[y0 + xl] += g0 * s.x.wl[f];
-      G[y0 + xh] += g0 * s.x.wh[f];
-      G[y1 + xl] += g1 * s.x.wl[f];
-      G[y1 + xh] += g1 * s.x.wh[f];
-    }
-    if (!offsets) continue;
+    if (!stored_axis(s.y.pos[v * n + k], ay)) continue;
+    const int64_t y0 = ay.lo * W, y1 = ay.hi * W;
+    const T hy = T(1) - ay.frac, ly = ay.frac, g0 = gc * hy, g1 = gc * ly;
     T dx0 = 0, dx1 = 0, dy = 0;
     for (int64_t u = 0; u < S; ++u) {
-      const int64_t f = u * n + k;
-      const int64_t xl = s.x.lo[f], xh = s.x.hi[f];
-      // dcn::roi_corners' derivatives: dw/dx = sx * wy, dw/dy = sy * wx (valid samples only).
+      if (!stored_axis(s.x.pos[u * n + k], ax)) continue;
+      const int64_t xl = ax.lo, xh = ax.hi;
+      const T hx = T(1) - ax.frac, lx = ax.frac;
+      G[y0 + xl] += g0 * hx;
+      G[y0 + xh] += g0 * lx;
+      G[y1 + xl] += g1 * hx;
+      G[y1 + xh] += g1 * lx;
+      if (!offsets) continue;
+      // dcn::roi_corners' derivatives: dw/dx = sx * wy, dw/dy = sy * wx.
       const T v00 = P[y0 + xl], v01 = P[y0 + xh], v10 = P[y1 + xl], v11 = P[y1 + xh];
-      dx0 += s.x.valid[f] * (v01 - v00);
-      dx1 += s.x.valid[f] * (v11 - v10);
-      dy += s.x.wl[f] * (v10 - v00) + s.x.wh[f] * (v11 - v01);
+      dx0 += v01 - v00;
+      dx1 += v11 - v10;
+      dy += hx * (v10 - v00) + lx * (v11 - v01);
     }
     sx += hy * dx0 + ly * dx1;
-    sy += s.y.valid[e] * dy;
+    sy += dy;
   }
 }
 
