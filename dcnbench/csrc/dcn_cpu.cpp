@@ -797,8 +797,8 @@ struct PsScratch {
 
 // Geometry of plane (c, i, j) for rois [r0, r0 + n) into s.x / s.y (entry [u * n + (r - r0)]).
 template <typename T>
-void ps_plane_geometry(const RoiCtx<T>& ctx, int64_t cls, int64_t i, int64_t j, int64_t r0, int64_t n,
-                       PsScratch<T>& s) {
+void ps_plane_geometry(const RoiCtx<T>& ctx, const T* off_t, int64_t cls, int64_t i, int64_t j, int64_t r0,
+                       int64_t n, PsScratch<T>& s) {
   const auto& a = ctx.a;
   T* bx = s.x.base.data();
   T* by = s.y.base.data();
@@ -806,14 +806,13 @@ void ps_plane_geometry(const RoiCtx<T>& ctx, int64_t cls, int64_t i, int64_t j, 
     bx[k] = T(j) * s.bin_w[r0 + k] + s.start_x[r0 + k];
     by[k] = T(i) * s.bin_h[r0 + k] + s.start_y[r0 + k];
   }
-  if (ctx.off) {
+  if (off_t) {
     const int64_t cell = (cls * 2 * a.Ph + (i * a.Ph) / a.ph) * a.Pw + (j * a.Pw) / a.pw;
-    const int64_t stride = 2 * a.n_cls * a.Ph * a.Pw;  // offsets per roi
-    const T* tx = ctx.off + r0 * stride + cell;
-    const T* ty = tx + a.Ph * a.Pw;
+    const T* tx = off_t + cell * a.K + r0;
+    const T* ty = tx + a.Ph * a.Pw * a.K;
     for (int64_t k = 0; k < n; ++k) {
-      bx[k] = bx[k] + T(a.gamma) * tx[k * stride] * s.roi_w[r0 + k];
-      by[k] = by[k] + T(a.gamma) * ty[k * stride] * s.roi_h[r0 + k];
+      bx[k] = bx[k] + T(a.gamma) * tx[k] * s.roi_w[r0 + k];
+      by[k] = by[k] + T(a.gamma) * ty[k] * s.roi_h[r0 + k];
     }
   }
   ps_axis<T>(s.x, s.sub_w.data() + r0, n, a.S, static_cast<int>(a.W));
@@ -975,6 +974,15 @@ template <typename T, typename Body>
 void for_each_plane_chunk(const RoiCtx<T>& ctx, const T* prefetch, const T* prefetch_write, Body body) {
   const auto& a = ctx.a;
   const int64_t bins = a.ph * a.pw;
+  // The offsets cell-major, (n_cls * 2 * Ph * Pw, K): a plane reads one contiguous row per axis
+  // instead of one value per roi, 2 * n_cls * Ph * Pw values apart.
+  Tensor off_t;
+  if (ctx.off) {
+    const Tensor off = at::from_blob(const_cast<T*>(ctx.off), {a.K, 2 * a.n_cls * a.Ph * a.Pw},
+                                     at::TensorOptions(c10::CppTypeToScalarType<T>::value));
+    off_t = transposed<T>(off, a.K, 2 * a.n_cls * a.Ph * a.Pw);
+  }
+  const T* off_cells = ctx.off ? off_t.data_ptr<T>() : nullptr;
   parallel_for(0, a.Cout * bins, 1, [&](int64_t p0, int64_t p1) {
     PsScratch<T> s;
     ps_scratch_init(ctx, s);
@@ -987,7 +995,7 @@ void for_each_plane_chunk(const RoiCtx<T>& ctx, const T* prefetch, const T* pref
           if (prefetch) prefetch_planes(ctx, prefetch, ic + 1, false, q0 / kRoiChunk, chunks);
           if (prefetch_write) prefetch_planes(ctx, prefetch_write, ic + 1, true, q0 / kRoiChunk, chunks);
         }
-        ps_plane_geometry(ctx, c / ctx.cpc, i, j, q0, n, s);
+        ps_plane_geometry(ctx, off_cells, c / ctx.cpc, i, j, q0, n, s);
         body(ic, q0, n, s);
       }
     }
