@@ -1109,7 +1109,8 @@ inline void sample_backward(const PsScratch<T>& s, const T* P, T* G, int64_t W, 
   }
 }
 
-// GO[cell of (r, c, i, j)] += gs{x,y}[(c, i, j), r] * gamma * roi size, each roi by one thread.
+// GO[cell of (r, c, i, j)] = sum of gs{x,y}[(c, i, j), r] * gamma * roi size over the outputs of
+// the cell, each roi by one thread (GO need not be zeroed).
 template <typename T>
 void ps_offset_reduce(const RoiCtx<T>& ctx, const T* gsx, const T* gsy, T* GO) {
   const auto& a = ctx.a;
@@ -1123,6 +1124,7 @@ void ps_offset_reduce(const RoiCtx<T>& ctx, const T* gsx, const T* gsy, T* GO) {
     for (int64_t r = r0; r < r1; ++r) {
       const T kx = ctx.scale_x(r), ky = ctx.scale_y(r);
       T* go = GO + r * a.n_cls * 2 * cells;
+      std::fill_n(go, a.n_cls * 2 * cells, T(0));
       for (int64_t o = 0; o < per_roi; ++o) {
         go[cell[o]] += gsx[o * a.K + r] * kx;
         go[cell[o] + cells] += gsy[o * a.K + r] * ky;
@@ -1357,10 +1359,11 @@ std::tuple<Tensor, std::optional<Tensor>> roi_pool_backward(const Tensor& grad_o
                                                             bool position_sensitive) {
   const RoiArgs a = roi_args(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive);
   const Tensor grad_out = grad_out_in.contiguous();
-  // The position-sensitive kernel zeroes each input-gradient plane itself.
+  // The position-sensitive kernel zeroes each input-gradient plane and each roi's offset gradient.
   const bool kernel_zeroes = position_sensitive && a.K > 0 && a.Cout > 0;
   Tensor grad_input = kernel_zeroes ? at::empty_like(input) : at::zeros_like(input);
-  Tensor grad_offset = offset ? at::zeros_like(*offset) : Tensor();
+  Tensor grad_offset;
+  if (offset) grad_offset = kernel_zeroes ? at::empty_like(*offset) : at::zeros_like(*offset);
   if (a.K > 0 && a.Cout > 0) {
     Tensor off = offset ? *offset : Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnbench_roi_pool_backward", [&] {
