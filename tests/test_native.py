@@ -215,6 +215,19 @@ def test_ps_roi_input_gradient_is_zero_on_images_without_rois():
     assert torch.count_nonzero(grad_x[1]) > 0
 
 
+def test_ps_roi_offset_gradient_is_written_whole():
+    """The PS kernel writes every offset-gradient entry itself (its buffer is not zeroed first):
+    with freed NaN-filled blocks of that size for the allocator to hand out, it still equals the
+    reference's."""
+    x, rois, offset = roi_inputs(2, 2 * 9, 12, 12, 10, 3, 0.5, torch.float64, (2, 3))
+    args = (3, 0.5, 2, 0.1)
+    want = run_roi("reference", x, rois, offset, args, True)[2]
+    dirty = [torch.full_like(offset, float("nan")) for _ in range(4)]
+    del dirty
+    got = run_roi("native", x, rois, offset, args, True)[2]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_roi_gradients_bitwise_deterministic():
     x, rois, offset = roi_inputs(2, 4 * 9, 16, 20, 40, 3, 0.25, torch.float32, (4, 3))
     args = (3, 0.25, 4, 0.1)
