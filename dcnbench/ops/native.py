@@ -27,7 +27,7 @@ _SOURCES = ("dcn_cpu.cpp",)
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _failure: str | None = None
-_built_from: str = ""
+_built: str = ""  # status line of the loaded build
 
 
 def _kernels_dir() -> Path | None:
@@ -98,7 +98,7 @@ def _try_build(kernels: Path, arch: list[str]) -> ModuleType:
 
 
 def _build() -> None:
-    global _module, _failure, _built_from
+    global _module, _failure, _built
     kernels = _kernels_dir()
     if kernels is None:
         _failure = "kernels/dcn_math.h not found next to the package"
@@ -112,7 +112,7 @@ def _build() -> None:
     for arch in [a for k, a in enumerate(attempts) if a not in attempts[:k]]:
         try:
             _module = _try_build(kernels, arch)
-            _built_from = "-O3 " + arch[0] if arch else "-O3"
+            _built = f"C++ CPU kernels ({'-O3 ' + arch[0] if arch else '-O3'}, cached under {_cache_root()})"
             return
         except Exception as exc:  # compiler missing/broken, ninja missing, compile error
             lines = str(exc).strip().splitlines()
@@ -133,7 +133,7 @@ def status() -> tuple[bool, str]:
             if _module is None and _failure is None:
                 _build()
     if _module is not None:
-        return True, f"C++ CPU kernels ({_built_from}, cached under {_cache_root()})"
+        return True, _built
     return False, str(_failure)
 
 
