@@ -153,6 +153,7 @@ ROI_CASES = [
     ("roi_pool_classes", 1, 6, 8, 10, 3, 2, 0.5, 2, 0.2, False, (3, 2)),
     ("roi_pool_plain", 2, 3, 7, 7, 4, 3, 1.0, 1, 0.1, False, None),
     ("no_rois", 1, 2 * 9, 6, 6, 0, 3, 0.5, 2, 0.1, True, (2, 3)),
+    ("ps_sampling4", 2, 3 * 9, 12, 14, 6, 3, 0.5, 4, 0.2, True, (3, 3)),  # both windows in one loop
     ("ps_sampling5", 2, 3 * 4, 9, 10, 5, 2, 0.5, 5, 0.2, True, (3, 2)),
     ("ps_sampling9", 1, 2 * 4, 9, 10, 4, 2, 0.5, 9, 0.2, True, (1, 2)),
     # Bin footprints beyond the 8-column window (up to ~23 px), beyond the 24 px profiles (one bin

@@ -861,6 +861,15 @@ struct BinProfile {
 // sample, not scattered: consecutive samples often share a column, and scattered read-modify-writes
 // of one entry wait on each other's stores.
 // SS: the sample count when known at compile time (unrolled), else 0.
+// One sample's share of a window entry at distance t = entry - position: its tent in p, its
+// derivative in q (DERIV).
+template <typename T, bool DERIV>
+inline void add_tent(T t, T& p, T& q) {
+  const T a = std::abs(t);
+  p += std::max(T(1) - a, T(0));
+  if (DERIV) q += ((a < T(1)) & (t > T(0)) ? T(1) : T(0)) - ((a < T(1)) & (t < T(0)) ? T(1) : T(0));
+}
+
 template <typename T, int L, bool DERIV, int SS>
 inline void axis_profile_fixed(const PsAxes<T>& ax, int64_t k, int64_t n, int64_t S, int64_t o, T* p, T* q) {
   T lp[L] = {}, lq[L] = {};  // accumulated in registers, stored once
@@ -868,11 +877,7 @@ inline void axis_profile_fixed(const PsAxes<T>& ax, int64_t k, int64_t n, int64_
   for (int64_t u = 0; u < samples; ++u) {
     const T d = ax.pos[u * n + k] - T(o);  // exact: o is an integer at most the position (or kNoSample)
 #pragma omp simd
-    for (int32_t x = 0; x < L; ++x) {
-      const T t = T(x) - d, a = std::abs(t);
-      lp[x] += std::max(T(1) - a, T(0));
-      if (DERIV) lq[x] += ((a < T(1)) & (t > T(0)) ? T(1) : T(0)) - ((a < T(1)) & (t < T(0)) ? T(1) : T(0));
-    }
+    for (int32_t x = 0; x < L; ++x) add_tent<T, DERIV>(T(x) - d, lp[x], lq[x]);
   }
   std::copy_n(lp, L, p);
   if (DERIV) std::copy_n(lq, L, q);
@@ -888,6 +893,25 @@ inline void axis_profile(const PsAxes<T>& ax, int64_t k, int64_t n, int64_t S, i
   axis_profile_fixed<T, kMaxProfile, DERIV, 0>(ax, k, n, S, o, p, q);
 }
 
+// Both profiles of a bin whose windows are kLanes columns and at most kLanes rows, S = 4: the x
+// window in lanes [0, kLanes), the y window in [kLanes, 2 kLanes) of one loop.
+template <typename T, bool DERIV>
+inline void both_profiles_s4(const PsScratch<T>& s, int64_t k, int64_t n, BinProfile<T>& b) {
+  constexpr int32_t L2 = 2 * kLanes;
+  T p[L2] = {}, q[L2] = {};
+  for (int64_t u = 0; u < 4; ++u) {
+    const T dx = s.x.pos[u * n + k] - T(b.x0), dy = s.y.pos[u * n + k] - T(b.y0);
+#pragma omp simd
+    for (int32_t l = 0; l < L2; ++l) add_tent<T, DERIV>(T(l % kLanes) - (l < kLanes ? dx : dy), p[l], q[l]);
+  }
+  std::copy_n(p, kLanes, b.px);
+  std::copy_n(p + kLanes, kLanes, b.py);
+  if (DERIV) {
+    std::copy_n(q, kLanes, b.qx);
+    std::copy_n(q + kLanes, kLanes, b.qy);
+  }
+}
+
 // The profiles of bin k; false when its footprint exceeds kMaxProfile on an axis.
 template <typename T, bool DERIV>
 inline bool bin_profile(const PsScratch<T>& s, int64_t k, int64_t n, int64_t S, int64_t W, BinProfile<T>& b) {
@@ -901,6 +925,10 @@ inline bool bin_profile(const PsScratch<T>& s, int64_t k, int64_t n, int64_t S, 
   if (b.nx <= kLanes && W >= kLanes) {
     b.x0 = std::min(xmin, W - kLanes);
     b.nx = kLanes;
+    if (b.ny <= kLanes && S == 4) {  // the common case, and the paper's sampling
+      both_profiles_s4<T, DERIV>(s, k, n, b);
+      return true;
+    }
   }
   axis_profile<T, DERIV>(s.x, k, n, S, b.x0, b.nx, b.px, b.qx);
   axis_profile<T, DERIV>(s.y, k, n, S, b.y0, b.ny, b.py, b.qy);
