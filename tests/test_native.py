@@ -124,6 +124,24 @@ def test_conv_batch_100():
     assert_all_close(run_conv("native", tensors, kwargs), run_conv("reference", tensors, kwargs), torch.float32)
 
 
+@pytest.mark.parametrize("batch,threads", [(1, 1), (3, 2)], ids=["in_order", "batch_parallel"])
+def test_conv_gradients_are_written_whole(batch, threads):
+    """The kernels write every input, offset and mask gradient element (their buffers are not
+    zeroed first): with freed NaN-filled blocks of those sizes for the allocator to hand out, the
+    gradients still equal the reference's."""
+    tensors, kwargs = conv_inputs(batch, 6, 9, 8, 4, 1, 2, (3, 3), 1, 1, 2, True, False, torch.float64)
+    want = run_conv("reference", tensors, kwargs)
+    dirty = [torch.full_like(t, float("nan")) for t in tensors if t is not None for _ in range(3)]
+    del dirty
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = run_conv("native", tensors, kwargs)
+    finally:
+        torch.set_num_threads(previous)
+    assert_all_close(got, want, torch.float64)
+
+
 def test_conv_gradients_bitwise_deterministic():
     tensors, kwargs = conv_inputs(4, 32, 20, 20, 16, 1, 1, (3, 3), 1, 2, 2, True, True, torch.float32)
     first = run_conv("native", tensors, kwargs)

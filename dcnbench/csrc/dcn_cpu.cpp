@@ -43,6 +43,45 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   });
 }
 
+// D = the (cols, rows) transpose of the contiguous (rows, cols) matrix S, in 16 x 16 blocks.
+template <typename T>
+void transpose_into(const T* S, T* D, int64_t rows, int64_t cols) {
+  constexpr int64_t B = 16;
+  parallel_for(0, (cols + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t c0 = b0 * B; c0 < std::min(cols, b1 * B); c0 += B) {
+      const int64_t c1 = std::min(cols, c0 + B);
+      for (int64_t r0 = 0; r0 < rows; r0 += B) {
+        const int64_t r1 = std::min(rows, r0 + B);
+        for (int64_t c = c0; c < c1; ++c) {
+          T* __restrict d = D + c * rows;
+          for (int64_t r = r0; r < r1; ++r) d[r] = S[r * cols + c];
+        }
+      }
+    }
+  });
+}
+
+// The (cols, rows) transpose of a contiguous (rows, cols) matrix.
+template <typename T>
+Tensor transposed(const Tensor& src, int64_t rows, int64_t cols) {
+  Tensor dst = at::empty({cols, rows}, src.options());
+  transpose_into(src.data_ptr<T>(), dst.data_ptr<T>(), rows, cols);
+  return dst;
+}
+
+// Sample n of the contiguous (N, C, H, W) x into buf, channels-last (H, W, C), and back.
+template <typename T>
+void to_channels_last(const Tensor& x, int64_t n, Tensor& buf) {
+  const int64_t C = x.size(1), HW = x.size(2) * x.size(3);
+  transpose_into(x.data_ptr<T>() + n * C * HW, buf.data_ptr<T>(), C, HW);
+}
+
+template <typename T>
+void from_channels_last(const Tensor& buf, Tensor& x, int64_t n) {
+  const int64_t C = x.size(1), HW = x.size(2) * x.size(3);
+  transpose_into(buf.data_ptr<T>(), x.data_ptr<T>() + n * C * HW, HW, C);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Deformable convolution
 
@@ -262,7 +301,7 @@ template <typename T>
 void conv_forward_sample(const ConvShape& s, const std::vector<std::vector<Segment>>& segs, int64_t tile,
                          const Tensor& input, const T* off, const T* msk, const Tensor& wp, Tensor& out, int64_t n,
                          ConvWork<T>& wk) {
-  wk.xbuf.copy_(input[n].permute({1, 2, 0}));
+  to_channels_last<T>(input, n, wk.xbuf);
   conv_forward_tiles<T>(s, segs, tile, wk.xbuf.template data_ptr<T>(), off, msk, wp, out, n, wk, 0, s.L);
 }
 
@@ -309,7 +348,7 @@ void conv_forward_impl(const ConvShape& s, const Tensor& input, const Tensor& of
     const int64_t n_tiles = (s.L + tile - 1) / tile, per_chunk = (n_tiles + tc - 1) / tc;
     Tensor xbuf = at::empty({s.H, s.W, s.C}, opts);
     for (int64_t n = 0; n < s.N; ++n) {
-      xbuf.copy_(input[n].permute({1, 2, 0}));
+      to_channels_last<T>(input, n, xbuf);
       const T* X = xbuf.data_ptr<T>();
       parallel_for(0, tc, 1, [&](int64_t c0, int64_t c1) {
         ConvWork<T> wk(s, opts, tile, false);
@@ -441,11 +480,11 @@ template <typename T>
 void conv_backward_sample(const ConvShape& s, const std::vector<std::vector<Segment>>& segs, int64_t tile,
                           const Tensor& grad_out, const Tensor& input, const T* off, const T* msk, const Tensor& wp,
                           Tensor& grad_input, T* goff, T* gmsk, Tensor& grad_wp, int64_t n, ConvWork<T>& wk) {
-  wk.xbuf.copy_(input[n].permute({1, 2, 0}));
+  to_channels_last<T>(input, n, wk.xbuf);
   wk.gxbuf.zero_();
   conv_backward_tiles<T>(s, segs, tile, grad_out, wk.xbuf.template data_ptr<T>(), wk.gxbuf.template data_ptr<T>(),
                          off, msk, wp, goff, gmsk, grad_wp, n, wk, 0, s.L);
-  grad_input[n].copy_(wk.gxbuf.permute({2, 0, 1}));
+  from_channels_last<T>(wk.gxbuf, grad_input, n);
 }
 
 template <typename T>
@@ -476,7 +515,7 @@ void conv_backward_impl(const ConvShape& s, const Tensor& grad_out, const Tensor
     Tensor gx_parts = at::empty({tc, s.H, s.W, s.C}, opts);
     Tensor gw_parts = at::zeros({tc, s.O, s.Kg}, opts);
     for (int64_t n = 0; n < s.N; ++n) {
-      xbuf.copy_(input[n].permute({1, 2, 0}));
+      to_channels_last<T>(input, n, xbuf);
       const T* X = xbuf.data_ptr<T>();
       parallel_for(0, tc, 1, [&](int64_t c0, int64_t c1) {
         ConvWork<T> wk(s, opts, tile, true);
@@ -491,7 +530,7 @@ void conv_backward_impl(const ConvShape& s, const Tensor& grad_out, const Tensor
       });
       Tensor gx_sum = gx_parts[0].clone();
       for (int64_t ch = 1; ch < tc; ++ch) gx_sum.add_(gx_parts[ch]);
-      grad_input[n].copy_(gx_sum.permute({2, 0, 1}));
+      from_channels_last<T>(gx_sum, grad_input, n);
     }
     for (int64_t ch = 0; ch < tc; ++ch) grad_wp.add_(gw_parts[ch]);
     return;
@@ -550,11 +589,15 @@ std::tuple<Tensor, Tensor, Tensor, std::optional<Tensor>, std::optional<Tensor>>
   check_conv_args(input, offset, weight, bias, mask);
   const Tensor grad_out = grad_out_in.contiguous();
   const ConvShape s = conv_shape(input, offset, weight, stride, padding, dilation, mask.has_value());
-  Tensor grad_input = at::zeros_like(input);
-  Tensor grad_offset = at::zeros_like(offset);
-  Tensor grad_mask = mask ? at::zeros_like(*mask) : Tensor();
+  // The kernels write every element of the input, offset and mask gradients (each sample's input
+  // gradient is copied back whole from its channels-last buffer), unless there is nothing to do.
+  const bool work = s.N > 0 && s.L > 0;
+  const auto like = [work](const Tensor& t) { return work ? at::empty_like(t) : at::zeros_like(t); };
+  Tensor grad_input = like(input);
+  Tensor grad_offset = like(offset);
+  Tensor grad_mask = mask ? like(*mask) : Tensor();
   Tensor grad_wp = at::zeros({s.O, s.Kg}, weight.options());
-  if (s.N > 0 && s.L > 0) {
+  if (work) {
     Tensor m = mask ? *mask : Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcnbench_deform_conv2d_backward", [&] {
       conv_backward_impl<scalar_t>(s, grad_out, input, offset, weight, m, grad_input, grad_offset, grad_wp,
@@ -682,28 +725,6 @@ struct RoiCtx {
   T scale_x(int64_t r) const { return T(a.gamma) * geo[r].roi_w; }
   T scale_y(int64_t r) const { return T(a.gamma) * geo[r].roi_h; }
 };
-
-// (cols, rows) transpose of a contiguous (rows, cols) matrix, in 16 x 16 blocks.
-template <typename T>
-Tensor transposed(const Tensor& src, int64_t rows, int64_t cols) {
-  Tensor dst_t = at::empty({cols, rows}, src.options());
-  const T* S = src.data_ptr<T>();
-  T* D = dst_t.data_ptr<T>();
-  constexpr int64_t B = 16;
-  parallel_for(0, (cols + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t c0 = b0 * B; c0 < std::min(cols, b1 * B); c0 += B) {
-      const int64_t c1 = std::min(cols, c0 + B);
-      for (int64_t r0 = 0; r0 < rows; r0 += B) {
-        const int64_t r1 = std::min(rows, r0 + B);
-        for (int64_t c = c0; c < c1; ++c) {
-          T* __restrict d = D + c * rows;
-          for (int64_t r = r0; r < r1; ++r) d[r] = S[r * cols + c];
-        }
-      }
-    }
-  });
-  return dst_t;
-}
 
 // ---- position-sensitive: every (output channel, bin) reads its own input plane, so the kernels
 // walk the input planes (one thread per plane, all rois in order: the plane stays in L1). For one
