@@ -176,11 +176,14 @@ inline int64_t min_tile_pixels() {
   return 256;
 }
 
-// Column bytes per tile: 4 MB; a sample whose tiles run in order (see split_sample_tiles) and whose
-// columns fit in 16 MB is one tile, one wide GEMM (512 channels, 23x30, 12.7 MB: 1.40-1.44x F.conv2d
-// at 2 threads and 1.42x at 1, against 1.62x and 1.59x in 4 MB tiles; larger samples, e.g. 38x63,
-// were 1-2% slower in 16 MB tiles and keep 4 MB).
-constexpr int64_t kTileBytes = 4 << 20;
+// Column bytes per tile: 1 MB, so that a tile's columns stay in L2 between the sampling that writes
+// them and the GEMM that reads them (fwd+bwd against 4 MB tiles, in-process A/B: small shape -11% at
+// 2 threads and -4% at 1, mid -7% / -4%; res5 and tiny keep their tiles: 256-pixel minimum, one
+// tile). A sample whose tiles run in order (see split_sample_tiles) and whose columns fit in 16 MB
+// is one tile, one wide GEMM (512 channels, 23x30, 12.7 MB: 1.40-1.44x F.conv2d at 2 threads and
+// 1.42x at 1, against 1.62x and 1.59x in 4 MB tiles; larger samples, e.g. 38x63, were 1-2% slower
+// in 16 MB tiles).
+constexpr int64_t kTileBytes = 1 << 20;
 constexpr int64_t kWholeSampleBytes = 16 << 20;
 
 // Output pixels per tile: at least 256 (each GEMM call re-reads the whole weight matrix, so small
