@@ -192,11 +192,13 @@ def time_models(models: dict[str, torch.nn.Module], raw: torch.Tensor, hw: tuple
                 repeats: int, warmup: int = 1) -> dict[str, tuple[list[float], list[float]]]:
     """{name: (net forward times, full runtimes)}: ``warmup`` untimed runs of each model, then
     ``repeats`` rounds that run every model once in turn, so that the variants share whatever
-    else the machine is doing."""
+    else the machine is doing; odd rounds run them in reverse order, so that neither always
+    runs first."""
     times = {name: ([], []) for name in models}
+    order = list(models.items())
     with torch.inference_mode():
         for i in range(warmup + repeats):
-            for name, model in models.items():
+            for name, model in order[::-1] if i % 2 else order:
                 net, total = _time_once(model, raw, hw, device)
                 if i >= warmup:
                     times[name][0].append(net)

@@ -2,10 +2,11 @@
 
 import csv
 
+import torch
 from click.testing import CliRunner
 
 from dcnbench.cli import main
-from dcnbench.runtime import TABLE4_MODELS, overhead_rows, paired_ratio, read_paper_table4, verdict
+from dcnbench.runtime import TABLE4_MODELS, overhead_rows, paired_ratio, read_paper_table4, time_models, verdict
 
 REQUIRED = ["model", "variant", "device", "net_forward_s", "runtime_s", "repeats"]
 PROVENANCE = ["backend", "threads", "machine", "torch", "git_commit", "date"]
@@ -91,3 +92,27 @@ def test_overhead_rows_carry_the_paired_ratio_and_verdict():
     (rec,) = overhead_rows(rows)
     assert rec["verdict_net_forward_s"] == "met"  # ~1.10 against the paper's 1.18
     assert rec["verdict_runtime_s"] == "not met"  # ~1.30 against 1.14
+
+
+def test_time_models_alternates_which_model_runs_first():
+    """Rounds run the models in turn, in reverse order every other round: each runs first in half."""
+    calls = []
+
+    class Stub(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward_raw(self, x):
+            calls.append(self.name)
+            return x
+
+        def postprocess(self, out):
+            return out
+
+    raw = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    times = time_models({"plain": Stub("plain"), "deformable": Stub("deformable")}, raw, (4, 4),
+                        torch.device("cpu"), repeats=4, warmup=1)
+    assert calls == ["plain", "deformable", "deformable", "plain", "plain", "deformable", "deformable", "plain",
+                     "plain", "deformable"]
+    assert all(len(net) == len(total) == 4 for net, total in times.values())
