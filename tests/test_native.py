@@ -142,6 +142,32 @@ def test_conv_gradients_are_written_whole(batch, threads):
     assert_all_close(got, want, torch.float64)
 
 
+@pytest.mark.parametrize("batch,threads", [(1, 1), (1, 2), (3, 2)], ids=["in_order", "split", "batch_parallel"])
+def test_conv_scratch_reuse_carries_nothing_over(monkeypatch, batch, threads):
+    """Each thread keeps its column and channels-last buffers between calls: a call right after a
+    larger one whose input was all NaN (so every kept buffer holds NaN) still equals the reference."""
+    monkeypatch.setenv("DCNBENCH_NATIVE_TILE_MIN", "8")  # split: 99 pixels >= 2 threads x 2 tiles of 8
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        poison, kwargs = conv_inputs(batch, 6, 13, 14, 4, 1, 2, (3, 3), 1, 1, 1, True, True, torch.float64)
+        poison[0] = torch.full_like(poison[0], float("nan"))
+        assert run_conv("native", poison, kwargs)[0].isnan().any()
+        tensors, kwargs = conv_inputs(batch, 4, 9, 11, 4, 1, 2, (3, 3), 1, 1, 1, True, True, torch.float64)
+        got = run_conv("native", tensors, kwargs)
+    finally:
+        torch.set_num_threads(previous)
+    assert_all_close(got, run_conv("reference", tensors, kwargs), torch.float64)
+
+
+def test_conv_scratch_kept_under_inference_mode_serves_training():
+    # Buffers first made under torch.inference_mode() are written again by a later training call.
+    tensors, kwargs = conv_inputs(1, 4, 9, 11, 4, 1, 1, (3, 3), 1, 1, 1, True, True, torch.float64)
+    with torch.inference_mode(), use_backend("native"):
+        deform_conv2d(tensors[0], tensors[1], tensors[2], tensors[3], mask=tensors[4], **kwargs)
+    assert_all_close(run_conv("native", tensors, kwargs), run_conv("reference", tensors, kwargs), torch.float64)
+
+
 def test_conv_gradients_bitwise_deterministic():
     tensors, kwargs = conv_inputs(4, 32, 20, 20, 16, 1, 1, (3, 3), 1, 2, 2, True, True, torch.float32)
     first = run_conv("native", tensors, kwargs)
