@@ -282,9 +282,7 @@ inline Tensor scratch_bytes(ScratchSlot slot, int64_t bytes) {
 // An uninitialised (sizes) tensor of T in `slot`'s buffer.
 template <typename T>
 Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes) {
-  const int64_t n = c10::multiply_integers(sizes);
-  return scratch_bytes(slot, std::max<int64_t>(1, n) * int64_t(sizeof(T)))
-      .narrow(0, 0, n * int64_t(sizeof(T)))
+  return scratch_bytes(slot, c10::multiply_integers(sizes) * int64_t(sizeof(T)))
       .view(c10::CppTypeToScalarType<T>::value)
       .view(sizes);
 }
