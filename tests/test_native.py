@@ -119,6 +119,34 @@ def test_conv_many_tiles(monkeypatch, batch, threads, tile_min):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("batch,threads,tile_min", [(1, 1, 16), (1, 2, 8), (3, 2, 256)],
+                         ids=["in_order_tiles", "split", "batch_parallel"])
+def test_conv_forward_with_packed_weight(monkeypatch, batch, threads, tile_min, groups):
+    """float32 weights of 1 MB or more per group (192 x 192*9 here), used by several GEMMs per
+    thread (tiles or samples), go through MKL's packed GEMM, packed once per call: the forward still
+    equals the reference, and a second call with a changed weight uses the new weight."""
+    if not __import__("dcnbench.ops.native", fromlist=["_ext"])._ext().packed_gemm():
+        pytest.skip("torch's BLAS does not export MKL's packed GEMM")
+    monkeypatch.setenv("DCNBENCH_NATIVE_TILE_BYTES", "64")
+    monkeypatch.setenv("DCNBENCH_NATIVE_TILE_MIN", str(tile_min))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tensors, kwargs = conv_inputs(batch, 192 * groups, 9, 11, 192 * groups, groups, 1, (3, 3), 1, 2, 2, False,
+                                      True, torch.float32)
+        for _ in range(2):
+            with torch.no_grad():
+                with use_backend("native"):
+                    got = deform_conv2d(*tensors[:4], **kwargs)
+                with use_backend("reference"):
+                    want = deform_conv2d(*tensors[:4], **kwargs)
+            assert_all_close([got], [want], torch.float32)
+            tensors[2].mul_(-0.5)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_conv_batch_100():
     tensors, kwargs = conv_inputs(100, 4, 9, 11, 3, 1, 1, (3, 3), 1, 1, 1, True, True, torch.float32)
     assert_all_close(run_conv("native", tensors, kwargs), run_conv("reference", tensors, kwargs), torch.float32)

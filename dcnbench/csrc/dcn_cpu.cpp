@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -259,13 +260,24 @@ inline Tensor tap_major(const Tensor& weight, const ConvShape& s) {
   return weight.permute({0, 2, 3, 1}).contiguous().view({s.O, s.Kg});
 }
 
+// MKL's packed GEMM, where torch's MKL exports it (weak: absent, the GEMMs go through at::mm_out).
+// LP64 CBLAS, enum values of mkl_cblas.h.
+extern "C" {
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                      int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151, kCblasAMatrix = 161;
+
 // Scratch buffers kept by each thread between calls, one per slot, each grown to its largest
 // request (up to kScratchKeepBytes; larger ones are allocated per call). Allocated per call, a
 // multi-megabyte buffer faults its pages in anew every time (a 512-channel 38x50 layer's forward
 // took ~640 page faults per call). A thread holds at most one buffer per slot at a time; the split
 // paths keep the sample's shared input in kShared, so that their workers (the caller among them)
 // can use kInput.
-enum ScratchSlot : int { kInput, kInputGrad, kCol, kColGrad, kSamples, kShared, kScratchSlots };
+enum ScratchSlot : int { kInput, kInputGrad, kCol, kColGrad, kSamples, kShared, kPackedWeight, kScratchSlots };
 constexpr int64_t kScratchKeepBytes = int64_t(64) << 20;
 
 inline Tensor scratch_bytes(ScratchSlot slot, int64_t bytes) {
@@ -304,6 +316,62 @@ struct ConvWork {
   }
 };
 
+// The forward GEMMs of one call: out rows (Og, tl) of weight group g = W_g (Og, Kg) x the tile's
+// columns of group g, transposed. Where each thread runs several of them (tiles, samples), the
+// weight is 1 MB or more per group, and torch's MKL exports the packed GEMM (float32), the caller
+// packs W once, before the parallel region, and every thread's GEMMs read that one copy: unpacked,
+// each GEMM packs the whole weight again (9.4 MB for a 512-channel 3x3 layer, whose 38x50 map runs
+// as four 240-pixel tiles per thread at 2 threads). In-process A/B, forward: 38x50 -4% at 2
+// threads and -3.5% at 1, 64x128 -5%, 256 channels 50x50 batch 2 -7% at 1 thread; a copy packed
+// by each thread inside the region was 2-3% slower than none, and packing the 147 KB weight of
+// 64 channels 8% slower (hence the 1 MB floor). W is packed anew in every call: nothing is cached
+// across calls, so a changed weight can never meet a stale packed copy.
+constexpr int64_t kPackMinBytes = 1 << 20;
+
+template <typename T>
+class WeightGemm {
+ public:
+  // `calls`: GEMMs per thread in this call. Construct it outside the parallel region.
+  WeightGemm(const ConvShape& s, const Tensor& wp, int64_t tile, int64_t calls) : s_(s), wp_(wp) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (calls < 2 || s.Og * s.Kg * int64_t(sizeof(float)) < kPackMinBytes) return;
+      if (!cblas_sgemm_pack_get_size || !cblas_sgemm_pack || !cblas_sgemm_compute) return;
+      if (std::max({s.Og, s.Kg, s.Ktot, s.L, tile}) > std::numeric_limits<int>::max()) return;
+      group_bytes_ = int64_t(cblas_sgemm_pack_get_size(kCblasAMatrix, int(s.Og), int(tile), int(s.Kg)));
+      packed_ = scratch_bytes(kPackedWeight, group_bytes_ * s.groups);
+      for (int64_t g = 0; g < s.groups; ++g) {
+        cblas_sgemm_pack(kCblasRowMajor, kCblasAMatrix, kCblasNoTrans, int(s.Og), int(tile), int(s.Kg), 1.0f,
+                         wp.data_ptr<float>() + g * s.Og * s.Kg, int(s.Kg), packed_group(g));
+      }
+    }
+  }
+
+  // Output pixels [l0, l0 + tl) of out_n (O, L) from the columns ct (tl, Ktot).
+  void operator()(Tensor& out_n, const Tensor& ct, int64_t l0, int64_t tl) const {
+    for (int64_t g = 0; g < s_.groups; ++g) {
+      Tensor dst = out_n.narrow(0, g * s_.Og, s_.Og).narrow(1, l0, tl);
+      if constexpr (std::is_same_v<T, float>) {
+        if (packed_.defined()) {
+          cblas_sgemm_compute(kCblasRowMajor, kCblasPacked, kCblasTrans, int(s_.Og), int(tl), int(s_.Kg),
+                              packed_group(g), int(s_.Kg), ct.data_ptr<float>() + g * s_.Kg, int(s_.Ktot), 0.0f,
+                              dst.data_ptr<float>(), int(s_.L));
+          continue;
+        }
+      }
+      at::mm_out(dst, wp_.narrow(0, g * s_.Og, s_.Og), ct.narrow(1, g * s_.Kg, s_.Kg).t());
+    }
+  }
+
+ private:
+  float* packed_group(int64_t g) const {
+    return reinterpret_cast<float*>(static_cast<char*>(packed_.data_ptr()) + g * group_bytes_);
+  }
+  const ConvShape& s_;
+  const Tensor& wp_;
+  Tensor packed_;
+  int64_t group_bytes_ = 0;
+};
+
 // Batch parallelism: with at least as many samples as threads, each thread takes a contiguous
 // chunk of samples (single-threaded inner loops and GEMMs, one parallel region per call);
 // otherwise samples run in order and each tile's loops are parallel.
@@ -315,8 +383,8 @@ inline int64_t sample_chunks(int64_t N) {
 // Output pixels [l_begin, l_end) of sample n (tile-aligned), input X channels-last.
 template <typename T>
 void conv_forward_tiles(const ConvShape& s, const std::vector<std::vector<Segment>>& segs, int64_t tile,
-                        const T* X, const T* off, const T* msk, const Tensor& wp, Tensor& out, int64_t n,
-                        ConvWork<T>& wk, int64_t l_begin, int64_t l_end) {
+                        const T* X, const T* off, const T* msk, const WeightGemm<T>& gemm, Tensor& out,
+                        int64_t n, ConvWork<T>& wk, int64_t l_begin, int64_t l_end) {
   const T* off_n = off + n * 2 * s.G * s.taps * s.L;
   const T* mask_n = msk ? msk + n * s.G * s.taps * s.L : nullptr;
   Tensor out_n = out[n].view({s.O, s.L});
@@ -327,20 +395,16 @@ void conv_forward_tiles(const ConvShape& s, const std::vector<std::vector<Segmen
     parallel_for(0, tl, 4, [&](int64_t r0, int64_t r1) {
       sample_rows<T>(s, segs, X, off_n, mask_n, l0, r0, r1, colp, smp);
     });
-    Tensor ct = wk.col.narrow(0, 0, tl);
-    for (int64_t g = 0; g < s.groups; ++g) {
-      Tensor dst = out_n.narrow(0, g * s.Og, s.Og).narrow(1, l0, tl);
-      at::mm_out(dst, wp.narrow(0, g * s.Og, s.Og), ct.narrow(1, g * s.Kg, s.Kg).t());
-    }
+    gemm(out_n, wk.col.narrow(0, 0, tl), l0, tl);
   }
 }
 
 template <typename T>
 void conv_forward_sample(const ConvShape& s, const std::vector<std::vector<Segment>>& segs, int64_t tile,
-                         const Tensor& input, const T* off, const T* msk, const Tensor& wp, Tensor& out, int64_t n,
-                         ConvWork<T>& wk) {
+                         const Tensor& input, const T* off, const T* msk, const WeightGemm<T>& gemm, Tensor& out,
+                         int64_t n, ConvWork<T>& wk) {
   to_channels_last<T>(input, n, wk.xbuf);
-  conv_forward_tiles<T>(s, segs, tile, wk.xbuf.template data_ptr<T>(), off, msk, wp, out, n, wk, 0, s.L);
+  conv_forward_tiles<T>(s, segs, tile, wk.xbuf.template data_ptr<T>(), off, msk, gemm, out, n, wk, 0, s.L);
 }
 
 // Forward with fewer samples than threads: split each sample's tiles over the threads, unless the
@@ -374,16 +438,19 @@ void conv_forward_impl(const ConvShape& s, const Tensor& input, const Tensor& of
   Tensor wp = tap_major(weight, s);
   const T* off = offset.data_ptr<T>();
   const T* msk = s.has_mask ? mask.data_ptr<T>() : nullptr;
+  const int64_t n_tiles = (s.L + tile - 1) / tile;
   if (in_order) {
     ConvWork<T> wk(s, tile, false, true);
-    for (int64_t n = 0; n < s.N; ++n) conv_forward_sample<T>(s, segs, tile, input, off, msk, wp, out, n, wk);
+    const WeightGemm<T> gemm(s, wp, tile, s.N * n_tiles);
+    for (int64_t n = 0; n < s.N; ++n) conv_forward_sample<T>(s, segs, tile, input, off, msk, gemm, out, n, wk);
     return;
   }
   if (chunks == 1) {
     // Few samples: threads split each sample's tiles (one parallel region per sample).
     const int64_t tc = tile_chunks(s, tile);
-    const int64_t n_tiles = (s.L + tile - 1) / tile, per_chunk = (n_tiles + tc - 1) / tc;
+    const int64_t per_chunk = (n_tiles + tc - 1) / tc;
     Tensor xbuf = scratch<T>(kShared, {s.H, s.W, s.C});
+    const WeightGemm<T> gemm(s, wp, tile, s.N * per_chunk);
     for (int64_t n = 0; n < s.N; ++n) {
       to_channels_last<T>(input, n, xbuf);
       const T* X = xbuf.data_ptr<T>();
@@ -391,18 +458,19 @@ void conv_forward_impl(const ConvShape& s, const Tensor& input, const Tensor& of
         ConvWork<T> wk(s, tile, false, false);
         for (int64_t ch = c0; ch < c1; ++ch) {
           const int64_t lb = std::min(s.L, ch * per_chunk * tile), le = std::min(s.L, (ch + 1) * per_chunk * tile);
-          conv_forward_tiles<T>(s, segs, tile, X, off, msk, wp, out, n, wk, lb, le);
+          conv_forward_tiles<T>(s, segs, tile, X, off, msk, gemm, out, n, wk, lb, le);
         }
       });
     }
     return;
   }
   const int64_t per = (s.N + chunks - 1) / chunks;
+  const WeightGemm<T> gemm(s, wp, tile, per * n_tiles);
   parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     ConvWork<T> wk(s, tile, false, true);
     for (int64_t ch = c0; ch < c1; ++ch) {
       for (int64_t n = ch * per; n < std::min(s.N, (ch + 1) * per); ++n)
-        conv_forward_sample<T>(s, segs, tile, input, off, msk, wp, out, n, wk);
+        conv_forward_sample<T>(s, segs, tile, input, off, msk, gemm, out, n, wk);
     }
   });
 }
@@ -1485,4 +1553,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("roi_pool_forward", &roi_pool_forward, nogil);
   m.def("roi_pool_backward", &roi_pool_backward, nogil);
   m.def("num_threads", []() { return at::get_num_threads(); });
+  m.def("packed_gemm", []() { return cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute; },
+        "whether the forward can pack float32 weights for MKL's packed GEMM");
 }

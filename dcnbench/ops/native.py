@@ -9,9 +9,10 @@ Without a compiler (or with ``DCNBENCH_NO_NATIVE=1``) :func:`status` reports the
 and the dispatch falls back to the pure-PyTorch reference with a one-line warning.
 
 Memory: every thread that runs the deformable-convolution kernels keeps its scratch buffers (the
-sample's channels-last copy, column tiles, sampling points; each grown to the largest request up
-to 64 MB, e.g. ~13 MB of columns for a 512-channel 23×30 layer) for the next call, until the
-thread exits.
+sample's channels-last copy, column tiles, sampling points, the packed weight; each grown to the
+largest request up to 64 MB, e.g. ~13 MB of columns for a 512-channel 23×30 layer) for the next
+call, until the thread exits. Buffers are reused, never their contents: the weight is packed anew
+in every call.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def _build() -> None:
     for arch in [a for k, a in enumerate(attempts) if a not in attempts[:k]]:
         try:
             _module = _try_build(kernels, arch)
-            _built = f"C++ CPU kernels ({'-O3 ' + arch[0] if arch else '-O3'}, cached under {_cache_root()})"
+            packed = ", MKL packed GEMM" if _module.packed_gemm() else ""
+            _built = f"C++ CPU kernels ({'-O3 ' + arch[0] if arch else '-O3'}{packed}, cached under {_cache_root()})"
             return
         except Exception as exc:  # compiler missing/broken, ninja missing, compile error
             lines = str(exc).strip().splitlines()
