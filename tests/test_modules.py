@@ -52,6 +52,37 @@ def test_weight_stays_channels_last(cpu_backend):
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    ((3, 3), (1, 1), (2, 2), (2, 2)), ((3, 3), (2, 2), (1, 1), (1, 1)), ((2, 3), (1, 2), (1, 0), (2, 1)),
+    ((3, 3), (3, 2), (0, 4), (1, 3)), ((1, 1), (1, 1), (0, 0), (1, 1)), ((3, 3), (6, 1), (3, 1), (1, 1)),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_by_taps_equals_conv2d(kernel, stride, padding, dilation, bias):
+    """The offset branch's tap-sum form of a convolution equals F.conv2d, border and strides included
+    (with stride 6 and padding 3 on the 4-row map, the last row of taps reads only padding)."""
+    from dcnbench.ops.deform_conv import _conv_by_taps
+
+    x = torch.randn(2, 5, 4, 9, dtype=torch.float64)
+    weight = torch.randn(7, 5, *kernel, dtype=torch.float64)
+    b = torch.randn(7, dtype=torch.float64) if bias else None
+    want = F.conv2d(x, weight, b, stride, padding, dilation)
+    torch.testing.assert_close(_conv_by_taps(x, weight, b, stride, padding, dilation), want, rtol=1e-12, atol=1e-12)
+
+
+def test_offset_branch_without_autograd_equals_conv(cpu_backend):
+    """A layer wide enough for the tap-sum offset branch (CPU, no autograd) gives the offsets and the
+    output it gives with autograd on, where the branch is the plain nn.Conv2d."""
+    layer = DeformConv2d(128, 8, 3, padding=2, dilation=2).double()
+    nn.init.normal_(layer.offset_conv.weight, std=0.05)
+    x = torch.randn(1, 128, 20, 30, dtype=torch.float64)
+    with torch.no_grad():
+        offset, _ = layer.offsets(x)
+        out = layer(x)
+    torch.testing.assert_close(offset, layer.offset_conv(x), rtol=1e-10, atol=1e-10)
+    assert offset.abs().max() > 0.5
+    torch.testing.assert_close(out, layer(x).detach(), rtol=1e-10, atol=1e-10)
+
+
 def test_fresh_modulated_layer_is_half_conv_plus_bias(cpu_backend):
     """Modulated (v2): mask = sigmoid(0) = 0.5 on every tap of a fresh layer."""
     layer = DeformConv2d(3, 5, (3, 2), padding=1, modulated=True).double()

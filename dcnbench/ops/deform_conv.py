@@ -60,6 +60,48 @@ def _dense(weight: Tensor) -> Tensor:
     return weight.contiguous()
 
 
+def _conv_by_taps(input: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int],
+                  padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    """``F.conv2d`` (one group) as one matmul of the (kh*kw*O, C) tap-major weight with the (C, H*W)
+    input, then per tap (i, j) a sum of its (O, H, W) product map's window shifted by
+    (i*dh - ph, j*dw - pw) and strided: each output pixel adds the products of the input pixels
+    its taps read; taps that read the zero padding add nothing.
+
+    For the offset branch's narrow convs (18 outputs from 512 channels) this is 1.4-2.2x faster than
+    ``F.conv2d`` on the CPU (see ``_taps_conv_pays``). Input (N, C, H, W) -> (N, O, Ho, Wo).
+    """
+    (n, c, h, w), (o, _, kh, kw) = input.shape, weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    taps = weight.permute(2, 3, 0, 1).reshape(kh * kw * o, c)
+    products = torch.matmul(taps, input.reshape(n, c, h * w)).view(n, kh * kw, o, h, w)
+    out = input.new_zeros(n, o, ho, wo) if bias is None else bias.view(1, o, 1, 1).expand(n, o, ho, wo).clone()
+    for i in range(kh):
+        for j in range(kw):
+            # Output row y reads input row y*sh + dy: the rows with 0 <= y*sh + dy < h (same for columns).
+            dy, dx = i * dh - ph, j * dw - pw
+            y0, y1 = max(0, -(dy // sh)), min(ho, (h - 1 - dy) // sh + 1)
+            x0, x1 = max(0, -(dx // sw)), min(wo, (w - 1 - dx) // sw + 1)
+            if y0 < y1 and x0 < x1:
+                out[:, :, y0:y1, x0:x1] += products[:, i * kw + j, :, y0 * sh + dy:(y1 - 1) * sh + dy + 1:sh,
+                                                    x0 * sw + dx:(x1 - 1) * sw + dx + 1:sw]
+    return out
+
+
+def _taps_conv_pays(input: Tensor, conv: nn.Conv2d) -> bool:
+    """Whether the offset branch runs as ``_conv_by_taps``: on the CPU without autograd, with at
+    least 128 input channels and 512 input pixels in the batch. Measured at 2 threads against ``F.conv2d``
+    (18 outputs, 3x3, dilation 2): 512 channels 23x30 0.69x, 38x50 0.60x, 64x128 0.46x, 1024
+    channels 23x30 0.64x, 128 channels 23x30 0.94x; slower on smaller inputs (64 channels 8 x 16x16
+    1.22x, 512 channels 8x8 1.21x) and, with the backward, below 512 channels (1.2-1.7x)."""
+    if input.device.type != "cpu" or input.dim() != 4 or conv.groups != 1:
+        return False
+    if torch.is_grad_enabled() and (input.requires_grad or conv.weight.requires_grad):
+        return False
+    n, c = input.shape[:2]
+    return c >= 128 and n * input.shape[2] * input.shape[3] >= 512
+
+
 class DeformConv2d(nn.Module):
     """A deformable convolution that owns its offset branch (and mask branch when ``modulated``).
 
@@ -126,7 +168,11 @@ class DeformConv2d(nn.Module):
 
     def offsets(self, input: Tensor) -> tuple[Tensor, Tensor | None]:
         """The offset branch: (N, 2*G*kh*kw, Ho, Wo) offsets and the (N, G*kh*kw, Ho, Wo) mask or None."""
-        out = self.offset_conv(input)
+        conv = self.offset_conv
+        if _taps_conv_pays(input, conv):
+            out = _conv_by_taps(input, conv.weight, conv.bias, self.stride, self.padding, self.dilation)
+        else:
+            out = conv(input)
         if not self.modulated:
             return out, None
         n_offset = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
