@@ -46,18 +46,21 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   });
 }
 
-// D = the (cols, rows) transpose of the contiguous (rows, cols) matrix S, in 16 x 16 blocks.
+// D = the (cols, rows) transpose of the (rows, cols) matrix S, in 16 x 16 blocks; row strides ls
+// and ld (default: contiguous).
 template <typename T>
-void transpose_into(const T* S, T* D, int64_t rows, int64_t cols) {
+void transpose_into(const T* S, T* D, int64_t rows, int64_t cols, int64_t ls = -1, int64_t ld = -1) {
   constexpr int64_t B = 16;
+  if (ls < 0) ls = cols;
+  if (ld < 0) ld = rows;
   parallel_for(0, (cols + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t c0 = b0 * B; c0 < std::min(cols, b1 * B); c0 += B) {
       const int64_t c1 = std::min(cols, c0 + B);
       for (int64_t r0 = 0; r0 < rows; r0 += B) {
         const int64_t r1 = std::min(rows, r0 + B);
         for (int64_t c = c0; c < c1; ++c) {
-          T* __restrict d = D + c * rows;
-          for (int64_t r = r0; r < r1; ++r) d[r] = S[r * cols + c];
+          T* __restrict d = D + c * ld;
+          for (int64_t r = r0; r < r1; ++r) d[r] = S[r * ls + c];
         }
       }
     }
@@ -269,7 +272,7 @@ void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k
 void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
                          const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
-constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151, kCblasAMatrix = 161;
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151, kCblasBMatrix = 162;
 
 // Scratch buffers kept by each thread between calls, one per slot, each grown to its largest
 // request (up to kScratchKeepBytes; larger ones are allocated per call). Allocated per call, a
@@ -277,7 +280,7 @@ constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCbl
 // took ~640 page faults per call). A thread holds at most one buffer per slot at a time; the split
 // paths keep the sample's shared input in kShared, so that their workers (the caller among them)
 // can use kInput.
-enum ScratchSlot : int { kInput, kInputGrad, kCol, kColGrad, kSamples, kShared, kPackedWeight, kScratchSlots };
+enum ScratchSlot : int { kInput, kInputGrad, kCol, kColGrad, kSamples, kShared, kPackedWeight, kGemmOut, kScratchSlots };
 constexpr int64_t kScratchKeepBytes = int64_t(64) << 20;
 
 inline Tensor scratch_bytes(ScratchSlot slot, int64_t bytes) {
@@ -321,11 +324,15 @@ struct ConvWork {
 // weight is 1 MB or more per group, and torch's MKL exports the packed GEMM (float32), the caller
 // packs W once, before the parallel region, and every thread's GEMMs read that one copy: unpacked,
 // each GEMM packs the whole weight again (9.4 MB for a 512-channel 3x3 layer, whose 38x50 map runs
-// as four 240-pixel tiles per thread at 2 threads). In-process A/B, forward: 38x50 -4% at 2
-// threads and -3.5% at 1, 64x128 -5%, 256 channels 50x50 batch 2 -7% at 1 thread; a copy packed
-// by each thread inside the region was 2-3% slower than none, and packing the 147 KB weight of
-// 64 channels 8% slower (hence the 1 MB floor). W is packed anew in every call: nothing is cached
-// across calls, so a changed weight can never meet a stale packed copy.
+// as four 240-pixel tiles per thread at 2 threads). The packed GEMM computes columns x W^T, the
+// (tl, Og) transpose of the output rows, into a scratch block that is then transposed into them:
+// one thread's 4 x 240-pixel GEMMs ran at 220 GFLOP/s so, against 205 with W packed as the left
+// operand and 185-195 unpacked (either way round); two threads at once, ~415 both packed ways.
+// In-process A/B of the forward against unpacked GEMMs: 38x50 -6% at 2 threads and -11% at 1,
+// 64x128 -5%, 256 channels 50x50 batch 2 -5% at 1 thread. A copy packed by each thread inside the
+// region was 2-3% slower than none, and packing the 147 KB weight of 64 channels 8% slower (hence
+// the 1 MB floor). W is packed anew in every call: nothing is cached across calls, so a changed
+// weight can never meet a stale packed copy.
 constexpr int64_t kPackMinBytes = 1 << 20;
 
 template <typename T>
@@ -337,10 +344,10 @@ class WeightGemm {
       if (calls < 2 || s.Og * s.Kg * int64_t(sizeof(float)) < kPackMinBytes) return;
       if (!cblas_sgemm_pack_get_size || !cblas_sgemm_pack || !cblas_sgemm_compute) return;
       if (std::max({s.Og, s.Kg, s.Ktot, s.L, tile}) > std::numeric_limits<int>::max()) return;
-      group_bytes_ = int64_t(cblas_sgemm_pack_get_size(kCblasAMatrix, int(s.Og), int(tile), int(s.Kg)));
+      group_bytes_ = int64_t(cblas_sgemm_pack_get_size(kCblasBMatrix, int(tile), int(s.Og), int(s.Kg)));
       packed_ = scratch_bytes(kPackedWeight, group_bytes_ * s.groups);
       for (int64_t g = 0; g < s.groups; ++g) {
-        cblas_sgemm_pack(kCblasRowMajor, kCblasAMatrix, kCblasNoTrans, int(s.Og), int(tile), int(s.Kg), 1.0f,
+        cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, kCblasTrans, int(tile), int(s.Og), int(s.Kg), 1.0f,
                          wp.data_ptr<float>() + g * s.Og * s.Kg, int(s.Kg), packed_group(g));
       }
     }
@@ -352,9 +359,11 @@ class WeightGemm {
       Tensor dst = out_n.narrow(0, g * s_.Og, s_.Og).narrow(1, l0, tl);
       if constexpr (std::is_same_v<T, float>) {
         if (packed_.defined()) {
-          cblas_sgemm_compute(kCblasRowMajor, kCblasPacked, kCblasTrans, int(s_.Og), int(tl), int(s_.Kg),
-                              packed_group(g), int(s_.Kg), ct.data_ptr<float>() + g * s_.Kg, int(s_.Ktot), 0.0f,
-                              dst.data_ptr<float>(), int(s_.L));
+          Tensor tmp = scratch<float>(kGemmOut, {tl, s_.Og});
+          cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, int(tl), int(s_.Og), int(s_.Kg),
+                              ct.data_ptr<float>() + g * s_.Kg, int(s_.Ktot), packed_group(g), int(s_.Kg), 0.0f,
+                              tmp.data_ptr<float>(), int(s_.Og));
+          transpose_into(tmp.data_ptr<float>(), dst.data_ptr<float>(), tl, s_.Og, s_.Og, s_.L);
           continue;
         }
       }
