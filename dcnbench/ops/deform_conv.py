@@ -111,7 +111,8 @@ class DeformConv2d(nn.Module):
     (v2, as in DCNv2).
 
     Input (N, in_channels, H, W) -> (N, out_channels, Ho, Wo). The offset branch trains at the base
-    learning rate (``offset_lr_mult`` = beta = 1, paper section 2.3).
+    learning rate (``offset_lr_mult`` = beta = 1, paper section 2.3). On the CPU without autograd,
+    wide layers compute it as ``_conv_by_taps`` (same result up to float summation order, faster).
 
     ``weight`` has torchvision's shape (out_channels, in_channels/groups, kh, kw) in channels-last
     memory order, (out, kh, kw, in/groups), the order of the CPU kernels' column matrix: they use it
