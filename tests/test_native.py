@@ -173,8 +173,8 @@ def test_conv_gradients_are_written_whole(batch, threads):
 @pytest.mark.parametrize("batch,threads", [(1, 1), (1, 2), (3, 2)], ids=["in_order", "split", "batch_parallel"])
 def test_conv_scratch_reuse_carries_nothing_over(monkeypatch, batch, threads):
     """Each thread keeps its column and channels-last buffers between calls: a call right after a
-    larger one whose input was all NaN (so the kept channels-last input and column buffers hold NaN)
-    still equals the reference."""
+    larger one whose input was all NaN (so the kept channels-last input and column buffers, and in
+    the split backward the input- and weight-gradient partials, hold NaN) still equals the reference."""
     monkeypatch.setenv("DCNBENCH_NATIVE_TILE_MIN", "8")  # split: 99 pixels >= 2 threads x 2 tiles of 8
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

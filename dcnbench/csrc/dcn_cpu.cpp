@@ -278,9 +278,13 @@ constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCbl
 // request (up to kScratchKeepBytes; larger ones are allocated per call). Allocated per call, a
 // multi-megabyte buffer faults its pages in anew every time (a 512-channel 38x50 layer's forward
 // took ~640 page faults per call). A thread holds at most one buffer per slot at a time; the split
-// paths keep the sample's shared input in kShared, so that their workers (the caller among them)
-// can use kInput.
-enum ScratchSlot : int { kInput, kInputGrad, kCol, kColGrad, kSamples, kShared, kPackedWeight, kGemmOut, kScratchSlots };
+// paths keep the sample's shared input in kShared (and the backward its per-chunk input- and
+// weight-gradient partials in kSharedGrad and kWeightGradParts), so that their workers (the caller
+// among them) can use kInput and the other per-worker slots.
+enum ScratchSlot : int {
+  kInput, kInputGrad, kCol, kColGrad, kSamples, kShared, kSharedGrad, kWeightGradParts, kPackedWeight, kGemmOut,
+  kScratchSlots
+};
 constexpr int64_t kScratchKeepBytes = int64_t(64) << 20;
 
 inline Tensor scratch_bytes(ScratchSlot slot, int64_t bytes) {
@@ -626,8 +630,8 @@ void conv_backward_impl(const ConvShape& s, const Tensor& grad_out, const Tensor
     // weight-gradient partials, summed in chunk order (reproducible at a thread count).
     const int64_t n_tiles = (s.L + tile - 1) / tile, per_chunk = (n_tiles + tc - 1) / tc;
     Tensor xbuf = scratch<T>(kShared, {s.H, s.W, s.C});
-    Tensor gx_parts = at::empty({tc, s.H, s.W, s.C}, opts);
-    Tensor gw_parts = at::zeros({tc, s.O, s.Kg}, opts);
+    Tensor gx_parts = scratch<T>(kSharedGrad, {tc, s.H, s.W, s.C});
+    Tensor gw_parts = scratch<T>(kWeightGradParts, {tc, s.O, s.Kg}).zero_();
     for (int64_t n = 0; n < s.N; ++n) {
       to_channels_last<T>(input, n, xbuf);
       const T* X = xbuf.data_ptr<T>();
@@ -642,7 +646,7 @@ void conv_backward_impl(const ConvShape& s, const Tensor& grad_out, const Tensor
                                  lb, le);
         }
       });
-      Tensor gx_sum = gx_parts[0].clone();
+      Tensor gx_sum = gx_parts[0];  // zeroed again by its chunk's worker for the next sample
       for (int64_t ch = 1; ch < tc; ++ch) gx_sum.add_(gx_parts[ch]);
       from_channels_last<T>(gx_sum, grad_input, n);
     }
