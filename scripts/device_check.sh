@@ -3,7 +3,8 @@
 #   tests    the CUDA backend's tests against the CPU reference (pytest -m cuda)
 #   bench    `dcnbench bench ops --device cuda` on the issue's shapes, full float32 and TF32
 #   large    the same on batched shapes where the kernels, not the host, set the time
-#   runtime  `dcnbench runtime --device cuda` (Table 4 at the paper's sizes)
+#   runtime  `dcnbench runtime --device cuda` (Table 4 at the paper's sizes, 45 rounds)
+#   profile  scripts/profile_cuda.py (DeepLab@V host vs GPU time, host split, largest kernels)
 # Results land in $OUT (default /tmp/dcnbench-device): CSVs, gpu.txt and one log of every step
 # (device_check.log). Each step has its own time limit; a failing step does not stop the next. No
 # install: the checkout runs from PYTHONPATH.
@@ -15,7 +16,7 @@ OUT=${OUT:-/tmp/dcnbench-device}
 mkdir -p "$OUT"
 LOG="$OUT/device_check.log"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 PYTHONWARNINGS=ignore::DeprecationWarning
-steps=${*:-tests bench large runtime}
+steps=${*:-tests runtime profile bench large}
 start=$SECONDS
 step() { echo "=== $1 ($((SECONDS - start)) s)" | tee -a "$LOG"; }
 bench() {  # bench <out dir> <time limit> [options]
@@ -33,8 +34,16 @@ step gpu
 
 if [[ $steps == *tests* ]]; then
   step tests
-  timeout 50 python3 -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_cuda_kernels.py >>"$LOG" 2>&1
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_cuda_kernels.py >>"$LOG" 2>&1
   tail -1 "$LOG"
+fi
+if [[ $steps == *runtime* ]]; then
+  step runtime
+  timeout 240 python3 -m dcnbench.cli runtime --device cuda --repeats 45 --results-dir "$OUT" >>"$LOG" 2>&1
+fi
+if [[ $steps == *profile* ]]; then
+  step profile
+  timeout 120 python3 scripts/profile_cuda.py 2>&1 | tee "$OUT/profile.txt" >>"$LOG"
 fi
 if [[ $steps == *bench* ]]; then
   step bench
@@ -44,9 +53,5 @@ if [[ $steps == *large* ]]; then
   step large
   bench "$OUT/large" 40 --no-roi --shapes res5-b8=8,512,38,63,512,2 --shapes mid-b8=8,256,64,64,256,1 \
     --shapes small-b64=64,64,48,48,64,2
-fi
-if [[ $steps == *runtime* ]]; then
-  step runtime
-  timeout 60 python3 -m dcnbench.cli runtime --device cuda --repeats 10 --results-dir "$OUT" >>"$LOG" 2>&1
 fi
 step done

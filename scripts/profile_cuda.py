@@ -1,8 +1,10 @@
 """Where the CUDA backend's time goes (run on a CUDA machine; results/bench/cuda_notes.md has a run).
 
-1. Host split of a small layer (16x32x24x24, batch-1-like sizes are launch-bound): forward alone,
+1. Table 4's DeepLab@V twins: wall vs GPU-kernel time per forward, and one res5 layer's host
+   time per call (nn.Conv2d, DeformConv2d and its parts, torchvision's op).
+2. Host split of a small layer (16x32x24x24, batch-1-like sizes are launch-bound): forward alone,
    backward alone (retain_graph), forward+backward, against torchvision's op.
-2. The ten largest GPU kernels of deform_conv2d and (PS) RoI pooling forward+backward, per
+3. The ten largest GPU kernels of deform_conv2d and (PS) RoI pooling forward+backward, per
    iteration, from torch.profiler (full float32 in cuDNN and cuBLAS alike).
 
 Usage: PYTHONPATH=. python scripts/profile_cuda.py
@@ -88,10 +90,47 @@ def kernel_table(g: torch.Generator) -> None:
             print(f"  {e.self_device_time_total / 10 / 1e3:7.3f} ms  x{e.count // 10:<2d} {e.key[:100]}")
 
 
+def deeplab_v_split(g: torch.Generator) -> None:
+    """Table 4's DeepLab@V twins at the paper's size, in inference mode: wall time per forward
+    (calls queued back to back, one sync at the end: the larger of host and GPU time) against the
+    GPU kernels' time per forward, then one res5 layer's host time per call (23x30 maps)."""
+    from dcnbench.ops import DeformConv2d
+    from dcnbench.runtime import build_twins, preprocess, resized_hw
+
+    twins = {name: model.cuda() for name, model in build_twins("deeplab", {}).items()}
+    raw = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=g)
+    x = preprocess(raw, resized_hw((375, 500), 360), torch.device("cuda"))
+    conv = torch.nn.Conv2d(512, 512, 3, padding=2, dilation=2, bias=False).cuda()
+    layer = DeformConv2d.from_conv(conv)
+    feat = torch.randn(1, 512, 23, 30, generator=g).cuda()
+    offset = torch.zeros(1, 18, 23, 30, device="cuda")
+    with torch.inference_mode(), use_backend("cuda"):
+        for name, model in twins.items():
+            wall = per_call_us(lambda model=model: model.forward_raw(x), 50) / 1e3
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    model.forward_raw(x)
+                torch.cuda.synchronize()
+            gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 10 / 1e3
+            print(f"DeepLab@V {name}: {wall:.2f} ms per forward (wall), {gpu:.2f} ms of GPU kernels")
+        rows = {
+            "nn.Conv2d": lambda: conv(feat),
+            "DeformConv2d (offset conv + op)": lambda: layer(feat),
+            "its offset conv alone": lambda: layer.offset_conv(feat),
+            "deform_conv2d op (given offsets)": lambda: deform_conv2d(feat, offset, layer.weight, None, 1, 2, 2),
+            "torchvision deform_conv2d (given offsets)":
+                lambda: torchvision.ops.deform_conv2d(feat, offset, conv.weight, None, 1, 2, 2),
+        }
+        print("res5 layer (1,512,23,30)->512, dil 2, inference (us per call):")
+        for name, fn in rows.items():
+            print(f"  {name:42s} {per_call_us(fn):8.1f}")
+
+
 def main() -> None:
     set_float32_mode(False)
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     g = torch.Generator().manual_seed(0)
+    deeplab_v_split(g)
     host_split(g)
     kernel_table(g)
 

@@ -425,6 +425,26 @@ def test_gpu_roi_pool_matches_cpu_reference(dtype, ps, with_offset, deterministi
         torch.testing.assert_close(got.cpu(), want, **_tol(dtype))
 
 
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_inference_calls_equal_recorded_calls():
+    """Without autograd the ops launch the kernels directly: the same outputs as a recorded call."""
+    _require_cuda_backend()
+    conv_args = _conv_case(torch.float32, n=2)
+    roi_args = _roi_case(torch.float32, True, True)
+    conv_grad = torch.randn(2, 6, conv_args[1].shape[2], conv_args[1].shape[3])
+    roi_grad = torch.randn(roi_args[1].shape[0], roi_args[0].shape[1] // 9, 3, 3)
+    recorded = [_run_conv("cuda", torch.float32, conv_args, conv_grad, "cuda")[0],
+                _run_roi("cuda", torch.float32, roi_args, roi_grad, "cuda", True)[0]]
+    to_gpu = [t.cuda() if isinstance(t, torch.Tensor) else t for t in conv_args]
+    x, rois, offset, *rest = roi_args
+    with torch.inference_mode(), use_backend("cuda"):
+        inference = [deform_conv2d(*to_gpu), deform_ps_roi_pool(x.cuda(), rois.cuda(), offset.cuda(), *rest)]
+    for got, want in zip(inference, recorded):
+        assert got.grad_fn is None and want.grad_fn is not None
+        assert torch.equal(got, want.detach())
+
+
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-12)).item()
 

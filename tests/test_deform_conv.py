@@ -80,6 +80,26 @@ def test_equals_torchvision_output_and_gradients(cpu_backend, case, dtype, rtol)
             assert_relative(g, t, rtol)
 
 
+@pytest.mark.parametrize("which", ["input", "offset", "weight", "bias", "mask"])
+def test_one_argument_requiring_grad_records_the_graph(cpu_backend, which):
+    """Calls that autograd would not record run the kernels directly; a call where any single
+    argument requires grad still records, and gives that argument torchvision's gradient."""
+    *arrays, kw = make_inputs(*CASES[-1][1:])  # weight and offset groups, dilation, mask
+    tensors = dict(zip(("input", "offset", "weight", "bias", "mask"), arrays))
+    with torch.no_grad():
+        inference = deform_conv2d(**tensors, **kw)
+    assert inference.grad_fn is None
+    leaf = tensors[which].requires_grad_()
+    ours = deform_conv2d(**tensors, **kw)
+    assert ours.grad_fn is not None
+    assert torch.equal(ours.detach(), inference)
+    grad_out = torch.randn_like(ours)
+    (ours_grad,) = torch.autograd.grad(ours, leaf, grad_out)
+    theirs = torchvision.ops.deform_conv2d(**tensors, **kw)
+    (theirs_grad,) = torch.autograd.grad(theirs, leaf, grad_out)
+    assert_relative(ours_grad, theirs_grad, 1e-10)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_integer_offsets_match_torchvision_gradients(cpu_backend, case):
     """Integer offsets (a fresh layer's case): the offset gradient is the one-sided difference

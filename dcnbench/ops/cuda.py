@@ -164,7 +164,8 @@ def pack_args(name: str, args: Sequence[object]) -> list[tuple[str, int | float]
 
 @functools.cache
 def _function(name: str, ctype: str, device_index: int):
-    return _module(device_index).get_function(f"{name}<{ctype}>")
+    """The loaded ``cupy.cuda.function.Function`` of ``name<ctype>`` (called with an explicit stream)."""
+    return _module(device_index).get_function(f"{name}<{ctype}>").kernel
 
 
 @functools.cache
@@ -178,7 +179,10 @@ def _cupy_stream(device_index: int, handle: int):
 
 def _cupy_launch(name: str, dtype: torch.dtype, total: int, args: Sequence[object]) -> None:
     """Run kernel ``name<dtype>`` with at least min(total, 2^28) threads on torch's current stream.
-    Host cost matters (small layers are launch-bound): functions and stream views are cached."""
+
+    Host cost matters (small layers are launch-bound): functions and stream views are cached, the
+    stream's raw handle is read without building a ``torch.cuda.Stream`` and passed to the launch
+    rather than entered as a context."""
     import cupy
 
     packed = pack_args(name, args)
@@ -188,11 +192,10 @@ def _cupy_launch(name: str, dtype: torch.dtype, total: int, args: Sequence[objec
     index = device.index if device.index is not None else torch.cuda.current_device()
     values = tuple(_CONVERTERS[kind](value) for kind, value in packed)
     blocks = min((total + _BLOCK - 1) // _BLOCK, _MAX_BLOCKS)
-    function = _function(name, CTYPES[dtype], index)
-    stream = _cupy_stream(index, torch.cuda.current_stream(device).cuda_stream)
+    stream = _cupy_stream(index, torch._C._cuda_getCurrentRawStream(index))
     on_device = contextlib.nullcontext() if cupy.cuda.runtime.getDevice() == index else cupy.cuda.Device(index)
-    with on_device, stream:
-        function((blocks,), (_BLOCK,), values)
+    with on_device:
+        _function(name, CTYPES[dtype], index)((blocks,), (_BLOCK,), values, stream=stream)
 
 
 @functools.cache
