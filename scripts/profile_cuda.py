@@ -7,11 +7,12 @@
 3. The ten largest GPU kernels of deform_conv2d and (PS) RoI pooling forward+backward, per
    iteration, from torch.profiler (full float32 in cuDNN and cuBLAS alike).
 
-Usage: PYTHONPATH=. python scripts/profile_cuda.py
+Usage: PYTHONPATH=. python scripts/profile_cuda.py [deeplab_v] [host] [kernels]
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -90,10 +91,24 @@ def kernel_table(g: torch.Generator) -> None:
             print(f"  {e.self_device_time_total / 10 / 1e3:7.3f} ms  x{e.count // 10:<2d} {e.key[:100]}")
 
 
+def per_call_synced_us(fn, n: int = 50) -> float:
+    """Median time of one call that starts and ends with the device idle (as Table 4 times it)."""
+    times = []
+    for i in range(n + 5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        if i >= 5:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[n // 2] * 1e6
+
+
 def deeplab_v_split(g: torch.Generator) -> None:
-    """Table 4's DeepLab@V twins at the paper's size, in inference mode: wall time per forward
-    (calls queued back to back, one sync at the end: the larger of host and GPU time) against the
-    GPU kernels' time per forward, then one res5 layer's host time per call (23x30 maps)."""
+    """Table 4's DeepLab@V twins at the paper's size, in inference mode: time per forward queued
+    back to back (one sync at the end: the larger of host and GPU time) and synced (as Table 4),
+    the GPU kernels' time, the host calls that take the most time per forward (CPU self time),
+    then one res5 layer's time per call, queued (23x30 maps)."""
     from dcnbench.ops import DeformConv2d
     from dcnbench.runtime import build_twins, preprocess, resized_hw
 
@@ -106,13 +121,18 @@ def deeplab_v_split(g: torch.Generator) -> None:
     offset = torch.zeros(1, 18, 23, 30, device="cuda")
     with torch.inference_mode(), use_backend("cuda"):
         for name, model in twins.items():
-            wall = per_call_us(lambda model=model: model.forward_raw(x), 50) / 1e3
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            forward = lambda model=model: model.forward_raw(x)  # noqa: E731
+            queued, synced = per_call_us(forward, 50) / 1e3, per_call_synced_us(forward) / 1e3
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(10):
-                    model.forward_raw(x)
-                torch.cuda.synchronize()
-            gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 10 / 1e3
-            print(f"DeepLab@V {name}: {wall:.2f} ms per forward (wall), {gpu:.2f} ms of GPU kernels")
+                    forward()
+                    torch.cuda.synchronize()
+            events = prof.key_averages()
+            gpu = sum(e.self_device_time_total for e in events) / 10 / 1e3
+            print(f"DeepLab@V {name}: {queued:.2f} ms per forward queued, {synced:.2f} ms synced, "
+                  f"{gpu:.2f} ms of GPU kernels; host calls with the most CPU self time per forward:")
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+                print(f"    {e.self_cpu_time_total / 10 / 1e3:7.3f} ms  x{e.count // 10:<4d} {e.key[:90]}")
         rows = {
             "nn.Conv2d": lambda: conv(feat),
             "DeformConv2d (offset conv + op)": lambda: layer(feat),
@@ -126,14 +146,17 @@ def deeplab_v_split(g: torch.Generator) -> None:
             print(f"  {name:42s} {per_call_us(fn):8.1f}")
 
 
-def main() -> None:
+SECTIONS = {"deeplab_v": deeplab_v_split, "host": host_split, "kernels": kernel_table}
+
+
+def main(sections: list[str]) -> None:
+    """Run the named sections (all when none is named)."""
     set_float32_mode(False)
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     g = torch.Generator().manual_seed(0)
-    deeplab_v_split(g)
-    host_split(g)
-    kernel_table(g)
+    for name in sections or SECTIONS:
+        SECTIONS[name](g)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -29,7 +29,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import pytest
 import torch
 
-from dcnbench.ops import cuda, deform_conv2d, deform_ps_roi_pool, deform_roi_pool, reference, use_backend
+from dcnbench.ops import DeformConv2d, cuda, deform_conv2d, deform_ps_roi_pool, deform_roi_pool, reference, use_backend
 from dcnbench.ops.dispatch import backend_status
 
 KERNEL_DIR = cuda.KERNEL_DIR
@@ -443,6 +443,21 @@ def test_gpu_inference_calls_equal_recorded_calls():
     for got, want in zip(inference, recorded):
         assert got.grad_fn is None and want.grad_fn is not None
         assert torch.equal(got, want.detach())
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_layer_keeps_its_weight_in_standard_order():
+    """On the GPU the layer's weight is stored in the CUDA kernels' order (no copy per call), and
+    the layer computes what it computes on the CPU."""
+    _require_cuda_backend()
+    layer = DeformConv2d(4, 6, 3, padding=2, dilation=2).double()
+    torch.nn.init.normal_(layer.offset_conv.weight, std=0.3)
+    x = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    want = layer(x)
+    layer.cuda()
+    assert layer.weight.is_contiguous()
+    torch.testing.assert_close(layer(x.cuda()).cpu(), want, rtol=1e-10, atol=1e-10)
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -31,6 +31,16 @@ def test_fresh_deform_conv_equals_conv2d(cpu_backend):
             layer.offset_conv.dilation) == ((3, 3), (2, 2), (2, 2), (2, 2))
 
 
+def test_weight_order_follows_the_device():
+    """.to() stores the weight in the order of the new device's kernels: standard off the CPU (the
+    CUDA kernels' column order; "meta" stands in for a GPU here), channels-last back on the CPU."""
+    layer = DeformConv2d(4, 6, 3)
+    layer.to("meta")
+    assert layer.weight.is_contiguous() and not layer.weight.is_contiguous(memory_format=torch.channels_last)
+    layer.to_empty(device="cpu")
+    assert layer.weight.is_contiguous(memory_format=torch.channels_last) and not layer.weight.is_contiguous()
+
+
 def test_weight_stays_channels_last(cpu_backend):
     """The layer's weight keeps the channels-last order the CPU kernels read without a copy, through
     from_conv, load_state_dict and a dtype change; the order does not change outputs or gradients."""

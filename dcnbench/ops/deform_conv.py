@@ -114,9 +114,10 @@ class DeformConv2d(nn.Module):
     learning rate (``offset_lr_mult`` = beta = 1, paper section 2.3). On the CPU without autograd,
     wide layers compute it as ``_conv_by_taps`` (same result up to float summation order, faster).
 
-    ``weight`` has torchvision's shape (out_channels, in_channels/groups, kh, kw) in channels-last
-    memory order, (out, kh, kw, in/groups), the order of the CPU kernels' column matrix: they use it
-    without a per-call copy. ``copy_``, ``load_state_dict`` and ``.to()`` keep that order.
+    ``weight`` has torchvision's shape (out_channels, in_channels/groups, kh, kw), stored in the
+    order its device's kernels read without a per-call copy: on the CPU channels-last,
+    (out, kh, kw, in/groups), the native kernels' column order; elsewhere standard, the CUDA
+    kernels' order. ``copy_`` and ``load_state_dict`` keep the order, ``.to()`` sets the new device's.
     """
 
     offset_lr_mult = 1.0
@@ -162,6 +163,15 @@ class DeformConv2d(nn.Module):
             nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         nn.init.zeros_(self.offset_conv.weight)
         nn.init.zeros_(self.offset_conv.bias)
+
+    def _apply(self, fn, recurse: bool = True) -> "DeformConv2d":
+        """``nn.Module._apply`` (``.to()``, ``.cuda()``, ``.double()``...), then the weight in its
+        device's kernel order (see the class docstring)."""
+        super()._apply(fn, recurse)
+        order = torch.channels_last if self.weight.device.type == "cpu" else torch.contiguous_format
+        if not self.weight.is_contiguous(memory_format=order):
+            self.weight.data = self.weight.data.contiguous(memory_format=order)
+        return self
 
     def forward(self, input: Tensor) -> Tensor:
         offset, mask = self.offsets(input)
