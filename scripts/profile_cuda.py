@@ -123,12 +123,15 @@ def deeplab_v_split(g: torch.Generator) -> None:
         for name, model in twins.items():
             forward = lambda model=model: model.forward_raw(x)  # noqa: E731
             queued, synced = per_call_us(forward, 50) / 1e3, per_call_synced_us(forward) / 1e3
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    forward()
-                    torch.cuda.synchronize()
-            events = prof.key_averages()
-            gpu = sum(e.self_device_time_total for e in events) / 10 / 1e3
+            profiles = []
+            for activities in ([ProfilerActivity.CUDA], [ProfilerActivity.CPU]):  # kernels; host calls
+                with profile(activities=activities) as prof:
+                    for _ in range(10):
+                        forward()
+                        torch.cuda.synchronize()
+                profiles.append(prof.key_averages())
+            gpu = sum(e.self_device_time_total for e in profiles[0]) / 10 / 1e3
+            events = profiles[1]
             print(f"DeepLab@V {name}: {queued:.2f} ms per forward queued, {synced:.2f} ms synced, "
                   f"{gpu:.2f} ms of GPU kernels; host calls with the most CPU self time per forward:")
             for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
