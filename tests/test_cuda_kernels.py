@@ -316,6 +316,12 @@ def test_emulated_mixed_dtypes_follow_the_input(emulated):
     torch.testing.assert_close(out, reference.roi_pool(xr, rois, offset, size, scale, s, gamma, True), **_tol(torch.float32))
 
 
+def test_emulated_empty_batch(emulated):
+    x, off, w, b, stride, padding, dilation, m = _conv_case(torch.float32, n=0)
+    out = cuda._deform_conv2d_forward(emulated, x, off, w, b, stride, padding, dilation, m)
+    assert out.shape == (0, w.shape[0], off.shape[2], off.shape[3])
+
+
 def test_emulated_empty_rois(emulated):
     x = torch.randn(1, 3, 5, 5)
     rois = torch.zeros(0, 5)
