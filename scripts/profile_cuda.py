@@ -1,7 +1,8 @@
 """Where the CUDA backend's time goes (run on a CUDA machine; results/bench/cuda_notes.md has a run).
 
-1. Table 4's DeepLab@V twins: wall vs GPU-kernel time per forward, and one res5 layer's host
-   time per call (nn.Conv2d, DeformConv2d and its parts, torchvision's op).
+1. Table 4's DeepLab@V twins: time per forward (queued and synced) against their GPU kernels'
+   time, the host calls that take the most time, and one res5 layer's time per call
+   (nn.Conv2d, DeformConv2d and its parts, torchvision's op).
 2. Host split of a small layer (16x32x24x24, batch-1-like sizes are launch-bound): forward alone,
    backward alone (retain_graph), forward+backward, against torchvision's op.
 3. The ten largest GPU kernels of deform_conv2d and (PS) RoI pooling forward+backward, per

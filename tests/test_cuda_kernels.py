@@ -317,6 +317,7 @@ def test_emulated_mixed_dtypes_follow_the_input(emulated):
 
 
 def test_emulated_empty_batch(emulated):
+    """An empty batch gives an empty output of the layer's shape."""
     x, off, w, b, stride, padding, dilation, m = _conv_case(torch.float32, n=0)
     out = cuda._deform_conv2d_forward(emulated, x, off, w, b, stride, padding, dilation, m)
     assert out.shape == (0, w.shape[0], off.shape[2], off.shape[3])

@@ -304,12 +304,10 @@ def _deform_conv2d_forward(launch: Launch, input, offset, weight, bias, stride, 
     w_mat = weight.reshape(g["groups"], g["out_c"] // g["groups"], g["c_per_group"] * g["taps"])
     for b0, b1 in _chunks(g["n"], g["c"] * g["taps"] * length):
         columns = _im2col(launch, g, input[b0:b1], offset[b0:b1], None if mask is None else mask[b0:b1])
-        # One GEMM per image, batched over the weight groups in exact shapes (no broadcasting).
-        # On an H100 host the call still costs ~100 us of host time at DeepLab@V's res5 (cuDNN's
-        # convolution ~16 us); a grouped 1x1 cuDNN convolution of the columns instead was slower
-        # on the GPU (results/bench/cuda_notes.md).
-        for i in range(b1 - b0):
-            torch.bmm(w_mat, columns[i], out=out[b0 + i].view(g["groups"], g["out_c"] // g["groups"], length))
+        # One GEMM call per chunk of images (~100 us of host time on an H100's host; a torch.bmm
+        # per image and a 1x1 cuDNN convolution were tried: results/bench/cuda_notes.md).
+        chunk_out = out[b0:b1].view(b1 - b0, g["groups"], g["out_c"] // g["groups"], length)
+        torch.matmul(w_mat, columns, out=chunk_out)
     if bias is not None:
         out += bias.reshape(1, -1, 1, 1)
     return out
