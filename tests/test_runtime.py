@@ -30,6 +30,9 @@ def test_tiny_scale_run_writes_csv_and_resumes(tmp_path):
         assert r["device"] == "cpu" and r["repeats"] == "2" and r["scale"] == "0.05"
         assert 0 < float(r["net_forward_s"]) <= float(r["runtime_s"])
         assert len(r["runtime_all_s"].split()) == 2
+        # every time to the microsecond, so ~10 ms GPU forwards keep their ratios' third decimal
+        times = [r["net_forward_s"], r["runtime_s"], *r["net_forward_all_s"].split(), *r["runtime_all_s"].split()]
+        assert all(len(t.split(".")[1]) == 6 for t in times)
         assert r["git_commit"] and r["machine"] and r["backend"] in ("reference", "native")
     assert rows[0]["input_hw"] == "30x40" and rows[0]["raw_hw"] == "375x500" and rows[0]["proposals"] == "300"
     assert int(rows[1]["params"]) > int(rows[0]["params"])
