@@ -291,7 +291,7 @@ _DeformRoiPoolEager = _eager_function(
     "_DeformRoiPoolEager", _roi_pool_forward_kernels, _roi_pool_setup, _roi_pool_backward_with(_roi_pool_backward_kernels))
 
 
-def _records_graph(*tensors: Tensor | None) -> bool:
+def records_graph(*tensors: Tensor | None) -> bool:
     """Whether autograd would record a call on ``tensors``: without it (inference, ``no_grad``)
     the eager calls run the kernels directly, skipping ``autograd.Function``'s host work."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -303,7 +303,7 @@ def deform_conv2d_kernels(input: Tensor, offset: Tensor, weight: Tensor, bias: T
     args = (input, offset, weight, bias, mask, stride, padding, dilation, backend)
     if torch.compiler.is_compiling():
         return deform_conv2d_op(*args)
-    if not _records_graph(input, offset, weight, bias, mask):
+    if not records_graph(input, offset, weight, bias, mask):
         return _deform_conv2d_forward_kernels(*args)
     return _DeformConv2dEager.apply(*args)
 
@@ -315,6 +315,6 @@ def deform_roi_pool_kernels(input: Tensor, rois: Tensor, offset: Tensor | None, 
     args = (input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive, backend)
     if torch.compiler.is_compiling():
         return deform_roi_pool_op(*args)
-    if not _records_graph(input, offset):
+    if not records_graph(input, offset):
         return _roi_pool_forward_kernels(*args)
     return _DeformRoiPoolEager.apply(*args)
