@@ -6,7 +6,9 @@
   and full "runtime" (resize and normalisation of a raw uint8 image + net forward + post-processing:
   softmax / arg-max for DeepLab, box decoding and per-class NMS for the detectors) at the paper's
   input sizes times ``scale``, median over ``repeats`` after one warm-up, and appends one CSV row per
-  model and variant as soon as it is measured; rows already in the file are skipped (resume).
+  model and variant as soon as it is measured; rows already in the file are skipped (resume). Paper
+  sizes go to ``table4_runtime_<device>.csv``, a scaled run to its own ``..._scale<s>.csv``
+  (:func:`runtime_csv`), so quick runs never mix with the paper-size table.
 
 "deformable" is Table 4's "Ours": deformable conv in res5a-c, plus deformable (PS) RoI pooling for
 Faster R-CNN and R-FCN (the paper's parameter deltas include the RoI-pooling offset layers). The
@@ -43,6 +45,7 @@ RUNTIME_COLUMNS = [
     "proposals", "params", "net_forward_min_s", "runtime_min_s", "net_forward_all_s", "runtime_all_s", "loadavg_1m", "backend", "threads", "float32_mode", "machine", "torch",
     "git_commit", "date",
 ]
+MIN_ROUNDS_FOR_INTERVAL = 5  # fewer rounds: ratios of medians only, no interval and no verdict
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -189,11 +192,12 @@ def _time_once(model: torch.nn.Module, raw: torch.Tensor, hw: tuple[int, int], d
 
 
 def time_models(models: dict[str, torch.nn.Module], raw: torch.Tensor, hw: tuple[int, int], device: torch.device,
-                repeats: int, warmup: int = 1) -> dict[str, tuple[list[float], list[float]]]:
+                repeats: int, warmup: int = 1, on_round: Callable[[], None] | None = None,
+                ) -> dict[str, tuple[list[float], list[float]]]:
     """{name: (net forward times, full runtimes)}: ``warmup`` untimed runs of each model, then
     ``repeats`` rounds that run every model once in turn, so that the variants share whatever
     else the machine is doing; odd rounds run them in reverse order, so that neither always
-    runs first."""
+    runs first. ``on_round`` is called after each round, warm-up included (progress)."""
     times = {name: ([], []) for name in models}
     order = list(models.items())
     with torch.inference_mode():
@@ -203,6 +207,8 @@ def time_models(models: dict[str, torch.nn.Module], raw: torch.Tensor, hw: tuple
                 if i >= warmup:
                     times[name][0].append(net)
                     times[name][1].append(total)
+            if on_round is not None:
+                on_round()
     return times
 
 
@@ -228,13 +234,20 @@ def build_twins(task: str, extra: dict, weights: str | None = None) -> dict[str,
     return {"plain": plain.eval(), "deformable": deformable.eval()}
 
 
+def runtime_csv(results_dir: Path, device: str, scale: float) -> Path:
+    """``table4_runtime_<device>.csv`` at the paper's sizes, ``table4_runtime_<device>_scale<s>.csv`` otherwise."""
+    return Path(results_dir) / f"table4_runtime_{device}{'' if scale == 1 else f'_scale{scale:g}'}.csv"
+
+
 def run_runtime(
     out_csv: Path, device: str = "cpu", scale: float = 1.0, repeats: int = 3, models: list[str] | None = None,
     weights: str | None = None, proposals: int = 300, log: Callable[[str], None] = print,
+    on_round: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Measure every Table 4 model whose rows are not yet in ``out_csv`` (same device, scale,
     repeats and backend); returns this configuration's rows, found and new. Plain and deformable
-    are timed in alternation and their two rows appended (atomically) as soon as they are done."""
+    are timed in alternation and their two rows appended (atomically) as soon as they are done.
+    ``on_round(model)`` is called after each of a model's ``1 + repeats`` rounds (progress)."""
     from dcnbench.runner.results import git_commit, machine
 
     dev = torch.device(device)
@@ -264,7 +277,8 @@ def run_runtime(
         log(f"{spec.name}: {raw_hw[0]}x{raw_hw[1]} -> {hw[0]}x{hw[1]}, plain and deformable alternating, "
             f"{repeats} repeats on {dev} ({backend}, {torch.get_num_threads()} threads)")
         load_before = os.getloadavg()[0]
-        times = time_models(twins, raw, hw, dev, repeats)
+        times = time_models(twins, raw, hw, dev, repeats,
+                            on_round=None if on_round is None else lambda name=spec.name: on_round(name))
         load_after = os.getloadavg()[0]
         for variant in VARIANTS:
             net, total = times[variant]
@@ -321,8 +335,9 @@ def verdict(low: float, high: float, paper: float) -> str:
 
 def overhead_rows(rows: list[dict], paper: dict | None = None) -> list[dict]:
     """Per model: our plain/deformable times and deformable/plain ratios beside the paper's; with
-    every round's times in the rows (``*_all_s``), also the paired ratio, its 90% interval and the
-    verdict against the paper."""
+    every round's times in the rows (``*_all_s``, at least ``MIN_ROUNDS_FOR_INTERVAL`` rounds), also
+    the paired ratio and its 90% interval, and, at the paper's sizes (``scale`` 1), the verdict
+    against the paper."""
     paper = read_paper_table4() if paper is None else paper
     by = {(r["model"], r["variant"]): r for r in rows}
     out = []
@@ -332,17 +347,18 @@ def overhead_rows(rows: list[dict], paper: dict | None = None) -> list[dict]:
             continue
         pp, pd = paper.get((spec.name, "plain"), {}), paper.get((spec.name, "deformable"), {})
         rec = {"model": spec.name}
+        paper_sizes = all(float(r.get("scale") or 1) == 1 for r in (p, d))
         for col in ("net_forward_s", "runtime_s"):
             ours = float(d[col]) / float(p[col])
             theirs = pd[col] / pp[col] if col in pd and col in pp else float("nan")
             rec |= {f"plain_{col}": float(p[col]), f"deformable_{col}": float(d[col]),
                     f"ratio_{col}": ours, f"paper_ratio_{col}": theirs}
             all_col = col.replace("_s", "_all_s")
-            if p.get(all_col) and d.get(all_col):
-                median, low, high = paired_ratio([float(t) for t in p[all_col].split()],
-                                                 [float(t) for t in d[all_col].split()])
+            plain_times, deformable_times = ([float(t) for t in r.get(all_col, "").split()] for r in (p, d))
+            if min(len(plain_times), len(deformable_times)) >= MIN_ROUNDS_FOR_INTERVAL:
+                median, low, high = paired_ratio(plain_times, deformable_times)
                 rec |= {f"paired_ratio_{col}": median, f"paired_low_{col}": low, f"paired_high_{col}": high,
-                        f"verdict_{col}": verdict(low, high, theirs) if theirs == theirs else ""}
+                        f"verdict_{col}": verdict(low, high, theirs) if theirs == theirs and paper_sizes else ""}
         out.append(rec)
     return out
 
@@ -358,6 +374,7 @@ def main(params_only: bool, device: str, scale: float, repeats: int, models: lis
          results_dir: str, threads: int | None, proposals: int = 300) -> None:
     """Print (and write) Table 4: parameter counts, or runtimes with overhead ratios."""
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     console = Console()
@@ -382,8 +399,18 @@ def main(params_only: bool, device: str, scale: float, repeats: int, models: lis
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if threads:
         torch.set_num_threads(threads)
-    out_csv = out_dir / f"table4_runtime_{device}.csv"
-    rows = run_runtime(out_csv, device, scale, repeats, models, weights, proposals, log=console.print)
+    out_csv = runtime_csv(out_dir, device, scale)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        bars: dict[str, TaskID] = {}
+
+        def on_round(model: str) -> None:  # warm-up + repeats rounds of plain and deformable
+            if model not in bars:
+                bars[model] = progress.add_task(f"{model} rounds", total=1 + repeats)
+            progress.advance(bars[model])
+
+        rows = run_runtime(out_csv, device, scale, repeats, models, weights, proposals, log=console.print,
+                           on_round=on_round)
     table = Table(title=f"Table 4 runtime on {device} (scale {scale:g}, median of {repeats}): deformable / plain")
     for col in ("model", "plain net (s)", "deform net (s)", "ratio net", "paired ratio net [90%]", "paper", "goal net",
                 "ratio runtime", "paired ratio runtime [90%]", "paper ", "goal runtime"):
@@ -399,4 +426,5 @@ def main(params_only: bool, device: str, scale: float, repeats: int, models: lis
     console.print(f"wrote {out_csv}; times are medians; a paired ratio is the median of the rounds' "
                   "deformable/plain ratios (the two run in alternation), with a 90% bootstrap interval; goal: our "
                   "ratio at or below the paper's (met / not met: the whole interval on one side; else unresolved); "
+                  f"intervals need {MIN_ROUNDS_FOR_INTERVAL} rounds or more, goals the paper's sizes (scale 1); "
                   "paper ratios: Intel E5-2650 v2 + Nvidia K40")

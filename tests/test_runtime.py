@@ -6,7 +6,15 @@ import torch
 from click.testing import CliRunner
 
 from dcnbench.cli import main
-from dcnbench.runtime import TABLE4_MODELS, overhead_rows, paired_ratio, read_paper_table4, time_models, verdict
+from dcnbench.runtime import (
+    MIN_ROUNDS_FOR_INTERVAL,
+    TABLE4_MODELS,
+    overhead_rows,
+    paired_ratio,
+    read_paper_table4,
+    time_models,
+    verdict,
+)
 
 REQUIRED = ["model", "variant", "device", "net_forward_s", "runtime_s", "repeats"]
 PROVENANCE = ["backend", "threads", "machine", "torch", "git_commit", "date"]
@@ -18,12 +26,14 @@ def read(path):
         return reader.fieldnames, list(reader)
 
 
-def test_tiny_scale_run_writes_csv_and_resumes(tmp_path):
+def test_tiny_scale_run_writes_its_own_csv_and_resumes(tmp_path):
+    """A scaled run goes to table4_runtime_cpu_scale<s>.csv: it never mixes with the paper-size CSV."""
     args = ["runtime", "--scale", "0.05", "--repeats", "2", "--model", "R-FCN",
             "--results-dir", str(tmp_path)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    columns, rows = read(tmp_path / "table4_runtime_cpu.csv")
+    assert not (tmp_path / "table4_runtime_cpu.csv").exists()
+    columns, rows = read(tmp_path / "table4_runtime_cpu_scale0.05.csv")
     assert columns[:6] == REQUIRED and set(PROVENANCE) <= set(columns)
     assert [(r["model"], r["variant"]) for r in rows] == [("R-FCN", "plain"), ("R-FCN", "deformable")]
     for r in rows:
@@ -37,11 +47,12 @@ def test_tiny_scale_run_writes_csv_and_resumes(tmp_path):
     assert rows[0]["input_hw"] == "30x40" and rows[0]["raw_hw"] == "375x500" and rows[0]["proposals"] == "300"
     assert int(rows[1]["params"]) > int(rows[0]["params"])
     assert "R-FCN" in result.output and "1.182" in result.output  # the paper's R-FCN net-forward ratio
+    assert "met" not in result.output.replace("met / not met", "")  # no verdict from 2 rounds at scale 0.05
 
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
     assert again.output.count("already measured") == 1
-    assert read(tmp_path / "table4_runtime_cpu.csv")[1] == rows
+    assert read(tmp_path / "table4_runtime_cpu_scale0.05.csv")[1] == rows
 
 
 def test_params_only(tmp_path):
@@ -87,14 +98,28 @@ def test_verdict_needs_the_whole_interval_on_one_side_of_the_paper():
     assert verdict(1.03, 1.09, 1.07) == "unresolved"
 
 
+def rfcn_rows(rounds, scale="1"):
+    """R-FCN rows with ``rounds`` per-round times: deformable/plain ~1.10 net, ~1.30 runtime."""
+    def times(base):
+        return " ".join(f"{base + 0.01 * (i % 3):.2f}" for i in range(rounds))
+    return [{"model": "R-FCN", "variant": "plain", "net_forward_s": "2.0", "runtime_s": "4.0", "scale": scale,
+             "net_forward_all_s": times(2.0), "runtime_all_s": times(4.0)},
+            {"model": "R-FCN", "variant": "deformable", "net_forward_s": "2.2", "runtime_s": "5.2", "scale": scale,
+             "net_forward_all_s": times(2.2), "runtime_all_s": times(5.2)}]
+
+
 def test_overhead_rows_carry_the_paired_ratio_and_verdict():
-    rows = [{"model": "R-FCN", "variant": "plain", "net_forward_s": "2.0", "runtime_s": "4.0",
-             "net_forward_all_s": "2.0 2.1 1.9", "runtime_all_s": "4.0 4.1 3.9"},
-            {"model": "R-FCN", "variant": "deformable", "net_forward_s": "2.2", "runtime_s": "4.4",
-             "net_forward_all_s": "2.2 2.3 2.1", "runtime_all_s": "5.2 5.3 5.1"}]
-    (rec,) = overhead_rows(rows)
+    (rec,) = overhead_rows(rfcn_rows(MIN_ROUNDS_FOR_INTERVAL))
     assert rec["verdict_net_forward_s"] == "met"  # ~1.10 against the paper's 1.18
     assert rec["verdict_runtime_s"] == "not met"  # ~1.30 against 1.14
+
+
+def test_overhead_rows_give_no_interval_from_few_rounds_and_no_verdict_off_the_paper_sizes():
+    (few,) = overhead_rows(rfcn_rows(MIN_ROUNDS_FOR_INTERVAL - 1))
+    assert "paired_ratio_net_forward_s" not in few and "verdict_net_forward_s" not in few
+    assert abs(few["ratio_net_forward_s"] - 1.1) < 1e-12  # the ratio of medians stays
+    (scaled,) = overhead_rows(rfcn_rows(MIN_ROUNDS_FOR_INTERVAL, scale="0.5"))
+    assert scaled["paired_ratio_net_forward_s"] > 1 and scaled["verdict_net_forward_s"] == ""
 
 
 def test_time_models_alternates_which_model_runs_first():
@@ -114,8 +139,37 @@ def test_time_models_alternates_which_model_runs_first():
             return out
 
     raw = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    rounds = []
     times = time_models({"plain": Stub("plain"), "deformable": Stub("deformable")}, raw, (4, 4),
-                        torch.device("cpu"), repeats=4, warmup=1)
+                        torch.device("cpu"), repeats=4, warmup=1, on_round=lambda: rounds.append(len(calls)))
+    assert rounds == [2, 4, 6, 8, 10]  # progress after every round, warm-up included
     assert calls == ["plain", "deformable", "deformable", "plain", "plain", "deformable", "deformable", "plain",
                      "plain", "deformable"]
     assert all(len(net) == len(total) == 4 for net, total in times.values())
+
+
+def test_table4_shows_the_newest_paper_size_rows_and_a_named_scaled_csv(tmp_path):
+    """Table 4 never averages runs: per model and variant the newest row at the file's scale; a scaled
+    run's own CSV is shown only when named, with its scale in the column."""
+    from dcnbench.report.tables import build_table4
+
+    header = "model,variant,device,net_forward_s,runtime_s,repeats,scale,date\n"
+    (tmp_path / "table4_runtime_cpu.csv").write_text(
+        header
+        + "R-FCN,plain,cpu,0.20,0.30,15,1,2026-01-01T00:00:00Z\nR-FCN,deformable,cpu,0.25,0.33,15,1,2026-01-01T00:00:00Z\n"
+        + "R-FCN,plain,cpu,0.04,0.05,2,0.25,2026-01-02T00:00:00Z\nR-FCN,deformable,cpu,0.05,0.06,2,0.25,2026-01-02T00:00:00Z\n"
+        + "R-FCN,plain,cpu,0.30,0.40,45,1,2026-01-03T00:00:00Z\nR-FCN,deformable,cpu,0.33,0.44,45,1,2026-01-03T00:00:00Z\n")
+    scaled = tmp_path / "table4_runtime_cpu_scale0.25.csv"
+    scaled.write_text(header + "R-FCN,plain,cpu,0.04,0.05,2,0.25,2026-01-02T00:00:00Z\n"
+                      + "R-FCN,deformable,cpu,0.05,0.06,2,0.25,2026-01-02T00:00:00Z\n")
+
+    def ours(rendered, model_row):
+        rows = dict(rendered.rows)
+        fwd = next(i for i, h in enumerate(rendered.header) if "forward" in h[0] and "ours" in h[1])
+        return rendered.header[fwd][1], rows[model_row][fwd]
+
+    table = build_table4(tmp_path)
+    assert ours(table, "R-FCN") == ("ours [cpu]", "0.3000")
+    assert ours(table, "R-FCN, Ours") == ("ours [cpu]", "0.3300 (×1.100)")
+    assert any("4 row(s) left out" in note for note in table.footnotes)
+    assert ours(build_table4(runtime_csv=scaled), "R-FCN, Ours") == ("ours [cpu, scale 0.25]", "0.0500 (×1.250)")

@@ -482,15 +482,44 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def build_table4(results_dir: Path | None = None, paper_dir: Path | None = None, tier: str = "cpu") -> Rendered:
-    """Table 4 beside our params (M) and times per device, with Ours/plain overhead ratios."""
+_PAPER_SIZE_RUNTIME_CSV = re.compile(r"table4_runtime_[a-z]+\.csv")
+
+
+def _runtime_csv_scale(path: Path) -> float:
+    """The input scale a runtime CSV holds: ``table4_runtime_<device>_scale<s>.csv``, else 1 (paper sizes)."""
+    m = re.search(r"_scale([0-9.]+)\.csv$", path.name)
+    return float(m.group(1)) if m else 1.0
+
+
+def _runtime_rows(path: Path) -> tuple[list[dict], int]:
+    """The rows of a runtime CSV to show: those at the file's scale, the newest per (model, variant),
+    so a table never averages runs of different sizes, round counts or code; and how many were left out."""
+    rows = _read_csv(path)
+    scale = _runtime_csv_scale(path)
+    newest: dict[tuple[str, str], dict] = {}
+    for r in sorted(rows, key=lambda r: r.get("date") or ""):  # stable: the later row of a date wins
+        if float(r.get("scale") or 1) == scale:
+            newest[(r.get("model", ""), r.get("variant", ""))] = r
+    return list(newest.values()), len(rows) - len(newest)
+
+
+def build_table4(results_dir: Path | None = None, paper_dir: Path | None = None, tier: str = "cpu",
+                 runtime_csv: Path | None = None) -> Rendered:
+    """Table 4 beside our params (M) and times per device, with Ours/plain overhead ratios.
+
+    Times come from ``runtime_csv``, or else from every paper-size ``table4_runtime_<device>.csv`` in
+    ``results_dir`` (a scaled run's ``..._scale<s>.csv`` only when named); params from the
+    ``table4_params.csv`` beside them."""
+    if runtime_csv is not None:
+        results_dir = runtime_csv.parent
     results_dir = results_dir or RESULTS_DIR
     paper = load_paper_table(4, paper_dir)
     pcol_params = _find_column(paper.columns, "param")
     pcol_fwd = _find_column(paper.columns, "forward")
     pcol_run = _find_column(paper.columns, "runtime")
     params_rows = _read_csv(results_dir / "table4_params.csv")
-    runtime_files = sorted(results_dir.glob("table4_runtime_*.csv"))
+    runtime_files = ([runtime_csv] if runtime_csv is not None else
+                     sorted(p for p in results_dir.glob("table4_runtime_*.csv") if _PAPER_SIZE_RUNTIME_CSV.fullmatch(p.name)))
 
     def key(model: str, variant: str) -> tuple[str | None, bool]:
         return _t4_model(model), _t4_is_ours(variant)
@@ -502,9 +531,12 @@ def build_table4(results_dir: Path | None = None, paper_dir: Path | None = None,
         except (KeyError, ValueError):
             continue
     devices: dict[str, dict[tuple, dict[str, list[float]]]] = {}
+    left_out = {}
     for path in runtime_files:
-        for r in _read_csv(path):
-            dev = r.get("device") or path.stem[len("table4_runtime_"):]
+        rows_shown, left_out[path] = _runtime_rows(path)
+        scale = _runtime_csv_scale(path)
+        for r in rows_shown:
+            dev = (r.get("device") or path.stem[len("table4_runtime_"):]) + ("" if scale == 1 else f", scale {scale:g}")
             slot = devices.setdefault(dev, {}).setdefault(key(r.get("model", ""), r.get("variant", "")), {})
             for col in ("net_forward_s", "runtime_s"):
                 try:
@@ -564,6 +596,8 @@ def build_table4(results_dir: Path | None = None, paper_dir: Path | None = None,
              + (f"params from {_rel(results_dir / 'table4_params.csv')}" if params_rows else "no params CSV yet")
              + "; " + (", ".join(f"{_rel(p)} ({_machines(p)})" for p in runtime_files) if runtime_files
                        else "no runtime CSVs yet") + "."]
+    notes += [f"{_rel(p)}: {n} row(s) left out (another scale, or an older run of the same model and variant)."
+              for p, n in left_out.items() if n]
     return Rendered(4, tier, f"Table 4: {TITLES[4]}", header, rows, notes, records)
 
 
@@ -585,7 +619,7 @@ def _ratio(v: float | None, b: float | None):
 def render_table(table: int, tier: str = "cpu", csv_path: Path | None = None, results_dir: Path | None = None,
                  paper_dir: Path | None = None, experiments_dir: Path | None = None) -> Rendered:
     if table == 4:
-        return build_table4(results_dir, paper_dir, tier)
+        return build_table4(results_dir, paper_dir, tier, runtime_csv=csv_path)
     layout = build_layout(table, tier, csv_path, paper_dir, experiments_dir)
     return render_layout(layout, tier)
 
