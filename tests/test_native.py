@@ -411,3 +411,21 @@ def test_forward_in_inference_mode_with_worker_threads(batch):
     finally:
         torch.set_num_threads(previous)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_loading_does_not_print_torchs_no_cuda_runtime_notice(tmp_path):
+    """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when imported
+    with a CUDA toolkit but no GPU; loading the CPU kernels hides that one line."""
+    env = dict(os.environ, CUDA_HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    env.pop("DCNBENCH_NO_NATIVE", None)
+    notice = "No CUDA runtime is found"
+
+    def stderr_of(code: str) -> str:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    if notice not in stderr_of("import torch.utils.cpp_extension"):
+        pytest.skip("this torch build does not log the notice")
+    stderr = stderr_of("from dcnbench.ops import native; assert native.status()[0], native.status()[1]")
+    assert notice not in stderr, stderr

@@ -1,9 +1,11 @@
 """Bad input raises ValueError/TypeError naming the argument with expected vs given; never a crash."""
 
+import warnings
+
 import pytest
 import torch
 
-from dcnbench.ops import deform_conv2d, deform_ps_roi_pool, deform_roi_pool
+from dcnbench.ops import DeformConv2d, deform_conv2d, deform_ps_roi_pool, deform_roi_pool
 
 
 def conv_args(**overrides):
@@ -52,6 +54,50 @@ def test_deform_conv2d_device_mismatch():
     args = conv_args(offset=torch.randn(2, 18, 8, 8, device="meta"))
     with pytest.raises(ValueError, match=r"offset is on meta but input is on cpu"):
         deform_conv2d(**args)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,pattern",
+    [
+        ((8, 4, 0), {}, ValueError, r"kernel_size must be >= 1, got \(0, 0\)"),
+        ((8, 4, (3, 0)), {}, ValueError, r"kernel_size must be >= 1, got \(3, 0\)"),
+        ((8, 4, 3), dict(stride=0), ValueError, r"stride must be >= 1, got \(0, 0\)"),
+        ((8, 4, 3), dict(padding=-1), ValueError, r"padding must be >= 0, got \(-1, -1\)"),
+        ((8, 4, 3), dict(dilation=(1, 0)), ValueError, r"dilation must be >= 1, got \(1, 0\)"),
+        ((0, 4, 3), {}, ValueError, r"in_channels must be >= 1, got 0"),
+        ((8, -4, 3), {}, ValueError, r"out_channels must be >= 1, got -4"),
+        ((8, 4, 3), dict(groups=0), ValueError, r"groups must be >= 1, got 0"),
+        ((8, 4, 3), dict(offset_groups=0), ValueError, r"offset_groups must be >= 1, got 0"),
+        ((8.0, 4, 3), {}, TypeError, r"in_channels must be an int, got 8.0"),
+        ((8, 4, 3), dict(groups=3), ValueError, r"groups \(3\) must divide in_channels \(8\) and out_channels \(4\)"),
+        ((8, 6, 3), dict(groups=4), ValueError, r"groups \(4\) must divide in_channels \(8\) and out_channels \(6\)"),
+        ((8, 4, 3), dict(offset_groups=3), ValueError, r"offset_groups \(3\) must divide in_channels \(8\)"),
+        ((8, 4, (3, 3, 3)), {}, TypeError, r"kernel_size must be an int or a pair of ints"),
+    ],
+)
+def test_deform_conv2d_module_bad_arguments(args, kwargs, error, pattern):
+    """Raised before any parameter is built: no init warnings first, no ZeroDivisionError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(error, match=pattern):
+            DeformConv2d(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "shape,pattern",
+    [
+        ((1, 5, 10, 10), r"input must have 8 channels \(in_channels\), got shape \(1, 5, 10, 10\)"),
+        ((8, 10, 10), r"input must be 4-D, got shape \(8, 10, 10\)"),
+        ((1, 8, 2, 10), r"input of spatial size \(2, 10\) is too small for kernel \(3, 3\)"),
+    ],
+)
+def test_deform_conv2d_module_bad_input_is_named_not_the_offset_branch(shape, pattern):
+    """The input is checked before the offset branch's conv, whose weight shape the user never chose."""
+    layer = DeformConv2d(8, 4, 3)
+    with pytest.raises(ValueError, match=pattern):
+        layer(torch.randn(shape))
+    with pytest.raises(ValueError, match=pattern):
+        layer.offsets(torch.randn(shape))
 
 
 def roi_args(**overrides):

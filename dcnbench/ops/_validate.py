@@ -39,6 +39,58 @@ def require_like(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
 
 
+def check_geometry(stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> None:
+    """stride >= 1, padding >= 0 and dilation >= 1 in both dimensions."""
+    if min(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if min(padding) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+
+
+def output_size(input: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                dilation: tuple[int, int]) -> tuple[int, int]:
+    """(Ho, Wo) of a convolution over the (N, C, H, W) ``input``; raises when that would be empty."""
+    (h, w), (kh, kw) = input.shape[2:], kernel_size
+    ho = (h + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
+    wo = (w + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"input of spatial size {(h, w)} is too small for kernel {(kh, kw)}, dilation {dilation}, "
+            f"padding {padding}: output would be {(ho, wo)}"
+        )
+    return ho, wo
+
+
+def check_deform_conv2d_module(in_channels: int, out_channels: int, kernel_size: tuple[int, int],
+                               stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                               groups: int, offset_groups: int) -> None:
+    """Validate ``DeformConv2d``'s constructor arguments (sizes as (h, w) pairs)."""
+    for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups),
+                        ("offset_groups", offset_groups)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if min(kernel_size) < 1:
+        raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+    check_geometry(stride, padding, dilation)
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels ({out_channels})")
+    if in_channels % offset_groups:
+        raise ValueError(f"offset_groups ({offset_groups}) must divide in_channels ({in_channels})")
+
+
+def check_module_input(input: Tensor, in_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
+                       padding: tuple[int, int], dilation: tuple[int, int]) -> None:
+    """A conv module's input: a 4-D floating tensor with ``in_channels`` channels and a non-empty output."""
+    require_tensor(input, "input", 4)
+    if input.shape[1] != in_channels:
+        raise ValueError(f"input must have {in_channels} channels (in_channels), got shape {tuple(input.shape)}")
+    output_size(input, kernel_size, stride, padding, dilation)
+
+
 def check_deform_conv2d(
     input: Tensor,
     offset: Tensor,
@@ -61,14 +113,9 @@ def check_deform_conv2d(
     if mask is not None:
         require_tensor(mask, "mask", 4)
         require_like(mask, input, "mask", "input")
-    if min(stride) < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if min(padding) < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
-    if min(dilation) < 1:
-        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    check_geometry(stride, padding, dilation)
 
-    n, c, h, w = input.shape
+    n, c = input.shape[:2]
     out_c, c_per_group, kh, kw = weight.shape
     if kh < 1 or kw < 1 or c_per_group < 1 or out_c < 1:
         raise ValueError(f"weight must have non-empty dimensions, got shape {tuple(weight.shape)}")
@@ -83,13 +130,7 @@ def check_deform_conv2d(
     if bias is not None and bias.shape[0] != out_c:
         raise ValueError(f"bias must have shape ({out_c},), got {tuple(bias.shape)}")
 
-    ho = (h + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
-    wo = (w + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
-    if ho < 1 or wo < 1:
-        raise ValueError(
-            f"input of spatial size {(h, w)} is too small for kernel {(kh, kw)}, dilation {dilation}, "
-            f"padding {padding}: output would be {(ho, wo)}"
-        )
+    ho, wo = output_size(input, (kh, kw), stride, padding, dilation)
     taps = kh * kw
     if offset.shape[0] != n or offset.shape[2:] != (ho, wo) or offset.shape[1] % (2 * taps) != 0 or offset.shape[1] == 0:
         raise ValueError(

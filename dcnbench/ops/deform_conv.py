@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._validate import check_deform_conv2d, pair
+from ._validate import check_deform_conv2d, check_deform_conv2d_module, check_module_input, pair
 from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_conv2d_kernels, records_graph
 
 
@@ -136,14 +136,12 @@ class DeformConv2d(nn.Module):
         modulated: bool = False,
     ) -> None:
         super().__init__()
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels ({out_channels})")
-        if in_channels % offset_groups:
-            raise ValueError(f"offset_groups ({offset_groups}) must divide in_channels ({in_channels})")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
         self.dilation = pair(dilation, "dilation")
+        check_deform_conv2d_module(in_channels, out_channels, self.kernel_size, self.stride, self.padding,
+                                   self.dilation, groups, offset_groups)
         self.groups, self.offset_groups, self.modulated = groups, offset_groups, modulated
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size,
                                                memory_format=torch.channels_last))
@@ -178,7 +176,10 @@ class DeformConv2d(nn.Module):
         return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
 
     def offsets(self, input: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The offset branch: (N, 2*G*kh*kw, Ho, Wo) offsets and the (N, G*kh*kw, Ho, Wo) mask or None."""
+        """The offset branch: (N, 2*G*kh*kw, Ho, Wo) offsets and the (N, G*kh*kw, Ho, Wo) mask or None.
+
+        Checks ``input`` first (also for ``forward``), so a wrong one is named, not the branch's conv."""
+        check_module_input(input, self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
         conv = self.offset_conv
         if _taps_conv_pays(input, conv):
             out = _conv_by_taps(input, conv.weight, conv.bias, self.stride, self.padding, self.dilation)
