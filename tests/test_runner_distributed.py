@@ -20,8 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from rich.console import Console
+
+from dcnbench.report.tables import load_ours
 from dcnbench.runner import distributed as dist
-from dcnbench.runner.results import read_rows
+from dcnbench.runner import sweep
+from dcnbench.runner.ablate import ablation_cells
+from dcnbench.runner.results import append_row, processes, read_rows
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 SMOKE_CELL = textwrap.dedent("""
@@ -119,6 +124,41 @@ def test_killed_rank_ends_the_job_and_rerun_resumes(tmp_path):
     rows = read_rows(csv_path)
     assert sorted((r["variant"], r["seed"]) for r in rows) == sorted(
         (v, str(s)) for v in ["none", "res5c", "res5b-c", "res5a-c", "res5+res4b20-22"] for s in range(2))
+
+
+def test_rows_count_as_done_or_reusable_only_for_the_same_process_count(tmp_path, monkeypatch):
+    """With plain BatchNorm a run's numbers depend on the process count, so a 2-process sweep neither
+    resumes from nor reuses a 1-process row (and its summary leaves it out); 1-process sweeps do, as
+    before. Fabricated rows; the training is a stub."""
+    assert [processes({"device": d}) for d in ("cpu", "cuda:0", "cpu x1", "cuda:0 x8", "")] == [1, 1, 1, 8, 1]
+    (none,) = ablation_cells(1, "smoke", ["deeplab"], variants=["none"])
+    (atrous2,) = ablation_cells(3, "smoke", ["deeplab"], variants=["atrous-2"])
+    assert none.run_hash == atrous2.run_hash
+    t1, t3, console = tmp_path / "table1_smoke.csv", tmp_path / "table3_smoke.csv", Console(quiet=True)
+    append_row(t1, sweep._row(none, {"miou": 10.0, "wall_s": 1.0, "device": "cpu", "threads": 1}))
+
+    def fake_run(config, log_path, checkpoint, threads):
+        return {"miou": 20.0, "wall_s": 1.0, "device": f"cpu x{dist.world_size()}", "threads": threads}
+
+    monkeypatch.setattr(sweep, "_run_in_worker", fake_run)
+    assert sweep.run_sweep([none], t1, tmp_path / "logs", tmp_path / "ckpt", console=console).skipped == 1
+    sweep._reuse_identical_runs([atrous2], t3, [t1], console)
+    assert [r["device"] for r in read_rows(t3)] == ["cpu"]
+
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    t3.unlink()
+    sweep._reuse_identical_runs([atrous2], t3, [t1], console)
+    assert read_rows(t3) == []
+    report = sweep._run_sweep_distributed([none], t1, tmp_path / "logs", tmp_path / "ckpt", console)
+    assert (report.ran, report.skipped) == (1, 0)
+    assert [r["device"] for r in read_rows(t1)] == ["cpu", "cpu x2"]
+    assert sweep._run_sweep_distributed([none], t1, tmp_path / "logs", tmp_path / "ckpt", console).skipped == 1
+    sweep._reuse_identical_runs([atrous2], t3, [t1], console)
+    assert [(r["device"], r["miou"]) for r in read_rows(t3)] == [("cpu x2", "20")]
+    stats = sweep.summarize(t1, [none]).set_index("metric")
+    assert (stats.loc["miou", "mean"], stats.loc["miou", "count"]) == (20.0, 1)
+    with pytest.raises(ValueError, match=r"runs by \[1, 2\] processes"):  # `dcnbench table` neither averages them
+        load_ours(1, "smoke", t1)
 
 
 def test_helpers_are_the_identity_without_a_process_group(monkeypatch):

@@ -99,9 +99,11 @@ class Ours:
 
 
 def load_ours(table: int, tier: str, csv_path: Path | None = None, spec: dict | None = None) -> Ours:
-    """Per (task, variant, metric) seed statistics of the results rows matching the current configs."""
+    """Per (task, variant, metric) seed statistics of the results rows matching the current configs.
+    Raises ValueError when those rows were run by different process counts (``--nproc``): with plain
+    BatchNorm their numbers differ, so they are neither averaged nor set side by side."""
     from dcnbench.runner.experiment import expand_cells, load_experiment
-    from dcnbench.runner.results import KEY_COLUMNS, PROVENANCE_COLUMNS, read_rows
+    from dcnbench.runner.results import KEY_COLUMNS, PROVENANCE_COLUMNS, processes, read_rows
 
     spec = spec or load_experiment(table)
     cells = expand_cells(spec, tier)
@@ -111,10 +113,12 @@ def load_ours(table: int, tier: str, csv_path: Path | None = None, spec: dict | 
     rows = read_rows(path)
     values: dict[tuple[str, str, str], list[float]] = {}
     used = 0
+    counts = set()
     for r in rows:
         if hashes.get((r.get("task"), r.get("variant"))) != r.get("config_hash"):
             continue
         used += 1
+        counts.add(processes(r))
         for metric, text in r.items():
             if metric in KEY_COLUMNS or metric in PROVENANCE_COLUMNS or text in (None, ""):
                 continue
@@ -124,6 +128,10 @@ def load_ours(table: int, tier: str, csv_path: Path | None = None, spec: dict | 
                 continue
             if math.isfinite(v):
                 values.setdefault((r["task"], r["variant"], metric), []).append(v)
+    if len(counts) > 1:
+        raise ValueError(f"{path} holds runs by {sorted(counts)} processes: their numbers are not comparable "
+                         "(plain BatchNorm normalises over each process's share of the batch); keep one process "
+                         "count per results CSV (ablate --out)")
     stats = {k: Stat.of(v) for k, v in values.items()}
     return Ours(stats, defined, len(rows), used, path)
 

@@ -1,8 +1,9 @@
 """Results CSVs: one row per finished run, written atomically; provenance of every row.
 
-Columns: the key (table, tier, task, variant, seed), the metrics of the run, then wall_s, device,
-threads, backend, config_hash, run_hash, reused_from (the CSV, variant and seed of the identical
-run a reused row was copied from; empty for a run of its own), git_commit, date, machine, torch.
+Columns: the key (table, tier, task, variant, seed), the metrics of the run, then wall_s, device
+(``cpu``, ``cuda:0``; ``cuda:0 x8`` under torchrun with 8 processes, see :func:`processes`), threads,
+backend, config_hash, run_hash, reused_from (the CSV, variant and seed of the identical run a reused
+row was copied from; empty for a run of its own), git_commit, date, machine, torch.
 A row is only written when its run has finished, by rewriting the file to a temporary sibling and
 ``os.replace``-ing it, so a sweep killed at any moment leaves the previous complete file.
 """
@@ -99,6 +100,12 @@ def _format(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return "" if value is None else str(value)
+
+
+def processes(row: dict) -> int:
+    """How many processes ran a row's run: N of a ``device`` such as ``cuda:0 x8``, else 1."""
+    _, sep, count = (row.get("device") or "").rpartition(" x")
+    return int(count) if sep and count.isdigit() else 1
 
 
 def finished_keys(rows: list[dict]) -> set[tuple[str, str, int, str]]:

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import distributed as dist
 from .experiment import Cell
-from .results import KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, finished_keys, provenance, read_rows
+from .results import KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, finished_keys, processes, provenance, read_rows
 
 
 @dataclass
@@ -49,6 +49,8 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
               console: Console | None = None, reuse_from: list[Path] = ()) -> SweepReport:
     """Run every cell not already in ``csv_path``; append one row per finished run.
 
+    Only rows run by as many processes as this sweep (``dist.world_size()``) count, here and below:
+    with plain BatchNorm a run's numbers depend on the process count (README, distributed training).
     A cell whose run (same run hash and seed) already finished in one of the ``reuse_from`` CSVs is
     not run again: that row is copied with this cell's table, variant and config hash, its own
     provenance kept, and ``reused_from`` naming the source. Each run logs to ``log_dir/<cell>.log``
@@ -61,7 +63,7 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
         _reuse_identical_runs(cells, csv_path, reuse_from, console)
     if dist.is_distributed():
         return _run_sweep_distributed(cells, csv_path, log_dir, checkpoint_dir, console)
-    done = finished_keys(read_rows(csv_path))
+    done = finished_keys(_same_world(read_rows(csv_path)))
     todo = [c for c in cells if c.key not in done]
     log_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -101,12 +103,17 @@ def _row(cell: Cell, metrics: dict) -> dict:
             "seed": cell.seed, **metrics, "config_hash": cell.config_hash, "run_hash": cell.run_hash, **provenance()}
 
 
+def _same_world(rows: list[dict]) -> list[dict]:
+    """The rows whose runs had as many processes as this one."""
+    return [r for r in rows if processes(r) == dist.world_size()]
+
+
 def _reuse_identical_runs(cells: list[Cell], csv_path: Path, sources: list[Path], console: Console) -> None:
     """Append, for each unfinished cell, the row of the identical run found in ``sources``."""
-    done = finished_keys(read_rows(csv_path))
+    done = finished_keys(_same_world(read_rows(csv_path)))
     finished = {}
     for source in sources:
-        for row in read_rows(source):
+        for row in _same_world(read_rows(source)):
             if row.get("run_hash") and not row.get("reused_from"):
                 finished.setdefault((row["run_hash"], int(row["seed"])), (source, row))
     for cell in cells:
@@ -128,7 +135,7 @@ def _run_sweep_distributed(cells: list[Cell], csv_path: Path, log_dir: Path, che
     exits non-zero and torchrun stops the others); rerunning resumes after the last whole row.
     """
     main = dist.is_main()
-    done = dist.broadcast(finished_keys(read_rows(csv_path)) if main else None)
+    done = dist.broadcast(finished_keys(_same_world(read_rows(csv_path))) if main else None)
     todo = [c for c in cells if c.key not in done]
     log_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // dist.local_world_size())
@@ -145,8 +152,9 @@ def _run_sweep_distributed(cells: list[Cell], csv_path: Path, log_dir: Path, che
 
 
 def summarize(csv_path: Path, cells: list[Cell]) -> pd.DataFrame:
-    """Mean, std and count over seeds per (task, variant) and metric, for rows of these cells' configs."""
-    rows = read_rows(csv_path)
+    """Mean, std and count over seeds per (task, variant) and metric, for rows of these cells' configs
+    run by as many processes as this one."""
+    rows = _same_world(read_rows(csv_path))
     wanted = {(c.task, c.variant, c.config_hash) for c in cells}
     rows = [r for r in rows if (r["task"], r["variant"], r["config_hash"]) in wanted]
     if not rows:
