@@ -11,6 +11,39 @@ def main() -> None:
     """Deformable ConvNets (Dai et al., 2017): fast deformable ops and the paper's ablations."""
 
 
+def _usage_error(exc: ValueError) -> click.BadParameter:
+    """A library error whose ``fields`` name the settings at fault, as a usage error naming their options."""
+    return click.BadParameter(str(exc), param_hint=[f"--{f.replace('_', '-')}" for f in exc.fields])
+
+
+def _parsed_by(parse):
+    """A Click callback returning ``parse(value)``; its ValueError becomes a usage error naming the option."""
+    def callback(ctx: click.Context, param: click.Parameter, value):
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from exc
+    return callback
+
+
+def _shapes(specs: tuple[str, ...]) -> dict | None:
+    from dcnbench.bench.ops import parse_shape
+
+    return dict(map(parse_shape, specs)) or None
+
+
+def _threads(spec: str) -> list[int]:
+    from dcnbench.bench.ops import parse_threads
+
+    return parse_threads(spec)
+
+
+def _device(device: str) -> str:
+    from dcnbench.bench.ops import check_device
+
+    return check_device(device)
+
+
 @main.command()
 def backends() -> None:
     """Show which operator backends are available here (reference, native CPU, CUDA)."""
@@ -33,10 +66,12 @@ def bench() -> None:
 
 
 @bench.command("ops")
-@click.option("--shapes", "shapes", multiple=True, metavar="NAME=N,C,H,W,O[,DIL]",
+@click.option("--shapes", "shapes", multiple=True, metavar="NAME=N,C,H,W,O[,DIL]", callback=_parsed_by(_shapes),
               help="deform_conv2d shapes to run instead of res5/mid/small/tiny (repeatable).")
-@click.option("--threads", default="1,2", show_default=True, help="Comma-separated CPU thread counts.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda[:i] (times the CUDA backend).")
+@click.option("--threads", default="1,2", show_default=True, callback=_parsed_by(_threads),
+              help="Comma-separated CPU thread counts.")
+@click.option("--device", default="cpu", show_default=True, callback=_parsed_by(_device),
+              help="cpu, or cuda[:i] (times the CUDA backend).")
 @click.option("--repeats", type=click.IntRange(3), default=7, show_default=True, help="Interleaved rounds (median).")
 @click.option("--reference", "with_reference", is_flag=True, help="Also time the pure-PyTorch reference.")
 @click.option("--no-roi", is_flag=True, help="Skip the RoI pooling cases.")
@@ -46,10 +81,11 @@ def bench() -> None:
 def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memory, tf32, out) -> None:
     """Time deform_conv2d and deformable (PS) RoI pooling against torchvision and F.conv2d / roi_align;
     writes <out>/ops_<device>.csv."""
-    from dcnbench.bench.ops import parse_shape, run_ops_benchmark
+    from dcnbench.bench.ops import run_ops_benchmark
 
-    chosen = dict(parse_shape(s) for s in shapes) if shapes else None
-    path = run_ops_benchmark(chosen, [int(t) for t in threads.split(",")], device, out, repeats,
+    if tf32 and not device.startswith("cuda"):
+        raise click.BadParameter("TF32 applies to CUDA devices only (add --device cuda)", param_hint="--tf32")
+    path = run_ops_benchmark(shapes, threads, device, out, repeats,
                              with_reference=with_reference, with_roi=not no_roi, with_memory=not no_memory, tf32=tf32)
     click.echo(f"wrote {path}")
 
@@ -66,14 +102,19 @@ def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memor
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Cells run in parallel processes.")
 @click.option("--out", type=click.Path(file_okay=False), default="results/ablate", show_default=True,
               help="Output folder: table<N>_<tier>.csv, logs/ and checkpoints/ go here.")
-@click.option("--data-root", type=click.Path(file_okay=False), help="Root of the real datasets (paper tier).")
-@click.option("--weights", type=click.Path(dir_okay=False), help="ImageNet ResNet-101 state dict (paper tier).")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False), help="Root of the real datasets (paper tier).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="ImageNet ResNet-101 state dict (paper tier).")
 @click.option("--nproc", type=click.IntRange(1), help="Train each cell data-parallel in N processes on this node "
               "(launches torchrun: one per GPU with NCCL, else gloo on the CPU; --jobs is then unused).")
 def ablate(table, tasks, variants, tier, seeds, jobs, out, data_root, weights, nproc) -> None:
     """Rerun an ablation of the paper: one CSV row per finished run, resumable."""
-    from dcnbench.runner.ablate import run_ablation
+    from dcnbench.runner.ablate import ablation_cells, run_ablation
+    from dcnbench.runner.experiment import SelectionError
 
+    try:
+        ablation_cells(table, tier, list(tasks), seeds, variants=list(variants))  # before any run or launch
+    except SelectionError as exc:
+        raise _usage_error(exc) from exc
     if nproc:
         raise SystemExit(_relaunch_under_torchrun(click.get_current_context(), nproc))
     failed = run_ablation(table, tier, list(tasks), seeds, jobs, out, data_root, weights, variants=list(variants))
@@ -116,36 +157,39 @@ def data() -> None:
 @click.option("--num", type=click.IntRange(1), default=2000, show_default=True, help="Number of images.")
 @click.option("--size", type=click.IntRange(8), default=128, show_default=True, help="Image side in pixels.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder (only it is written).")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Output folder (only it is written): new, empty, or holding this same dataset (else refused).")
 @click.option("--classes", type=click.IntRange(1, 10), default=6, show_default=True, help="Number of shape classes.")
-@click.option("--min-size", type=float, help="Smallest object extent in px [default: size/16].")
-@click.option("--max-size", type=float, help="Largest object extent in px [default: 3/4 of size].")
+@click.option("--min-size", type=click.FloatRange(0, min_open=True), help="Smallest object extent in px [default: size/16].")
+@click.option("--max-size", type=click.FloatRange(0, min_open=True),
+              help="Largest object extent in px, at most --size [default: 3/4 of size].")
 @click.option("--val-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
-              help="The last fraction of images forms the val split.")
+              help="The last fraction of images forms the val split: 0 all train, 1 all val, in between at "
+                   "least one image in each (then --num must be at least 2).")
 @click.option("--layout", type=click.Choice(["voc", "coco"]), help="Disk layout [default: voc for seg, coco for det].")
 def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction, layout) -> None:
     """Write the synthetic benchmark to disk in a real dataset's layout."""
     from rich.progress import Progress
 
-    from dcnbench.data import SynthConfig, write_synthetic
+    from dcnbench.data.synthetic import InvalidSetting, SynthConfig, write_synthetic
 
-    try:
-        config = SynthConfig(size=size, num_classes=classes, min_size=min_size or size / 16,
-                             max_size=max_size or size * 0.75)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
     if task == "seg" and layout == "coco":
         raise click.UsageError("--task seg writes the VOC segmentation layout only (--layout voc)")
-    with Progress() as progress:
-        bar = progress.add_task(f"synth {task} -> {out}", total=num)
-        summary = write_synthetic(out, task, num, config, seed, val_fraction, layout,
-                                  progress=lambda done: progress.update(bar, completed=done))
+    try:
+        config = SynthConfig(size=size, num_classes=classes, min_size=size / 16 if min_size is None else min_size,
+                             max_size=size * 0.75 if max_size is None else max_size)
+        with Progress(transient=True) as progress:  # settings are checked before the first image
+            bar = progress.add_task(f"synth {task} -> {out}", total=num)
+            summary = write_synthetic(out, task, num, config, seed, val_fraction, layout,
+                                      progress=lambda done: progress.update(bar, completed=done))
+    except InvalidSetting as exc:
+        raise _usage_error(exc) from exc
     click.echo(f"wrote {summary['train']} train + {summary['val']} val images ({summary['objects']} objects, "
                f"{summary['layout']} layout) to {out}")
 
 
 @main.command()
-@click.option("--params-only", is_flag=True, help="Only count parameters -> results/table4_params.csv.")
+@click.option("--params-only", is_flag=True, help="Only count parameters -> <results-dir>/table4_params.csv.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where to time the networks (auto: CUDA when available).")
 @click.option("--scale", type=click.FloatRange(0.01, 1.0), default=1.0, show_default=True,
@@ -158,10 +202,17 @@ def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction,
               help="Only these Table 4 rows (repeatable; default all).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="ImageNet ResNet-101 state dict (optional).")
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's].")
-@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
+@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True,
+              help="Where table4_params.csv and table4_runtime_<device>[_scale<s>].csv go (rows there are resumed).")
 def runtime(params_only, device, scale, repeats, models, weights, threads, results_dir) -> None:
     """Table 4: parameter counts and plain vs deformable runtime of the paper's ResNet-101 networks."""
     from dcnbench.runtime import main as runtime_main
+
+    if device == "cuda" and not params_only:
+        try:
+            _device(device)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--device") from exc
 
     runtime_main(params_only, device, scale, repeats, list(models) or None, weights, results_dir, threads)
 
@@ -171,8 +222,11 @@ def runtime(params_only, device, scale, repeats, models, weights, threads, resul
 @click.option("--tier", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["console", "markdown", "latex", "csv"]), default="console",
               show_default=True)
-@click.option("--results", type=click.Path(dir_okay=False), help="Results CSV [default: results/ablate/table<N>_<tier>.csv].")
-@click.option("--figures", "with_figures", is_flag=True, help="Also plot the table (results/figures/).")
+@click.option("--results", type=click.Path(exists=True, dir_okay=False),
+              help="Results CSV [default: results/ablate/table<N>_<tier>.csv; Table 4: a runtime CSV, with "
+                   "table4_params.csv beside it, default: the paper-size results/table4_runtime_<device>.csv].")
+@click.option("--figures", "with_figures", is_flag=True,
+              help="Also plot the table: table<N>_<tier>.png and .pdf beside the markdown in --out.")
 @click.option("--out", type=click.Path(file_okay=False), default="results/tables", show_default=True,
               help="Where table<N>_<tier>.md goes.")
 def table(number, tier, fmt, results, with_figures, out) -> None:
@@ -182,7 +236,10 @@ def table(number, tier, fmt, results, with_figures, out) -> None:
 
     from dcnbench.report.tables import format_rendered, render_table, to_rich, write_markdown
 
-    rendered = render_table(int(number), tier, Path(results) if results else None)
+    try:
+        rendered = render_table(int(number), tier, Path(results) if results else None)
+    except ValueError as exc:  # e.g. a results CSV mixing process counts
+        raise click.BadParameter(str(exc), param_hint="--results") from exc
     path = write_markdown(rendered, Path(out))
     if fmt == "console":
         from rich.console import Console
@@ -196,7 +253,7 @@ def table(number, tier, fmt, results, with_figures, out) -> None:
     if with_figures and int(number) != 4:
         from dcnbench.report.figures import ablation_figure
 
-        for p in ablation_figure(int(number), tier, csv_path=Path(results) if results else None):
+        for p in ablation_figure(int(number), tier, Path(out), csv_path=Path(results) if results else None):
             click.echo(f"wrote {p}", err=True)
 
 
@@ -204,23 +261,27 @@ def table(number, tier, fmt, results, with_figures, out) -> None:
 @click.option("--tier", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu", show_default=True)
 @click.option("--table", "tables", type=click.IntRange(1, 3), multiple=True, help="Ablation plots [default: 1, 2, 3].")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True),
-              help="Trained model for Figure 5 [default: a res5a-c checkpoint under results/ablate/checkpoints].")
+              help="Trained model for Figure 5 [default: a res5a-c checkpoint under <results-dir>/checkpoints].")
 @click.option("--roi-checkpoint", type=click.Path(dir_okay=False, exists=True),
-              help="Trained model with deformable RoI pooling for Figure 6 [default: from Table 3's runs].")
+              help="Trained model with deformable RoI pooling for Figure 6 [default: from Table 3's runs there].")
+@click.option("--results-dir", type=click.Path(exists=True, file_okay=False),
+              help="An `ablate --out` folder: table<N>_<tier>.csv and checkpoints/ [default: results/ablate].")
 @click.option("--out", type=click.Path(file_okay=False), default="results/figures", show_default=True)
-def figures(tier, tables, checkpoint, roi_checkpoint, out) -> None:
+def figures(tier, tables, checkpoint, roi_checkpoint, results_dir, out) -> None:
     """Figures 5 and 6 from trained checkpoints, and one plot per ablation table (PNG and PDF)."""
     from pathlib import Path
 
     from dcnbench.report import figures as fg
+    from dcnbench.report.tables import results_csv
 
-    out_dir = Path(out)
+    out_dir, root = Path(out), Path(results_dir) if results_dir else None
     for n in tables or (1, 2, 3):
-        paths = fg.ablation_figure(n, tier, out_dir)
-        click.echo(f"table {n}: " + (", ".join(map(str, paths)) if paths else f"no {tier}-tier results yet"))
+        csv_path = results_csv(n, tier, root)
+        paths = fg.ablation_figure(n, tier, out_dir, csv_path)
+        click.echo(f"table {n}: " + (", ".join(map(str, paths)) if paths else f"no {tier}-tier results in {csv_path}"))
     for kind, given, make in (("figure5", checkpoint, fg.figure5_from_checkpoint),
                               ("figure6", roi_checkpoint, fg.figure6_from_checkpoint)):
-        ckpt = Path(given) if given else fg.default_checkpoint(kind, tier)
+        ckpt = Path(given) if given else fg.default_checkpoint(kind, tier, root / "checkpoints" if root else None)
         if ckpt is None:
             click.echo(f"{kind}: no checkpoint found (run `dcnbench ablate` first or pass one)")
             continue

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
-from dcnbench.bench.ops import FIELDS, run_ops_benchmark
+from dcnbench.bench.ops import FIELDS, parse_shape, run_ops_benchmark
+from dcnbench.cli import main
 from dcnbench.bench.report import markers, read_rows, render_markdown, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,3 +66,29 @@ def test_bench_ops_tf32_is_a_cuda_option(tmp_path):
     with pytest.raises(ValueError, match="CUDA"):
         run_ops_benchmark({"t": (1, 2, 4, 4, 2, 1)}, [1], "cpu", tmp_path, repeats=3, with_roi=False,
                           with_memory=False, tf32=True)
+
+
+def test_shape_parsing():
+    assert parse_shape("r=1,2,3,4,5") == ("r", (1, 2, 3, 4, 5, 1))
+    assert parse_shape(" r =1,2,3,4,5,2") == ("r", (1, 2, 3, 4, 5, 2))
+
+
+@pytest.mark.parametrize("args,error", [
+    (["--shapes", "foo"], "Invalid value for '--shapes': expected NAME=N,C,H,W,O[,DIL] with positive integers, got 'foo'"),
+    (["--shapes", "a=1,2,3"], "Invalid value for '--shapes': expected NAME=N,C,H,W,O[,DIL]"),
+    (["--shapes", "a=1,2,x,4,5"], "Invalid value for '--shapes': expected NAME=N,C,H,W,O[,DIL]"),
+    (["--threads", "abc"], "Invalid value for '--threads': expected comma-separated positive integers, got 'abc'"),
+    (["--threads", "1,0"], "Invalid value for '--threads': expected comma-separated positive integers, got '1,0'"),
+    (["--device", "gpu"], "Invalid value for '--device': expected cpu, cuda or cuda:<index>, got 'gpu'"),
+    (["--device", "cuda"], "Invalid value for '--device': CUDA is not available on this machine: no CUDA here (test)"),
+    (["--tf32"], "Invalid value for --tf32: TF32 applies to CUDA devices only"),
+])
+def test_bench_ops_bad_options_are_usage_errors(tmp_path, monkeypatch, args, error):
+    from dcnbench.ops import dispatch
+
+    real = dispatch.backend_status
+    monkeypatch.setattr(dispatch, "backend_status",
+                        lambda name: (False, "no CUDA here (test)") if name == "cuda" else real(name))
+    result = CliRunner().invoke(main, ["bench", "ops", "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2 and error in result.output, result.output
+    assert not (tmp_path / "out").exists()

@@ -139,6 +139,47 @@ def test_cli_synth_matches_library_and_writes_only_under_out(tmp_path):
     assert bad.exit_code != 0
 
 
+@pytest.mark.parametrize("args,error", [
+    (["--min-size", "50", "--max-size", "10"], "Invalid value for '--min-size' / '--max-size': need 0 < min_size <= max_size"),
+    (["--max-size", "500", "--size", "64"], "Invalid value for '--max-size': max_size=500 px exceeds the image size 64 px"),
+    (["--num", "1"], "Invalid value for '--num' / '--val-fraction': a train and a val split need at least 2 images"),
+])
+def test_cli_synth_bad_settings_are_usage_errors(tmp_path, args, error):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["data", "synth", "--out", str(out), *args])
+    assert result.exit_code == 2 and error in result.output, result.output
+    assert not out.exists()
+
+
+def test_val_fraction_one_is_all_val_and_zero_all_train(tmp_path):
+    cfg = SynthConfig(size=32, min_size=4, max_size=24)
+    summary = write_synthetic(tmp_path / "val", "seg", 3, cfg, val_fraction=1.0)
+    assert (summary["train"], summary["val"]) == (0, 3)
+    lists = tmp_path / "val" / "ImageSets" / "Segmentation"
+    assert (lists / "train.txt").read_text() == "" and len((lists / "val.txt").read_text().split()) == 3
+    assert (write_synthetic(tmp_path / "one", "seg", 1, cfg, val_fraction=0)["train"]) == 1
+    with pytest.raises(ValueError, match="max_size=33 px exceeds the image size 32 px"):
+        SynthConfig(size=32, max_size=33)
+
+
+def test_rewrite_only_into_the_same_dataset(tmp_path):
+    """A folder holding another dataset, or other files, is refused untouched; the same dataset is rewritten."""
+    cfg = SynthConfig(size=32, min_size=4, max_size=24)
+    out = tmp_path / "out"
+    write_synthetic(out, "seg", 5, cfg, val_fraction=0.4)
+    before = _digest(out)
+    with pytest.raises(ValueError, match="is not empty: it holds a synthetic dataset with different num"):
+        write_synthetic(out, "seg", 3, cfg, val_fraction=0.4)
+    assert _digest(out) == before
+    write_synthetic(out, "seg", 5, cfg, val_fraction=0.4)
+    assert _digest(out) == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    result = CliRunner().invoke(main, ["data", "synth", "--num", "3", "--size", "32", "--out", str(tmp_path / "mine")])
+    assert result.exit_code == 2 and "Invalid value for '--out'" in result.output and "holds other files" in result.output
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
 def test_generation_speed():
     """Docstring claim: 2,000 images of 128 px in <= 30 s on one core (generation is ~2 ms each)."""
     torch.set_num_threads(1)

@@ -233,6 +233,39 @@ def test_table_cli_writes_markdown(tmp_path):
     assert "61.0 ± 1.0" in (tmp_path / "table1_cpu.md").read_text()
 
 
+def test_table_cli_results_must_exist(tmp_path):
+    from dcnbench.cli import main
+
+    result = CliRunner().invoke(main, ["table", "3", "--tier", "smoke", "--results", str(tmp_path / "none.csv")])
+    assert result.exit_code == 2 and "Invalid value for '--results'" in result.output
+    assert "does not exist" in result.output
+
+
+def test_table_cli_figures_go_to_out(tmp_path):
+    from dcnbench.cli import main
+
+    path = tmp_path / "table1_smoke.csv"
+    _write_results(path, 1, "smoke", T1)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["table", "1", "--tier", "smoke", "--format", "csv", "--results", str(path),
+                                       "--figures", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["table1_smoke.md", "table1_smoke.pdf", "table1_smoke.png"]
+
+
+def test_figures_cli_reads_an_ablate_out_folder(tmp_path):
+    from dcnbench.cli import main
+
+    _write_results(tmp_path / "ablate" / "table1_smoke.csv", 1, "smoke", T1)
+    args = ["figures", "--tier", "smoke", "--table", "1", "--table", "2", "--results-dir", str(tmp_path / "ablate"),
+            "--out", str(tmp_path / "figs")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["table1_smoke.pdf", "table1_smoke.png"]
+    assert f"table 2: no smoke-tier results in {tmp_path / 'ablate' / 'table2_smoke.csv'}" in result.output
+    assert "figure5: no checkpoint found" in result.output  # looked under the folder's checkpoints/ only
+
+
 # ---------------------------------------------------------------------------------------------
 # The regression gate
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 import csv
 
 import pytest
+from click.testing import CliRunner
 
+from dcnbench.cli import main
 from dcnbench.runner.experiment import TASKS, expand_cells, load_experiment
 from dcnbench.runner.results import KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, finished_keys, read_rows
 
@@ -72,3 +74,29 @@ def test_variant_filter_keeps_only_named_variants_and_names_a_bad_one():
     assert [c.variant for c in cells] == ["atrous-2", "deform-roi-pool"]
     with pytest.raises(ValueError, match="no variant.*'atrous-3'"):
         expand_cells(spec, "smoke", variants=["atrous-3"])
+
+
+def test_tasks_and_variants_that_share_no_cell_are_rejected():
+    spec = load_experiment(3)
+    with pytest.raises(ValueError, match=r"variant 'deform-roi-pool' is not defined for task\(s\) deeplab "
+                                         r"\(table 3 defines it for faster, rfcn\)"):
+        expand_cells(spec, "smoke", ["deeplab"], variants=["deform-roi-pool"])
+    cells = expand_cells(spec, "smoke", ["deeplab", "rfcn"], seeds=1, variants=["deform-roi-pool"])
+    assert [(c.task, c.variant) for c in cells] == [("rfcn", "deform-roi-pool")]
+
+
+@pytest.mark.parametrize("args,error", [
+    (["--table", "3", "--task", "rfcn", "--variant", "foo"], "Invalid value for '--variant': table 3 has no variant(s) ['foo']"),
+    (["--table", "2", "--task", "deeplab"], "Invalid value for '--task': table 2 has no task(s) ['deeplab']"),
+    (["--table", "3", "--task", "deeplab", "--variant", "deform-roi-pool"],
+     "Invalid value for '--task' / '--variant': variant 'deform-roi-pool' is not defined for task(s) deeplab"),
+    (["--table", "1", "--task", "deeplab", "--variant", "none", "--weights", "missing.pth"],
+     "Invalid value for '--weights': File 'missing.pth' does not exist"),
+    (["--table", "1", "--task", "deeplab", "--variant", "none", "--data-root", "missing"],
+     "Invalid value for '--data-root': Directory 'missing' does not exist"),
+])
+def test_ablate_bad_choices_are_usage_errors_before_any_run(tmp_path, monkeypatch, args, error):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["ablate", "--tier", "smoke", "--out", "out", *args])
+    assert result.exit_code == 2 and error in result.output, result.output
+    assert not (tmp_path / "out").exists()

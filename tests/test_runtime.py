@@ -2,6 +2,7 @@
 
 import csv
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -173,3 +174,11 @@ def test_table4_shows_the_newest_paper_size_rows_and_a_named_scaled_csv(tmp_path
     assert ours(table, "R-FCN, Ours") == ("ours [cpu]", "0.3300 (×1.100)")
     assert any("4 row(s) left out" in note for note in table.footnotes)
     assert ours(build_table4(runtime_csv=scaled), "R-FCN, Ours") == ("ours [cpu, scale 0.25]", "0.0500 (×1.250)")
+
+
+def test_runtime_on_cuda_without_a_gpu_is_a_usage_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = CliRunner().invoke(main, ["runtime", "--device", "cuda", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "Invalid value for --device" in result.output
+    assert "CUDA is not available" in result.output and not list(tmp_path.iterdir())

@@ -24,6 +24,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -67,17 +68,47 @@ class Case:
     impls: dict[str, Callable[[bool], Callable[[], None]]] = field(default_factory=dict)
 
 
+def _positive_ints(text: str) -> list[int]:
+    """``"1,2"`` -> [1, 2]; [] unless ``text`` is comma-separated positive integers."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        return []
+    return values if min(values) >= 1 else []
+
+
 def parse_shape(spec: str) -> tuple[str, tuple[int, int, int, int, int, int]]:
-    """``"name=N,C,H,W,O[,dilation]"`` -> (name, (N, C, H, W, O, dilation))."""
-    if "=" not in spec:
-        raise ValueError(f"shape must look like name=N,C,H,W,O[,dilation], got {spec!r}")
-    name, dims = spec.split("=", 1)
-    values = [int(v) for v in dims.split(",")]
+    """``"name=N,C,H,W,O[,dilation]"`` -> (name, (N, C, H, W, O, dilation)); ValueError otherwise."""
+    name, _, dims = spec.partition("=")
+    values = _positive_ints(dims)
     if len(values) == 5:
         values.append(1)
-    if len(values) != 6 or min(values) < 1:
-        raise ValueError(f"shape must look like name=N,C,H,W,O[,dilation] with positive ints, got {spec!r}")
+    if not name.strip() or len(values) != 6:
+        raise ValueError(f"expected NAME=N,C,H,W,O[,DIL] with positive integers, got {spec!r}")
     return name.strip(), tuple(values)  # type: ignore[return-value]
+
+
+def parse_threads(spec: str) -> list[int]:
+    """``"1,2"`` -> [1, 2]; ValueError unless every entry is a positive integer."""
+    threads = _positive_ints(spec)
+    if not threads:
+        raise ValueError(f"expected comma-separated positive integers, got {spec!r}")
+    return threads
+
+
+def check_device(device: str) -> str:
+    """``device`` ("cpu", "cuda" or "cuda:<i>") when its dcnbench kernels can run here, else ValueError."""
+    from dcnbench.ops.dispatch import backend_status
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"expected cpu, cuda or cuda:<index>, got {device!r}")
+    ok, why = backend_status(_kernel_backend(device))
+    if not ok:
+        what = "CUDA is" if device.startswith("cuda") else "dcnbench's native CPU backend is"
+        raise ValueError(f"{what} not available on this machine: {why}")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def machine_info() -> dict[str, str]:
@@ -312,15 +343,10 @@ def run_ops_benchmark(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dcnbench.ops.dispatch import backend_status
-
     console = console or Console()
     shapes = dict(CONV_SHAPES if shapes is None else shapes)
     threads = threads or [1, 2]
-    backend = _kernel_backend(device)
-    ok, why = backend_status(backend)
-    if not ok:
-        raise RuntimeError(f"dcnbench {backend} backend unavailable: {why}")
+    check_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with _restoring_torch_settings():

@@ -45,6 +45,7 @@ import numpy as np
 
 __all__ = [
     "SHAPE_NAMES",
+    "InvalidSetting",
     "SynthConfig",
     "generate_sample",
     "generate_samples",
@@ -124,6 +125,14 @@ SHAPE_NAMES: tuple[str, ...] = tuple(name for name, _ in _SHAPES)
 _SHAPE_EXTENT = 1.25  # every canonical shape lies inside |u| <= this
 
 
+class InvalidSetting(ValueError):
+    """A setting the generator cannot honour; ``fields`` names the settings at fault (e.g. "max_size")."""
+
+    def __init__(self, message: str, *fields: str) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """What the generator draws.  Sizes are in pixels; ranges are inclusive ``(low, high)``."""
@@ -150,14 +159,18 @@ class SynthConfig:
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         object.__setattr__(self, "background_level", tuple(float(v) for v in self.background_level))
         if not 1 <= self.num_classes <= len(_SHAPES):
-            raise ValueError(f"num_classes must be in 1..{len(_SHAPES)} (shapes: {', '.join(SHAPE_NAMES)})")
-        if not 0 < self.min_size <= self.max_size:
-            raise ValueError("need 0 < min_size <= max_size")
+            raise InvalidSetting(f"num_classes must be in 1..{len(_SHAPES)} (shapes: {', '.join(SHAPE_NAMES)})",
+                                 "num_classes")
         if self.size < 8:
-            raise ValueError("size must be at least 8 pixels")
+            raise InvalidSetting(f"size must be at least 8 pixels, got {self.size}", "size")
+        if not 0 < self.min_size <= self.max_size:
+            raise InvalidSetting(f"need 0 < min_size <= max_size, got min_size={self.min_size:g} and "
+                                 f"max_size={self.max_size:g}", "min_size", "max_size")
+        if self.max_size > self.size:
+            raise InvalidSetting(f"max_size={self.max_size:g} px exceeds the image size {self.size} px", "max_size")
         lo, hi = self.objects_per_image
         if not 0 <= lo <= hi:
-            raise ValueError("objects_per_image must be (low, high) with 0 <= low <= high")
+            raise InvalidSetting("objects_per_image must be (low, high) with 0 <= low <= high", "objects_per_image")
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -403,10 +416,32 @@ def _save_png(array: np.ndarray, path: Path, palette: list[int] | None = None) -
 
 
 def _split_counts(num: int, val_fraction: float) -> tuple[int, int]:
-    n_val = int(round(num * val_fraction))
-    if val_fraction > 0 and num > 1:
+    """(train, val): 0 and 1 put every image in one split; in between, each split gets at least one."""
+    n_val = round(num * val_fraction)
+    if 0 < val_fraction < 1:
+        if num < 2:
+            raise InvalidSetting(f"a train and a val split need at least 2 images, got num={num} "
+                                 "(or use val_fraction 0 or 1)", "num", "val_fraction")
         n_val = min(max(n_val, 1), num - 1)
     return num - n_val, n_val
+
+
+def _check_out(out: Path, meta: dict) -> None:
+    """Refuse a non-empty ``out`` unless it holds this very dataset (rewriting it changes nothing)."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    config = out / "synth_config.json"
+    previous = json.loads(config.read_text()) if config.is_file() else None
+    wanted = json.loads(json.dumps(meta))
+    if previous == wanted:
+        return
+    if previous is None:
+        held = "other files"
+    else:
+        differ = [k for k in wanted if previous.get(k) != wanted[k]] or ["settings"]
+        held = f"a synthetic dataset with different {', '.join(differ)}"
+    raise InvalidSetting(f"{out} is not empty: it holds {held}; write to a new or empty folder "
+                         "(nothing is deleted)", "out")
 
 
 def _voc_xml(name: str, size: int, sample: dict, class_names: tuple[str, ...]) -> str:
@@ -461,9 +496,11 @@ def write_synthetic(
         out/JPEGImages/000000.png, out/Annotations/000000.xml, out/ImageSets/Main/{train,val}.txt
 
     Every layout also gets ``out/classes.txt`` (one class name per line, label 1 first) and
-    ``out/synth_config.json``.  The first ``num - round(num * val_fraction)`` indices are the
-    ``train`` split, the rest ``val``.  Only paths under ``out`` are written.  ``progress`` is
-    called with the number of samples finished after each one.  Returns a summary dict.
+    ``out/synth_config.json``.  The last ``round(num * val_fraction)`` indices are the ``val`` split,
+    the rest ``train``: ``val_fraction`` 0 is all train, 1 all val, and in between each split gets at
+    least one image (so ``num`` must be at least 2).  Only paths under ``out`` are written, and
+    ``out`` must be new, empty or hold this same dataset (:class:`InvalidSetting` otherwise).
+    ``progress`` is called with the number of samples finished after each one.  Returns a summary dict.
     """
     cfg = config or SynthConfig()
     if task not in ("seg", "det"):
@@ -473,11 +510,15 @@ def write_synthetic(
         raise ValueError(f"layout {layout!r} is not available for task {task!r} (seg: voc; det: coco, voc)")
     out = Path(out)
     n_train, n_val = _split_counts(num, val_fraction)
+    meta = {"task": task, "layout": layout, "num": num, "seed": seed, "val_fraction": val_fraction, "config": asdict(cfg)}
+    _check_out(out, meta)
     splits = {"train": range(0, n_train), "val": range(n_train, num)}
     names = [f"{i:06d}" for i in range(num)]
     palette = voc_palette()
 
     out.mkdir(parents=True, exist_ok=True)
+    # First, so that a rerun with the same settings may finish an interrupted write.
+    (out / "synth_config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     image_dir = out / ("images" if layout == "coco" else "JPEGImages")
     image_dir.mkdir(exist_ok=True)
     if task == "seg":
@@ -535,6 +576,4 @@ def write_synthetic(
         else:
             (list_dir / f"{split}.txt").write_text("".join(f"{names[i]}\n" for i in indices))
     (out / "classes.txt").write_text("".join(f"{name}\n" for name in cfg.class_names))
-    meta = {"task": task, "layout": layout, "num": num, "seed": seed, "val_fraction": val_fraction, "config": asdict(cfg)}
-    (out / "synth_config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return {"out": str(out), "train": n_train, "val": n_val, "objects": n_objects, **meta}

@@ -24,6 +24,14 @@ SECTIONS = ("data", "model", "train", "eval")
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
 
+class SelectionError(ValueError):
+    """Tasks or variants a table does not define; ``fields`` names the choices at fault ("task", "variant")."""
+
+    def __init__(self, message: str, *fields: str) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
 @dataclass(frozen=True)
 class Cell:
     """One run: ``config`` has keys table, tier, task, variant, seed and the merged sections."""
@@ -97,22 +105,15 @@ def expand_cells(spec: dict, tier: str, tasks: list[str] | None = None, seeds: i
     """All (task, variant, seed) cells of a table at ``tier``, in definition order.
 
     ``tasks`` / ``variants`` restrict to some tasks / variants (names as in the table file);
-    ``seeds`` overrides the tier's seed count (seeds 0..N-1).
+    ``seeds`` overrides the tier's seed count (seeds 0..N-1). Raises :class:`SelectionError` for a
+    task or variant the table lacks, or a choice of both that selects no cell.
     """
     if tier not in spec.get("tiers", {}):
         raise ValueError(f"table {spec['table']} has no tier {tier!r}; it has {sorted(spec.get('tiers', {}))}")
+    _check_selection(spec, tasks, variants)
     tier_spec = spec["tiers"][tier]
     table_tasks = spec["tasks"]
-    if tasks:
-        bad = [t for t in tasks if t not in table_tasks]
-        if bad:
-            raise ValueError(f"table {spec['table']} has no task(s) {bad}; it has {table_tasks}")
     chosen = [t for t in table_tasks if not tasks or t in tasks]
-    names = [v["name"] for v in spec["variants"]]
-    if variants:
-        bad = [v for v in variants if v not in names]
-        if bad:
-            raise ValueError(f"table {spec['table']} has no variant(s) {bad}; it has {names}")
     n_seeds = seeds if seeds is not None else int(tier_spec.get("seeds", 1))
     cells = []
     for task in chosen:
@@ -127,3 +128,17 @@ def expand_cells(spec: dict, tier: str, tasks: list[str] | None = None, seeds: i
             for seed in range(n_seeds):
                 cells.append(Cell(spec["table"], tier, task, variant["name"], seed, {**config, "seed": seed}))
     return cells
+
+
+def _check_selection(spec: dict, tasks: list[str] | None, variants: list[str] | None) -> None:
+    """SelectionError unless every name is the table's and the tasks and variants share a cell."""
+    table, table_tasks = spec["table"], spec["tasks"]
+    defined = {v["name"]: v.get("tasks", table_tasks) for v in spec["variants"]}
+    for field_name, given, known in (("task", tasks, table_tasks), ("variant", variants, list(defined))):
+        bad = [name for name in given or [] if name not in known]
+        if bad:
+            raise SelectionError(f"table {table} has no {field_name}(s) {bad}; it has {known}", field_name)
+    if tasks and variants and not any(t in defined[v] for v in variants for t in tasks):
+        raise SelectionError("; ".join(f"variant {v!r} is not defined for task(s) {', '.join(tasks)} "
+                                       f"(table {table} defines it for {', '.join(defined[v])})" for v in variants),
+                             "task", "variant")
