@@ -109,11 +109,11 @@ def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memor
 def ablate(table, tasks, variants, tier, seeds, jobs, out, data_root, weights, nproc) -> None:
     """Rerun an ablation of the paper: one CSV row per finished run, resumable."""
     from dcnbench.runner.ablate import ablation_cells, run_ablation
-    from dcnbench.runner.experiment import SelectionError
+    from dcnbench.errors import InvalidSetting
 
     try:
         ablation_cells(table, tier, list(tasks), seeds, variants=list(variants))  # before any run or launch
-    except SelectionError as exc:
+    except InvalidSetting as exc:
         raise _usage_error(exc) from exc
     if nproc:
         raise SystemExit(_relaunch_under_torchrun(click.get_current_context(), nproc))
@@ -171,7 +171,8 @@ def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction,
     """Write the synthetic benchmark to disk in a real dataset's layout."""
     from rich.progress import Progress
 
-    from dcnbench.data.synthetic import InvalidSetting, SynthConfig, write_synthetic
+    from dcnbench.data.synthetic import SynthConfig, write_synthetic
+    from dcnbench.errors import InvalidSetting
 
     if task == "seg" and layout == "coco":
         raise click.UsageError("--task seg writes the VOC segmentation layout only (--layout voc)")

@@ -43,9 +43,10 @@ from typing import Callable
 
 import numpy as np
 
+from dcnbench.errors import InvalidSetting
+
 __all__ = [
     "SHAPE_NAMES",
-    "InvalidSetting",
     "SynthConfig",
     "generate_sample",
     "generate_samples",
@@ -123,14 +124,6 @@ _SHAPES: tuple[tuple[str, Callable], ...] = (
 )
 SHAPE_NAMES: tuple[str, ...] = tuple(name for name, _ in _SHAPES)
 _SHAPE_EXTENT = 1.25  # every canonical shape lies inside |u| <= this
-
-
-class InvalidSetting(ValueError):
-    """A setting the generator cannot honour; ``fields`` names the settings at fault (e.g. "max_size")."""
-
-    def __init__(self, message: str, *fields: str) -> None:
-        super().__init__(message)
-        self.fields = fields
 
 
 @dataclass(frozen=True)

@@ -18,18 +18,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dcnbench.errors import InvalidSetting
+
 TASKS = ("deeplab", "rpn", "faster", "rfcn")
 TIERS = ("smoke", "cpu", "paper")
 SECTIONS = ("data", "model", "train", "eval")
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
-
-
-class SelectionError(ValueError):
-    """Tasks or variants a table does not define; ``fields`` names the choices at fault ("task", "variant")."""
-
-    def __init__(self, message: str, *fields: str) -> None:
-        super().__init__(message)
-        self.fields = fields
 
 
 @dataclass(frozen=True)
@@ -105,7 +99,7 @@ def expand_cells(spec: dict, tier: str, tasks: list[str] | None = None, seeds: i
     """All (task, variant, seed) cells of a table at ``tier``, in definition order.
 
     ``tasks`` / ``variants`` restrict to some tasks / variants (names as in the table file);
-    ``seeds`` overrides the tier's seed count (seeds 0..N-1). Raises :class:`SelectionError` for a
+    ``seeds`` overrides the tier's seed count (seeds 0..N-1). Raises :class:`InvalidSetting` for a
     task or variant the table lacks, or a choice of both that selects no cell.
     """
     if tier not in spec.get("tiers", {}):
@@ -131,14 +125,14 @@ def expand_cells(spec: dict, tier: str, tasks: list[str] | None = None, seeds: i
 
 
 def _check_selection(spec: dict, tasks: list[str] | None, variants: list[str] | None) -> None:
-    """SelectionError unless every name is the table's and the tasks and variants share a cell."""
+    """InvalidSetting unless every name is the table's and the tasks and variants share a cell."""
     table, table_tasks = spec["table"], spec["tasks"]
     defined = {v["name"]: v.get("tasks", table_tasks) for v in spec["variants"]}
     for field_name, given, known in (("task", tasks, table_tasks), ("variant", variants, list(defined))):
         bad = [name for name in given or [] if name not in known]
         if bad:
-            raise SelectionError(f"table {table} has no {field_name}(s) {bad}; it has {known}", field_name)
+            raise InvalidSetting(f"table {table} has no {field_name}(s) {bad}; it has {known}", field_name)
     if tasks and variants and not any(t in defined[v] for v in variants for t in tasks):
-        raise SelectionError("; ".join(f"variant {v!r} is not defined for task(s) {', '.join(tasks)} "
+        raise InvalidSetting("; ".join(f"variant {v!r} is not defined for task(s) {', '.join(tasks)} "
                                        f"(table {table} defines it for {', '.join(defined[v])})" for v in variants),
                              "task", "variant")
