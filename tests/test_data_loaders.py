@@ -13,6 +13,8 @@ from dcnbench.data import (
     CityscapesSegmentation,
     CocoDetection,
     DatasetNotFoundError,
+    SynthConfig,
+    SyntheticDataset,
     VOCDetection,
     VOCSegmentation,
     build_dataset,
@@ -20,6 +22,7 @@ from dcnbench.data import (
     collate_detection,
     collate_segmentation,
     paper_transforms,
+    write_synthetic,
 )
 from dcnbench.data.synthetic import voc_palette
 from dcnbench.data.transforms import Compose, RandomHorizontalFlip, ResizeShorterSide, hflip
@@ -80,6 +83,7 @@ def test_voc_segmentation_splits_and_sbd(tmp_path):
     assert tgt["mask"].dtype == torch.long
     np.testing.assert_array_equal(tgt["mask"].numpy(), labels["2007_000001"])  # palette indices, 255 kept
     assert len(VOCSegmentation(tmp_path, "val")) == 1
+    assert train.num_classes == 20 and len(train.class_names) == 21  # background + the 20 VOC classes
 
     aug = VOCSegmentation(tmp_path, "train_aug")
     assert aug.ids == ["2007_000001", "2008_000003", "2008_000004"]
@@ -92,6 +96,21 @@ def test_voc_segmentation_splits_and_sbd(tmp_path):
     # An explicit train_aug.txt wins over building the list.
     (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("2008_000003\n")
     assert VOCSegmentation(tmp_path, "train_aug").ids == ["2008_000003"]
+
+
+def test_num_classes_is_the_models_c_for_every_loader(tmp_path):
+    """classes.txt is read; num_classes counts the classes besides label 0 (the models' C)."""
+    from dcnbench.models import build_model
+
+    cfg = SynthConfig(size=32, num_classes=3, min_size=6, max_size=16)
+    for task, layout in (("seg", None), ("det", "voc"), ("det", "coco")):
+        write_synthetic(tmp_path / f"{task}-{layout}", task, 4, config=cfg, seed=1, val_fraction=0.5, layout=layout)
+    datasets = [VOCSegmentation(tmp_path / "seg-None", "train"), VOCDetection(tmp_path / "det-voc", "train"),
+                CocoDetection(tmp_path / "det-coco", "train"), SyntheticDataset(4, cfg)]
+    assert [ds.num_classes for ds in datasets] == [3, 3, 3, 3]
+    model = build_model({"task": "deeplab", "backbone": "scaled", "blocks": [1, 1, 1, 1], "width": 4,
+                         "placement": "none", "num_classes": datasets[0].num_classes})
+    assert model.score.out_channels == len(datasets[0].class_names) == 4
 
 
 def test_missing_datasets_say_what_is_expected(tmp_path):
@@ -168,7 +187,7 @@ def test_cityscapes_label_ids_to_train_ids(tmp_path):
         _label_png(tmp_path / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", ids, palette=False)
         (tmp_path / "gtFine" / split / city / f"{stem}_gtFine_color.png").write_bytes(b"")  # ignored
     ds = CityscapesSegmentation(tmp_path, "val")
-    assert len(ds) == 1 and ds.num_classes == 19
+    assert len(ds) == 1 and ds.num_classes == 18 and len(ds.class_names) == 19  # labels 0..C, no background
     _, tgt = ds[0]
     expected = list(range(19)) + [255] * 13
     assert tgt["mask"].flatten().tolist() == expected

@@ -42,6 +42,16 @@ def test_same_seed_same_sample_any_order():
     assert not np.array_equal(generate_sample(8, seed=3)["image"], a["image"])
 
 
+def test_negative_indices_count_from_the_end():
+    ds = SyntheticDataset(5, SynthConfig(size=32, min_size=6, max_size=16), seed=1)
+    last, first = ds[-1], ds[-5]
+    assert last[1]["image_id"] == 4 and first[1]["image_id"] == 0
+    torch.testing.assert_close(last[0], ds[4][0])
+    for index in (5, -6):
+        with pytest.raises(IndexError, match=f"index {index} out of range for 5 samples"):
+            ds[index]
+
+
 def test_annotations_agree_with_pixels():
     cfg = SynthConfig()
     for s in generate_samples(40, cfg, seed=1):

@@ -98,6 +98,15 @@ def test_detection_perfect_predictions_score_one():
         assert out[key] == pytest.approx(1.0), key
 
 
+def test_label_errors_name_predictions_or_targets():
+    ev = DetectionEvaluator(2, coco=False)
+    gt = _gt([[0, 0, 10, 10]], [1])
+    with pytest.raises(ValueError, match=r"predictions\[1\]\['labels'\] must be in 1..2, got 0"):
+        ev.update([_pred([], [], []), _pred([[0, 0, 10, 10]], [0.9], [0])], [gt, gt])
+    with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\] must be in 1..2, got 3"):
+        ev.update([_pred([], [], [])], [_gt([[0, 0, 10, 10]], [3])])
+
+
 def test_voc_ap_hand_computed():
     # g1, g2 in one image; detections by score: hit g1, miss, hit g2 -> P = 1, 1/2, 2/3; R = 1/2, 1/2, 1.
     gt = _gt([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 1])

@@ -182,10 +182,19 @@ def test_load_backbone_weights_from_torchvision_keys(tmp_path):
 def test_load_backbone_weights_strict_key_check(tmp_path):
     model = build_model({"task": "deeplab", "backbone": "resnet50", "placement": "none"})
     path, _ = _torchvision_resnet50_state(tmp_path, drop=["layer2.0.conv1.weight"], extra={"head.extra": torch.zeros(1)})
-    with pytest.raises(KeyError) as err:
+    with pytest.raises(ValueError) as err:
         load_backbone_weights(model, str(path))
-    assert "layer2.0.conv1.weight" in str(err.value) and "head.extra" in str(err.value)
-    with pytest.raises(KeyError, match="missing"):
+    message = str(err.value)
+    assert message.startswith(str(path)) and "\n  missing (1): ['layer2.0.conv1.weight']" in message
+    assert "\n  unexpected (1): ['head.extra']" in message
+    with pytest.raises(ValueError, match="missing"):
+        load_backbone_weights(tiny("deeplab"), str(path))
+
+
+def test_load_backbone_weights_rejects_a_file_without_a_state_dict(tmp_path):
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(TypeError, match=f"{path}: expected a state dict .* holds a Tensor"):
         load_backbone_weights(tiny("deeplab"), str(path))
 
 
@@ -252,5 +261,110 @@ def test_rpn_cross_boundary_anchors_are_trained_only_when_not_ignored(ignore):
     feature = torch.randn(1, 4, 8, 8)
     logits, deltas = rpn.head(feature)
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}]
-    losses = rpn.loss(logits, deltas, rpn.anchors(feature), targets, (64, 64))
+    losses = rpn.loss(logits, deltas, rpn.anchors(feature), targets, [(64, 64)])
     assert (losses["loss_rpn_cls"].item() == 0) == ignore
+
+
+@pytest.mark.parametrize("task", ["faster_rcnn", "rfcn"])
+def test_an_image_without_boxes_trains_as_background(task):
+    torch.manual_seed(0)
+    model = tiny(task).train()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    losses = model(torch.randn(1, 3, SIZE, SIZE), [empty])
+    assert losses["loss_box"].item() == 0 and losses["loss_rpn_box"].item() == 0
+    assert losses["loss_cls"].item() > 0 and losses["loss_rpn_cls"].item() > 0
+    losses = model(torch.randn(2, 3, SIZE, SIZE), [targets(1)[0], empty])
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_box"].item() > 0
+    sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize("task", ["rpn", "faster_rcnn", "rfcn"])
+def test_detectors_run_in_float64(task):
+    torch.manual_seed(0)
+    model = tiny(task, deformable_roi_pool=True).double()
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        detections = model.eval()(x)
+    assert all(d["boxes"].dtype == d["scores"].dtype == torch.float64 for d in detections)
+    assert sum(len(d["boxes"]) for d in detections) > 0
+    tgts = [{"boxes": t["boxes"].double(), "labels": t["labels"]} for t in targets()]
+    losses = model.train()(x, tgts)
+    assert all(v.dtype == torch.float64 and torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("task", ["rpn", "faster_rcnn", "rfcn"])
+def test_training_targets_are_checked_up_front(task):
+    model = tiny(task).train()
+    images = torch.randn(2, 3, SIZE, SIZE)
+
+    def fails(tgts, message):
+        with pytest.raises(ValueError, match=message):
+            model(images, tgts)
+
+    fails(None, "targets are required")
+    fails(targets(1), r"got 1 targets for a batch of 2 images")
+    fails(targets(1)[0], r"targets must be a list of dicts, one per image, got dict")
+    bad = targets()
+    bad[1]["labels"] = torch.tensor([1, 7])
+    fails(bad, r"targets\[1\]\['labels'\] must be in 1..3 \(0 is background\), got 7")
+    bad[1]["labels"] = torch.tensor([0, 2])
+    fails(bad, r"targets\[1\]\['labels'\] must be in 1..3 \(0 is background\), got 0")
+    bad[1]["labels"] = torch.tensor([1.0, 2.0])
+    fails(bad, r"targets\[1\]\['labels'\] must be an integer tensor of shape \(2,\) like its boxes, got torch.float32")
+    bad[1]["labels"] = torch.tensor([1])
+    fails(bad, r"targets\[1\]\['labels'\] must be an integer tensor of shape \(2,\)")
+    bad = targets()
+    bad[0]["boxes"] = torch.zeros(4)
+    fails(bad, r"targets\[0\]\['boxes'\] must be an \(M, 4\) tensor, got torch.float32 of shape \(4,\)")
+    del bad[0]["boxes"]
+    fails(bad, r"targets\[0\] has no \['boxes'\]")
+
+
+@pytest.mark.parametrize("task", ["rpn", "faster_rcnn", "rfcn"])
+def test_detectors_take_a_list_of_differently_sized_images(task):
+    from dcnbench.models.common import to_batch
+
+    torch.manual_seed(0)
+    model = tiny(task)
+    small, large = torch.randn(3, 48, 40), torch.randn(3, SIZE, SIZE + 16)
+    batch, sizes = to_batch([small, large])
+    assert batch.shape == (2, 3, SIZE, SIZE + 16) and sizes == [(48, 40), (SIZE, SIZE + 16)]
+    assert torch.equal(batch[0, :, :48, :40], small) and not batch[0, :, 48:].any() and not batch[0, :, :, 40:].any()
+    tgts = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([2])}, targets(1)[0]]
+    losses = model.train()([small, large], tgts)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        detections = model.eval()([small, large])
+        # A list of same-size images is the stacked tensor, exactly.
+        same = model([large, large])
+        stacked = model(torch.stack([large, large]))
+    for det, (h, w) in zip(detections, sizes):  # clipped to the image's own size, not the padded one
+        assert len(det["boxes"]) and (det["boxes"][:, 2] <= w).all() and (det["boxes"][:, 3] <= h).all()
+    assert (detections[0]["boxes"][:, 2] == 40).any() or (detections[0]["boxes"][:, 3] == 48).any()
+    for a, b in zip(same, stacked):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
+def test_deeplab_loss_is_zero_when_every_pixel_is_ignored():
+    model = tiny("deeplab", placement="none")
+    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
+    loss = model.loss(logits, torch.full((2, 8, 8), 255))
+    assert loss.item() == 0 and loss.grad_fn is not None
+    loss.backward()
+    assert not logits.grad.any()
+
+
+def test_block_names_follow_msra():
+    """ResNet-50 letters every block (res4a ... res4f); ResNet-101 numbers res3/res4 (res4b1 ... b22);
+    the scaled family of the experiments letters its short stages."""
+    names = ResNetBackbone(DEPTHS[50], width=4, out_channels=0).stage_block_names()
+    assert names == {"res2": ["res2a", "res2b", "res2c"], "res3": ["res3a", "res3b", "res3c", "res3d"],
+                     "res4": [f"res4{c}" for c in "abcdef"], "res5": ["res5a", "res5b", "res5c"]}
+    names = ResNetBackbone(DEPTHS[101], width=4, out_channels=0).stage_block_names()
+    assert names["res3"] == ["res3a", "res3b1", "res3b2", "res3b3"]
+    assert names["res4"] == ["res4a"] + [f"res4b{i}" for i in range(1, 23)]
+    names = ResNetBackbone((1, 1, 3, 3), width=4, out_channels=0).stage_block_names()
+    assert names == {"res2": ["res2a"], "res3": ["res3a"], "res4": ["res4a", "res4b", "res4c"],
+                     "res5": ["res5a", "res5b", "res5c"]}
+    net = ResNetBackbone(DEPTHS[50], width=4, out_channels=0, placement="res5+res4b20-22")
+    assert net.deformable_blocks == ["res4d", "res4e", "res4f", "res5a", "res5b", "res5c"]

@@ -30,7 +30,12 @@ CocoDetection     ``annotations/instances_{split}.json`` and images in ``{split}
 
 The synthetic writer (:func:`dcnbench.data.write_synthetic`) produces the VOC segmentation, VOC
 detection and COCO layouts, so the same classes read synthetic and real data; classes.txt in a
-VOC-style folder names the detection classes (else the 20 VOC classes are assumed).
+VOC-style folder names the classes (else the 20 VOC classes are assumed).
+
+Every dataset's ``num_classes`` is the models' ``num_classes``: C, the classes besides label 0,
+so ``build_model({"num_classes": ds.num_classes, ...})`` builds heads of C+1 outputs. Segmentation
+labels are 0..C (0 = background; Cityscapes has no background, its 19 train ids 0..18 make C = 18),
+detection labels 1..C.
 """
 
 from __future__ import annotations
@@ -178,14 +183,12 @@ def _read_sbd_mat(path: Path) -> np.ndarray:
 
 
 class VOCSegmentation(Dataset):
-    """PASCAL VOC 2012 semantic segmentation (21 classes incl. background, 255 = ignore).
+    """PASCAL VOC 2012 semantic segmentation (background + the 20 classes, or those of classes.txt; 255 = ignore).
 
     ``split``: ``"train"``, ``"val"``, ``"trainval"`` or ``"train_aug"`` (SBD-augmented, the
     paper's training set).  The synthetic ``--task seg`` output is read the same way (``root`` =
-    that folder, splits ``train``/``val``).
+    that folder, splits ``train``/``val``; its classes.txt names the classes).
     """
-
-    num_classes = 21
 
     def __init__(self, root: str | Path, split: str = "train", transforms: Transforms = None, year: str = "2012"):
         self.root = Path(root)
@@ -212,6 +215,11 @@ class VOCSegmentation(Dataset):
     def _class_names(self) -> tuple[str, ...]:
         names = self.voc_dir / "classes.txt"
         return tuple(_read_list(names)) if names.is_file() else VOC_CLASSES
+
+    @property
+    def num_classes(self) -> int:
+        """C (20 for VOC): ``class_names`` less background."""
+        return len(self.class_names) - 1
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -333,9 +341,12 @@ _CITYSCAPES_LAYOUT = (
 
 
 class CityscapesSegmentation(Dataset):
-    """Cityscapes fine annotations, 19 train classes (0..18) + ignore 255 (train 2,975 / val 500)."""
+    """Cityscapes fine annotations, 19 train classes (0..18) + ignore 255 (train 2,975 / val 500).
 
-    num_classes = 19
+    ``num_classes`` is 18: no background, the 19 classes fill all C+1 score maps.
+    """
+
+    num_classes = 18
     class_names = CITYSCAPES_CLASSES
 
     def __init__(self, root: str | Path, split: str = "train", transforms: Transforms = None):
@@ -492,9 +503,11 @@ class SyntheticDataset(Dataset):
         return self.num
 
     def sample(self, index: int) -> dict:
-        """The raw numpy sample (see :func:`dcnbench.data.generate_sample`; without ``instance_map`` when cached)."""
-        if not 0 <= index < self.num:
-            raise IndexError(index)
+        """The raw numpy sample (see :func:`dcnbench.data.generate_sample`; without ``instance_map`` when cached).
+        Negative indices count from the end."""
+        if not -self.num <= index < self.num:
+            raise IndexError(f"index {index} out of range for {self.num} samples")
+        index %= self.num
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         s = generate_sample(self.start + index, self.config, self.seed)

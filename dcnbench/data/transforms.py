@@ -145,7 +145,8 @@ def paper_transforms(kind: str, train: bool, normalize: bool = True, shorter_sid
 
 
 def collate_detection(batch: Sequence[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
-    """Detection batches stay lists (images may differ in size; torchvision detectors take lists)."""
+    """Detection batches stay lists: images may differ in size, and the detectors (like torchvision's)
+    take such a list, zero-padding it bottom/right and clipping each image's boxes to its own size."""
     images, targets = zip(*batch)
     return list(images), list(targets)
 

@@ -118,7 +118,7 @@ class DetectionEvaluator:
         """One entry per image: predictions hold boxes/scores/labels, targets the loader's dict."""
         if len(predictions) != len(targets):
             raise ValueError("predictions and targets must have one entry per image")
-        for pred, tgt in zip(predictions, targets):
+        for i, (pred, tgt) in enumerate(zip(predictions, targets)):
             boxes = _np(tgt["boxes"], np.float64, (-1, 4))
             k = len(boxes)
             gt = {
@@ -134,9 +134,10 @@ class DetectionEvaluator:
                 "scores": _np(pred["scores"], np.float64, (-1,)),
                 "labels": _np(pred["labels"], np.int64, (-1,)),
             }
-            for name, arr in (("labels", gt["labels"]), ("labels", det["labels"])):
-                if arr.size and (arr.min() < 1 or arr.max() > self.num_classes):
-                    raise ValueError(f"{name} must be in 1..{self.num_classes}")
+            for name, arr in (("targets", gt["labels"]), ("predictions", det["labels"])):
+                bad = arr[(arr < 1) | (arr > self.num_classes)]
+                if bad.size:
+                    raise ValueError(f"{name}[{i}]['labels'] must be in 1..{self.num_classes}, got {bad[0]}")
             self.gts.append(gt)
             self.dets.append(det)
             self.image_ids.append(tgt.get("image_id", len(self.image_ids)))

@@ -43,9 +43,15 @@ PLACEMENTS: dict[str, dict[str, int]] = {
 _STAGE_ATTR = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
 
 
-def block_name(stage: str, index: int, num_blocks: int) -> str:
-    """Caffe/MSRA name of block ``index`` in a stage of ``num_blocks`` (res5a, res4b22, ...)."""
-    if num_blocks <= 3 or stage in ("res2", "res5"):
+def block_name(stage: str, index: int, num_blocks: int, *, lettered: bool = False) -> str:
+    """Caffe/MSRA-style name of block ``index`` in a stage of ``num_blocks``.
+
+    Lettered (res5a, res5b, ...): res2, res5, stages of up to 3 blocks, and every stage when
+    ``lettered`` (MSRA's ResNet-50: res3a-d, res4a-f). Otherwise the first block is ``a`` and the
+    others are numbered (MSRA's ResNet-101: res3a, res3b1-b3, res4a, res4b1-b22; ResNet-152 alike).
+    The scaled family has no MSRA names; it follows the rule unlettered.
+    """
+    if lettered or num_blocks <= 3 or stage in ("res2", "res5"):
         return f"{stage}{'abcdefghijklmnopqrstuvwxyz'[index]}"
     return f"{stage}a" if index == 0 else f"{stage}b{index}"
 
@@ -118,8 +124,11 @@ class ResNetBackbone(nn.Module):
         return nn.Sequential(*layers), inplanes
 
     def stage_block_names(self) -> dict[str, list[str]]:
-        """{"res2": ["res2a", "res2b", ...], ...} for this network's depth."""
-        return {stage: [block_name(stage, i, n) for i in range(n)] for stage, n in zip(_STAGE_ATTR, self.blocks)}
+        """{"res2": ["res2a", "res2b", ...], ...} for this network's depth (``block_name``; lettered
+        for ResNet-50's blocks (3, 4, 6, 3), as MSRA names them)."""
+        lettered = self.blocks == DEPTHS[50]
+        return {stage: [block_name(stage, i, n, lettered=lettered) for i in range(n)]
+                for stage, n in zip(_STAGE_ATTR, self.blocks)}
 
     def block(self, name: str) -> Bottleneck:
         """The block called ``name`` (``"res5a"``, ``"res4b22"``, ...)."""
@@ -189,8 +198,9 @@ def load_backbone_weights(model: nn.Module, path: str) -> None:
     ``torch.load(path, map_location="cpu", weights_only=True)``; a ``{"state_dict": ...}`` or
     ``{"model": ...}`` wrapper is unwrapped. Keys are checked strictly: the ImageNet classifier
     (``fc.*``) and BN ``num_batches_tracked`` counters are ignored; the offset convs (zero-init) and
-    the 1×1 reduction conv are new layers the file does not hold. Any other missing or unexpected
-    key raises a ``KeyError`` that lists them; a shape mismatch raises a ``ValueError``.
+    the 1×1 reduction conv are new layers the file does not hold. A file that is not a dict of
+    tensors raises a ``TypeError``; any other missing or unexpected key, or a shape mismatch, a
+    ``ValueError`` that lists them.
     """
     backbone = model if isinstance(model, ResNetBackbone) else getattr(model, "backbone", None)
     if not isinstance(backbone, ResNetBackbone):
@@ -199,17 +209,23 @@ def load_backbone_weights(model: nn.Module, path: str) -> None:
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
+    if not isinstance(state, dict):
+        raise TypeError(f"{path}: expected a state dict (key -> tensor), the file holds a {type(state).__name__}")
     state = {k.removeprefix("module."): v for k, v in state.items()
              if not k.removeprefix("module.").startswith("fc.") and not k.endswith("num_batches_tracked")}
     expected = _body_keys(backbone)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in set(expected)]
     if missing or unexpected:
-        raise KeyError(
+        raise ValueError(
             f"{path}: weights do not match the backbone (blocks {backbone.blocks}, width {backbone.width}).\n"
             f"  missing ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
             f"  unexpected ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
         )
+    not_tensors = [k for k in expected if not isinstance(state[k], torch.Tensor)]
+    if not_tensors:
+        raise TypeError(f"{path}: expected a state dict (key -> tensor), these entries are not tensors: "
+                        f"{not_tensors[:10]}{' ...' if len(not_tensors) > 10 else ''}")
     own = backbone.state_dict()
     bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in expected if state[k].shape != own[k].shape]
     if bad:

@@ -1,4 +1,5 @@
-"""Pieces the detection heads share: batching, anchors, RoI sampling, Fast R-CNN loss, post-processing.
+"""Pieces the detection heads share: batching, anchors, target checks, matching, RoI sampling,
+Fast R-CNN loss, post-processing.
 
 Box conventions: boxes are (x1, y1, x2, y2) in input-image pixels; targets are a list (one per
 image) of ``{"boxes": (M, 4) float, "labels": (M,) int64 in 1..C}``; label 0 is background.
@@ -18,16 +19,59 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_sm
 Targets = list[dict[str, Tensor]]
 
 
-def to_batch(images: Tensor | Sequence[Tensor]) -> Tensor:
-    """(N, 3, H, W) tensor, or a list of same-size (3, H, W) tensors stacked into one."""
+def image_sizes(images: Tensor | Sequence[Tensor]) -> list[tuple[int, int]]:
+    """(H, W) of every image of an (N, C, H, W) tensor or a list of (C, H, W) tensors."""
     if isinstance(images, Tensor):
         if images.dim() != 4:
             raise ValueError(f"images must be (N, 3, H, W), got shape {tuple(images.shape)}")
-        return images
-    shapes = {tuple(im.shape) for im in images}
-    if len(shapes) != 1:
-        raise ValueError(f"images in a list must share one size (resize or pad first), got {sorted(shapes)}")
-    return torch.stack(list(images))
+        return [tuple(images.shape[-2:])] * images.shape[0]
+    if len(images) == 0 or any(im.dim() != 3 for im in images) or len({im.shape[0] for im in images}) != 1:
+        raise ValueError(f"images in a list must be (3, H, W) tensors, got shapes {[tuple(im.shape) for im in images]}")
+    return [tuple(im.shape[-2:]) for im in images]
+
+
+def to_batch(images: Tensor | Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+    """(batch (N, C, H, W), per-image (H, W)) of a tensor, or of a list of images zero-padded
+    bottom/right to the largest height and width (as torchvision's detectors batch them; the
+    padding moves no pixel, so boxes stay valid)."""
+    sizes = image_sizes(images)
+    if isinstance(images, Tensor):
+        return images, sizes
+    h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    batch = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+    for pad, im in zip(batch, images):
+        pad[:, : im.shape[-2], : im.shape[-1]].copy_(im)
+    return batch, sizes
+
+
+def _describe(x) -> str:
+    return f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def check_targets(targets: Targets | None, images: Tensor | Sequence[Tensor], num_classes: int) -> None:
+    """Training targets: one dict per image of ``images`` with ``boxes`` (M, 4) and integer
+    ``labels`` (M,) in 1..C."""
+    if targets is None:
+        raise ValueError("targets are required in training mode")
+    if not isinstance(targets, (list, tuple)):
+        raise ValueError(f"targets must be a list of dicts, one per image, got {type(targets).__name__}")
+    num_images = len(image_sizes(images))
+    if len(targets) != num_images:
+        raise ValueError(f"got {len(targets)} targets for a batch of {num_images} images")
+    for i, tgt in enumerate(targets):
+        missing = [k for k in ("boxes", "labels") if k not in tgt]
+        if missing:
+            raise ValueError(f"targets[{i}] has no {missing}")
+        boxes, labels = tgt["boxes"], tgt["labels"]
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"targets[{i}]['boxes'] must be an (M, 4) tensor, got {_describe(boxes)}")
+        if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1] or labels.is_floating_point():
+            raise ValueError(f"targets[{i}]['labels'] must be an integer tensor of shape ({boxes.shape[0]},) "
+                             f"like its boxes, got {_describe(labels)}")
+        bad = labels[(labels < 1) | (labels > num_classes)]
+        if bad.numel():
+            raise ValueError(f"targets[{i}]['labels'] must be in 1..{num_classes} (0 is background), "
+                             f"got {int(bad[0])}")
 
 
 def grid_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], feature_hw: tuple[int, int],
@@ -51,6 +95,16 @@ def grid_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], feature
     return (shifts + base[None]).reshape(-1, 4)
 
 
+def match(matcher: Matcher, gt_boxes: Tensor, gt_labels: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """(matched ground-truth index or a negative ``Matcher`` code, matched label or 0) per box;
+    every box is background in an image without ground truth."""
+    if gt_boxes.numel() == 0:
+        idx = torch.full((boxes.shape[0],), Matcher.BELOW_LOW_THRESHOLD, dtype=torch.long, device=boxes.device)
+        return idx, torch.zeros_like(idx)
+    idx = matcher(box_iou(gt_boxes, boxes))
+    return idx, torch.where(idx >= 0, gt_labels[idx.clamp(min=0)], torch.zeros_like(idx))
+
+
 def sample_rois(
     proposals: list[Tensor], targets: Targets, matcher: Matcher, sampler: BalancedPositiveNegativeSampler,
     box_coder: BoxCoder,
@@ -63,11 +117,7 @@ def sample_rois(
     for props, tgt in zip(proposals, targets):
         gt_boxes, gt_labels = tgt["boxes"].to(props), tgt["labels"].to(props.device)
         props = torch.cat([props, gt_boxes])
-        if gt_boxes.numel() == 0:
-            idx = torch.full((props.shape[0],), -1, dtype=torch.long, device=props.device)
-        else:
-            idx = matcher(box_iou(gt_boxes, props))
-        lab = torch.where(idx >= 0, gt_labels[idx.clamp(min=0)], torch.zeros_like(idx))
+        idx, lab = match(matcher, gt_boxes, gt_labels, props)
         lab[idx == Matcher.BETWEEN_THRESHOLDS] = -1
         pos, neg = sampler([torch.where(lab > 0, 1, torch.where(lab == 0, 0, -1))])
         keep = torch.where((pos[0] | neg[0]).bool())[0]
@@ -91,24 +141,25 @@ def fast_rcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: Tensor,
 
 
 def detect(
-    class_logits: Tensor, box_regression: Tensor, boxes: list[Tensor], image_size: tuple[int, int],
+    class_logits: Tensor, box_regression: Tensor, boxes: list[Tensor], image_sizes: Sequence[tuple[int, int]],
     box_coder: BoxCoder, score_thresh: float, nms_thresh: float, detections_per_img: int,
     pre_nms_top_n: int | None = None,
 ) -> list[dict[str, Tensor]]:
     """Softmax, box decoding, per-class NMS (torchvision.ops.batched_nms) per image.
 
     class_logits (K, C+1); box_regression (K, 4(C+1)) class-specific or (K, 4) class-agnostic;
-    boxes: per-image reference boxes (proposals or anchors), K in all.
+    boxes: per-image reference boxes (proposals or anchors), K in all; detections are clipped to
+    their image's (H, W) in ``image_sizes``.
     """
     num_classes = class_logits.shape[1]
     counts = [b.shape[0] for b in boxes]
     scores_all = F.softmax(class_logits, -1).split(counts)
     deltas_all = box_regression.split(counts)
     out = []
-    for scores, deltas, ref in zip(scores_all, deltas_all, boxes):
+    for scores, deltas, ref, size in zip(scores_all, deltas_all, boxes, image_sizes):
         k = ref.shape[0]
         per = deltas.shape[1] // 4  # 1: class-agnostic, C+1: class-specific
-        decoded = clip_boxes_to_image(box_coder.decode_single(deltas, ref).reshape(k, per, 4), image_size)
+        decoded = clip_boxes_to_image(box_coder.decode_single(deltas, ref).reshape(k, per, 4), size)
         decoded = decoded.expand(k, num_classes, 4)[:, 1:] if decoded.shape[1] == 1 else decoded[:, 1:]
         fg = scores[:, 1:]
         labels = torch.arange(1, num_classes, device=fg.device).expand_as(fg)

@@ -24,8 +24,9 @@ class DeepLab(nn.Module):
         nn.init.normal_(self.score.weight, std=0.01)
         nn.init.zeros_(self.score.bias)
 
-    def forward_raw(self, images: Tensor) -> Tensor:
-        images = to_batch(images)
+    def forward_raw(self, images: Tensor | list[Tensor]) -> Tensor:
+        """Logits at the batch's size (a list of differently sized images is padded, see ``to_batch``)."""
+        images, _ = to_batch(images)
         _, feature = self.backbone(images)
         return F.interpolate(self.score(feature), size=images.shape[-2:], mode="bilinear", align_corners=False)
 
@@ -33,7 +34,10 @@ class DeepLab(nn.Module):
         return self.forward_raw(images)
 
     def loss(self, logits: Tensor, mask: Tensor) -> Tensor:
-        """logits (N, C+1, H, W), mask (N, H, W) int labels, 255 ignored."""
+        """logits (N, C+1, H, W), mask (N, H, W) int labels, 255 ignored; a mask that is all 255
+        gives a zero loss (still differentiable) instead of NaN."""
+        if not (mask != self.ignore_index).any():
+            return 0 * logits.sum()
         return F.cross_entropy(logits, mask.long(), ignore_index=self.ignore_index)
 
     @staticmethod

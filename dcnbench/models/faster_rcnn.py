@@ -14,7 +14,7 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from dcnbench.ops import DeformRoIPool, deform_roi_pool
 
 from .backbone import ResNetBackbone
-from .common import Targets, detect, fast_rcnn_loss, sample_rois, to_batch
+from .common import Targets, check_targets, detect, fast_rcnn_loss, sample_rois, to_batch
 from .rpn import RPN
 
 
@@ -23,8 +23,10 @@ class RoIDetector(nn.Module):
 
     Subclasses implement ``roi_head(feature, rois) -> (class_logits (K, C+1), box_regression)``.
     forward(images, targets=None, proposals=None): training -> loss dict (RPN and head losses);
-    eval -> detections. ``proposals`` (per-image (P, 4) boxes) replaces the RPN's, as in the paper's
-    VOC ablations with fixed proposals.
+    eval -> detections. ``images``: (N, 3, H, W), or a list of (3, H, W) that may differ in size
+    (``to_batch``). Training targets are checked first (``check_targets``); an image without boxes
+    trains only as background. ``proposals`` (per-image (P, 4) boxes) replaces the RPN's, as in the
+    paper's VOC ablations with fixed proposals.
     """
 
     def __init__(self, backbone: ResNetBackbone, num_classes: int, rpn: dict | None = None,
@@ -42,33 +44,35 @@ class RoIDetector(nn.Module):
     def roi_head(self, feature: Tensor, rois: list[Tensor]) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def forward_raw(self, images: Tensor, targets: Targets | None = None, proposals: list[Tensor] | None = None) -> dict:
-        """Network forward (proposal generation included): per-RoI logits and box regression."""
-        images = to_batch(images)
-        image_size = tuple(images.shape[-2:])
+    def forward_raw(self, images: Tensor | list[Tensor], targets: Targets | None = None,
+                    proposals: list[Tensor] | None = None) -> dict:
+        """Network forward (proposal generation included): per-RoI logits and box regression.
+        A list of differently sized images is padded (``to_batch``); ``image_sizes`` keeps each (H, W)."""
+        images, sizes = to_batch(images)
         c4, feature = self.backbone(images)
         losses = {}
         if proposals is None:
             logits, deltas = self.rpn.head(c4)
             anchors = self.rpn.anchors(c4)
-            proposals = self.rpn.proposals(logits, deltas, anchors, image_size)
+            proposals = self.rpn.proposals(logits, deltas, anchors, sizes)
             if self.training:
-                losses.update(self.rpn.loss(logits, deltas, anchors, targets, image_size))
+                losses.update(self.rpn.loss(logits, deltas, anchors, targets, sizes))
         labels = reg_targets = None
         if self.training:
             proposals, labels, reg_targets = sample_rois(proposals, targets, self.matcher, self.sampler, self.box_coder)
         class_logits, box_regression = self.roi_head(feature, proposals)
         return {"class_logits": class_logits, "box_regression": box_regression, "proposals": proposals,
-                "labels": labels, "regression_targets": reg_targets, "losses": losses, "image_size": image_size}
+                "labels": labels, "regression_targets": reg_targets, "losses": losses, "image_sizes": sizes}
 
     def postprocess(self, raw: dict) -> list[dict[str, Tensor]]:
         """Softmax, box decoding, per-class NMS."""
-        return detect(raw["class_logits"], raw["box_regression"], raw["proposals"], raw["image_size"],
+        return detect(raw["class_logits"], raw["box_regression"], raw["proposals"], raw["image_sizes"],
                       self.box_coder, self.score_thresh, self.nms_thresh, self.detections_per_img)
 
-    def forward(self, images: Tensor, targets: Targets | None = None, proposals: list[Tensor] | None = None):
-        if self.training and targets is None:
-            raise ValueError("targets are required in training mode")
+    def forward(self, images: Tensor | list[Tensor], targets: Targets | None = None,
+                proposals: list[Tensor] | None = None):
+        if self.training:
+            check_targets(targets, images, self.num_classes)
         raw = self.forward_raw(images, targets, proposals)
         if not self.training:
             return self.postprocess(raw)

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
 from .backbone import ResNetBackbone
-from .common import Targets, detect, grid_anchors, to_batch
+from .common import Targets, check_targets, detect, grid_anchors, match, to_batch
 
 
 class RPN(nn.Module):
@@ -79,28 +79,24 @@ class RPN(nn.Module):
                             feature.device, feature.dtype)
 
     def loss(self, logits: Tensor, deltas: Tensor, anchors: Tensor, targets: Targets,
-             image_size: tuple[int, int]) -> dict[str, Tensor]:
+             image_sizes: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
         """Cross entropy over sampled anchors ((C+1)-way; label = matched class, or 1 when
         num_classes == 1) and smooth-L1 on the positives' deltas, normalized by the sample count.
 
-        With ``ignore_cross_boundary`` (Faster R-CNN's rule) anchors crossing the image border are
-        not sampled; an anchor shape that crosses it at every position (e.g. 181×90 on a 128 px
-        image) is then never trained, yet still scored at test time."""
+        With ``ignore_cross_boundary`` (Faster R-CNN's rule) anchors crossing the border of their
+        image (``image_sizes``: (H, W) per image, padding excluded) are not sampled; an anchor
+        shape that crosses it at every position (e.g. 181×90 on a 128 px image) is then never
+        trained, yet still scored at test time."""
         labels, reg_targets, sampled = [], [], []
-        for tgt in targets:
+        for tgt, (height, width) in zip(targets, image_sizes):
             gt_boxes = tgt["boxes"].to(anchors)
-            if gt_boxes.numel() == 0:
-                idx = torch.full((anchors.shape[0],), Matcher.BELOW_LOW_THRESHOLD, device=anchors.device, dtype=torch.long)
-            else:
-                idx = self.matcher(box_iou(gt_boxes, anchors))
-            if self.num_classes == 1 or gt_boxes.numel() == 0:
+            idx, lab = match(self.matcher, gt_boxes, tgt["labels"].to(anchors.device), anchors)
+            if self.num_classes == 1:
                 lab = (idx >= 0).long()
-            else:
-                lab = torch.where(idx >= 0, tgt["labels"].to(anchors.device)[idx.clamp(min=0)], 0)
             state = torch.where(idx >= 0, 1, torch.where(idx == Matcher.BELOW_LOW_THRESHOLD, 0, -1))
             if self.ignore_cross_boundary:
-                inside = ((anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= image_size[1])
-                          & (anchors[:, 3] <= image_size[0]))
+                inside = ((anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= width)
+                          & (anchors[:, 3] <= height))
                 state = torch.where(inside, state, -1)
             pos, neg = self.sampler([state])
             sampled.append((pos[0] | neg[0]).bool())
@@ -115,15 +111,17 @@ class RPN(nn.Module):
         return {"loss_rpn_cls": cls_loss, "loss_rpn_box": box_loss}
 
     @torch.no_grad()
-    def proposals(self, logits: Tensor, deltas: Tensor, anchors: Tensor, image_size: tuple[int, int]) -> list[Tensor]:
-        """Top objectness (1 - P(background)) anchors, decoded, clipped, NMS'd: per image (P, 4)."""
+    def proposals(self, logits: Tensor, deltas: Tensor, anchors: Tensor,
+                  image_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+        """Top objectness (1 - P(background)) anchors, decoded, clipped to their image's (H, W),
+        NMS'd: per image (P, 4). Objectness is computed in float32 at least (float64 stays)."""
         mode = 0 if self.training else 1
         pre, post = self.pre_nms_top_n[mode], self.post_nms_top_n[mode]
-        objectness = 1 - F.softmax(logits.float(), -1)[..., 0]
+        objectness = 1 - F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)[..., 0]
         out = []
-        for obj, d in zip(objectness, deltas):
+        for obj, d, size in zip(objectness, deltas, image_sizes):
             top = obj.topk(min(pre, obj.numel())).indices
-            boxes = clip_boxes_to_image(self.box_coder.decode_single(d[top].detach(), anchors[top]), image_size)
+            boxes = clip_boxes_to_image(self.box_coder.decode_single(d[top].detach(), anchors[top]), size)
             scores = obj[top]
             keep = remove_small_boxes(boxes, self.min_size)
             boxes, scores = boxes[keep], scores[keep]
@@ -137,6 +135,7 @@ class ClassAwareRPN(nn.Module):
     network's output, whose anchors, classified and regressed, are the detections.
 
     forward(images, targets=None): training -> {"loss_rpn_cls", "loss_rpn_box"}; eval -> detections.
+    Images and targets as for :class:`~dcnbench.models.faster_rcnn.RoIDetector`.
     """
 
     def __init__(self, backbone: ResNetBackbone, num_classes: int, rpn: dict | None = None,
@@ -148,25 +147,25 @@ class ClassAwareRPN(nn.Module):
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.detections_per_img, self.pre_nms_top_n = detections_per_img, pre_nms_top_n
 
-    def forward_raw(self, images: Tensor) -> dict:
-        """Network forward: per-anchor class logits (N, K, C+1), deltas (N, K, 4), anchors (K, 4)."""
-        images = to_batch(images)
+    def forward_raw(self, images: Tensor | list[Tensor]) -> dict:
+        """Network forward: per-anchor class logits (N, K, C+1), deltas (N, K, 4), anchors (K, 4)
+        and each image's (H, W) (a list of differently sized images is padded, see ``to_batch``)."""
+        images, sizes = to_batch(images)
         _, feature = self.backbone(images)
         logits, deltas = self.rpn.head(feature)
-        return {"logits": logits, "deltas": deltas, "anchors": self.rpn.anchors(feature),
-                "image_size": tuple(images.shape[-2:])}
+        return {"logits": logits, "deltas": deltas, "anchors": self.rpn.anchors(feature), "image_sizes": sizes}
 
     def postprocess(self, raw: dict) -> list[dict[str, Tensor]]:
         """Softmax, decoding and per-class NMS of every anchor."""
         n = raw["logits"].shape[0]
         return detect(raw["logits"].flatten(0, 1), raw["deltas"].flatten(0, 1), [raw["anchors"]] * n,
-                      raw["image_size"], self.rpn.box_coder, self.score_thresh, self.nms_thresh,
+                      raw["image_sizes"], self.rpn.box_coder, self.score_thresh, self.nms_thresh,
                       self.detections_per_img, self.pre_nms_top_n)
 
-    def forward(self, images: Tensor, targets: Targets | None = None):
+    def forward(self, images: Tensor | list[Tensor], targets: Targets | None = None):
+        if self.training:
+            check_targets(targets, images, self.num_classes)
         raw = self.forward_raw(images)
         if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode")
-            return self.rpn.loss(raw["logits"], raw["deltas"], raw["anchors"], targets, raw["image_size"])
+            return self.rpn.loss(raw["logits"], raw["deltas"], raw["anchors"], targets, raw["image_sizes"])
         return self.postprocess(raw)
