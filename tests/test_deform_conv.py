@@ -191,3 +191,44 @@ def test_meta_tensors_give_shapes():
     mask = torch.empty(2, 2 * 9, 5, 6, device="meta")
     out = deform_conv2d(x, offset, weight, None, stride=2, padding=1, mask=mask)
     assert out.shape == (2, 6, 5, 6) and out.device.type == "meta"
+
+
+def test_double_backward_raises_on_kernels_and_works_on_reference(cpu_backend):
+    """A gradient penalty through the kernels fails loudly (as torchvision's); the reference differentiates twice."""
+    x, offset, weight, bias, mask, kw = make_inputs(1, 2, 5, 5, 3, 1, 1, (3, 3), 1, 1, 1, True)
+    offset = offset.round() + 0.25 + 0.5 * torch.rand_like(offset)  # away from integer (non-smooth) points
+    leaves = [t.requires_grad_() for t in (x, offset, weight, bias, mask)]
+
+    def fn(*args):
+        return deform_conv2d(args[0], args[1], args[2], args[3], mask=args[4], **kw)
+
+    gx, goff = torch.autograd.grad(fn(*leaves).square().sum(), leaves[:2], create_graph=True)
+    assert gx.requires_grad and goff.requires_grad
+    if cpu_backend == "reference":
+        assert torch.autograd.gradgradcheck(fn, leaves, eps=1e-6, atol=1e-5)
+    else:
+        message = (r"double backward of dcnbench.ops.deform_conv2d on the native backend is not supported; "
+                   r"use dcnbench.ops.use_backend\('reference'\)")
+        with pytest.raises(RuntimeError, match=message):
+            (gx.square().sum() + goff.sum()).backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_computes_in_float32_on_cpu(cpu_backend, dtype):
+    """float16/bfloat16 give the float32 result and gradients, rounded to the input's dtype."""
+    *tensors, kw = make_inputs(2, 4, 6, 5, 6, 2, 2, (3, 3), 1, 1, 1, True, dtype=dtype)
+    got, got_grads, grad_out = outputs_and_grads(deform_conv2d, *tensors, kw)
+    want, want_grads, _ = outputs_and_grads(deform_conv2d, *[t.float() for t in tensors], kw, grad_out=grad_out.float())
+    assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == dtype and torch.equal(g, w.to(dtype))
+
+
+def test_weight_without_output_channels_gives_empty_output(cpu_backend):
+    """As torchvision: (N, 0, Ho, Wo) and zero (or empty) gradients."""
+    inputs = make_inputs(2, 4, 5, 6, 0, 1, 1, (3, 3), 1, 1, 1, True)
+    ours, our_grads, grad_out = outputs_and_grads(deform_conv2d, *inputs)
+    theirs, their_grads, _ = outputs_and_grads(torchvision.ops.deform_conv2d, *inputs, grad_out=grad_out)
+    assert ours.shape == theirs.shape == (2, 0, 5, 6)
+    for g, t in zip(our_grads, their_grads):
+        assert torch.equal(g, t)

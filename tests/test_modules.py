@@ -1,11 +1,13 @@
 """Modules own their offset branches; fresh (zero-initialized) layers equal their plain versions."""
 
+import inspect
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from dcnbench.ops import (
@@ -29,6 +31,41 @@ def test_fresh_deform_conv_equals_conv2d(cpu_backend):
     assert layer.offset_conv.out_channels == 2 * 2 * 9
     assert (layer.offset_conv.kernel_size, layer.offset_conv.stride, layer.offset_conv.padding,
             layer.offset_conv.dilation) == ((3, 3), (2, 2), (2, 2), (2, 2))
+
+
+@pytest.mark.parametrize("kernel,dilation,padding", [(3, 1, (1, 1)), (5, 1, (2, 2)), ((3, 5), (2, 1), (2, 2))])
+def test_from_conv_turns_symmetric_same_padding_into_ints(cpu_backend, kernel, dilation, padding):
+    conv = nn.Conv2d(4, 6, kernel, padding="same", dilation=dilation).double()
+    layer = DeformConv2d.from_conv(conv)
+    assert layer.padding == layer.offset_conv.padding == padding
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-12, atol=1e-12)
+    assert DeformConv2d.from_conv(nn.Conv2d(4, 6, kernel, padding="valid")).padding == (0, 0)
+
+
+@pytest.mark.parametrize("conv,pattern", [
+    (nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), r"conv must have padding_mode 'zeros'.*got 'reflect'"),
+    (nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"), r"conv must have padding_mode 'zeros'.*got 'circular'"),
+    (nn.Conv2d(4, 6, (3, 4), padding="same"),
+     r"conv's padding='same' with kernel_size \(3, 4\) and dilation \(1, 1\) pads \(2, 3\) pixels per dimension"),
+])
+def test_from_conv_refuses_padding_it_cannot_reproduce(conv, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        DeformConv2d.from_conv(conv)
+
+
+def test_positional_arguments_follow_torchvision():
+    """torchvision.ops.DeformConv2d's eight positional parameters, in its order; dcnbench's are keyword-only."""
+    ours = list(inspect.signature(DeformConv2d).parameters.values())
+    theirs = list(inspect.signature(torchvision.ops.DeformConv2d).parameters.values())
+    assert [p.name for p in ours[:8]] == [p.name for p in theirs] == [
+        "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias"]
+    assert all(p.kind == p.KEYWORD_ONLY for p in ours[8:])
+    layer = DeformConv2d(4, 6, 3, 2, 1, 1, 2, False)
+    assert (layer.stride, layer.padding, layer.groups, layer.bias) == ((2, 2), (1, 1), 2, None)
+    assert layer(torch.randn(1, 4, 7, 7)).shape == (1, 6, 4, 4)
+    with pytest.raises(TypeError):
+        DeformConv2d(4, 6, 3, 1, 1, 1, 1, True, 2)
 
 
 def test_weight_order_follows_the_device():

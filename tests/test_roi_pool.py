@@ -185,3 +185,32 @@ def test_class_specific_offsets_move_only_their_channels(cpu_backend):
     out = deform_ps_roi_pool(input, rois, moved, **kw)
     torch.testing.assert_close(out[:, :2], base[:, :2], rtol=0, atol=0)
     assert not torch.allclose(out[:, 2:], base[:, 2:])
+
+
+@pytest.mark.parametrize("op,ps", OPS, ids=IDS)
+def test_double_backward_raises_on_kernels_and_works_on_reference(cpu_backend, op, ps):
+    """A gradient penalty through the kernels fails loudly; the reference differentiates twice."""
+    input, rois, offset, kw = make_case(ps)
+    x, o = input.requires_grad_(), offset.requires_grad_()
+    gx, = torch.autograd.grad(op(x, rois, o, **kw).square().sum(), x, create_graph=True)
+    assert gx.requires_grad
+    if cpu_backend == "reference":
+        gx.square().sum().backward()
+        assert o.grad.abs().sum() > 0
+    else:
+        message = (rf"double backward of dcnbench.ops.{op.__name__} on the native backend is not supported; "
+                   r"use dcnbench.ops.use_backend\('reference'\)")
+        with pytest.raises(RuntimeError, match=message):
+            gx.square().sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op,ps", OPS, ids=IDS)
+def test_half_precision_computes_in_float32_on_cpu(cpu_backend, op, ps, dtype):
+    """float16/bfloat16 input, offsets and boxes give the float32 result and gradients, rounded to the dtype."""
+    input, rois, offset, kw = make_case(ps, dtype=dtype)
+    got, got_gx, got_go, grad_out = grads(op, input, rois, offset, kw)
+    want, want_gx, want_go, _ = grads(op, input.float(), rois.float(), offset.float(), kw, grad_out.float())
+    assert got.dtype == got_gx.dtype == got_go.dtype == dtype
+    for g, w in ((got, want), (got_gx, want_gx), (got_go, want_go)):
+        assert torch.equal(g, w.to(dtype))

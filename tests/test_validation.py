@@ -5,7 +5,8 @@ import warnings
 import pytest
 import torch
 
-from dcnbench.ops import DeformConv2d, deform_conv2d, deform_ps_roi_pool, deform_roi_pool
+from dcnbench.ops import (DeformConv2d, DeformPSRoIPool, DeformRoIPool, deform_conv2d, deform_ps_roi_pool,
+                          deform_roi_pool)
 
 
 def conv_args(**overrides):
@@ -120,6 +121,9 @@ def roi_args(**overrides):
         (dict(rois=torch.tensor([[-1, 0.0, 0.0, 4.0, 4.0]])), ValueError, r"batch indices .* got -1"),
         (dict(rois=torch.tensor([[0.5, 0.0, 0.0, 4.0, 4.0]])), ValueError, r"batch indices .* got 0.5"),
         (dict(rois=[torch.randn(2, 5)]), ValueError, r"rois\[0\] must be a \(Ki, 4\) tensor"),
+        (dict(rois=[torch.zeros(1, 4)] * 3), ValueError,
+         r"rois as a list must hold one \(Ki, 4\) tensor per image: got 3 for input of batch 2 "
+         r"\(shape \(2, 18, 8, 8\)\)"),
         (dict(rois=torch.tensor([[0, 0, 0, 4, 4]])), TypeError, r"rois must be a floating-point tensor, got dtype torch.int64"),
         (dict(rois=torch.zeros(1, 5, device="meta")), ValueError, r"rois is on meta but input is on cpu"),
         (dict(offset=torch.randn(3, 2, 3, 3)), ValueError, r"offset must have shape \(2, 2\*n, P, P\).*got \(3, 2, 3, 3\)"),
@@ -144,3 +148,21 @@ def test_ps_roi_pool_channels_not_divisible():
 def test_offset_classes_must_divide_output_channels():
     with pytest.raises(ValueError, match=r"offset has 4 offset classes, which must divide the 18 output channels"):
         deform_roi_pool(**roi_args(offset=torch.randn(2, 8, 3, 3)))
+
+
+@pytest.mark.parametrize(
+    "module,inputs,pattern",
+    [
+        (DeformRoIPool(4, 3), [(2, 8, 16, 16)],
+         r"input must have 4 channels \(in_channels\), got shape \(2, 8, 16, 16\)"),
+        (DeformPSRoIPool(4, 2, 3), [(2, 17, 16, 16), (2, 4, 16, 16)],
+         r"score_maps must have 18 channels \(out_channels\*kh\*kw\), got shape \(2, 17, 16, 16\)"),
+        (DeformPSRoIPool(4, 2, 3), [(2, 18, 16, 16), (2, 5, 16, 16)],
+         r"features must have 4 channels \(in_channels\), got shape \(2, 5, 16, 16\)"),
+    ],
+)
+def test_roi_pool_modules_check_channels_up_front(module, inputs, pattern):
+    """Named before the offset branch (fc / conv) fails on a shape the user never chose."""
+    rois = torch.tensor([[0, 1.0, 1.0, 9.0, 9.0]])
+    with pytest.raises(ValueError, match=pattern):
+        module(*[torch.randn(shape) for shape in inputs], rois)

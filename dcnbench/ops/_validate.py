@@ -82,12 +82,17 @@ def check_deform_conv2d_module(in_channels: int, out_channels: int, kernel_size:
         raise ValueError(f"offset_groups ({offset_groups}) must divide in_channels ({in_channels})")
 
 
+def require_channels(t: object, name: str, channels: int, source: str) -> None:
+    """``t``: a 4-D floating tensor of ``channels`` channels; ``source`` says where that number comes from."""
+    require_tensor(t, name, 4)
+    if t.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels ({source}), got shape {tuple(t.shape)}")
+
+
 def check_module_input(input: Tensor, in_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
                        padding: tuple[int, int], dilation: tuple[int, int]) -> None:
     """A conv module's input: a 4-D floating tensor with ``in_channels`` channels and a non-empty output."""
-    require_tensor(input, "input", 4)
-    if input.shape[1] != in_channels:
-        raise ValueError(f"input must have {in_channels} channels (in_channels), got shape {tuple(input.shape)}")
+    require_channels(input, "input", in_channels, "in_channels")
     output_size(input, kernel_size, stride, padding, dilation)
 
 
@@ -117,8 +122,10 @@ def check_deform_conv2d(
 
     n, c = input.shape[:2]
     out_c, c_per_group, kh, kw = weight.shape
-    if kh < 1 or kw < 1 or c_per_group < 1 or out_c < 1:
-        raise ValueError(f"weight must have non-empty dimensions, got shape {tuple(weight.shape)}")
+    if kh < 1 or kw < 1 or c_per_group < 1:
+        raise ValueError(
+            f"weight must have non-empty input-channel and kernel dimensions, got shape {tuple(weight.shape)}"
+        )
     if c % c_per_group != 0:
         raise ValueError(
             f"weight expects {c_per_group} input channels per group, which does not divide "
@@ -157,7 +164,8 @@ def _require_boxes(boxes: Tensor, input: Tensor, name: str) -> None:
 
 
 def rois_to_tensor(rois: Tensor | Sequence[Tensor], input: Tensor) -> Tensor:
-    """Accept (K, 5) ``[batch_index, x1, y1, x2, y2]`` or a list of per-image (Ki, 4) boxes; return (K, 5)."""
+    """Accept (K, 5) ``[batch_index, x1, y1, x2, y2]`` or a list of (Ki, 4) boxes, one per image of
+    ``input``; return (K, 5)."""
     if isinstance(rois, Tensor):
         if rois.dim() != 2 or rois.shape[1] != 5:
             raise ValueError(f"rois must have shape (K, 5) [batch_index, x1, y1, x2, y2], got {tuple(rois.shape)}")
@@ -171,6 +179,11 @@ def rois_to_tensor(rois: Tensor | Sequence[Tensor], input: Tensor) -> Tensor:
                 raise ValueError(f"rois[{i}] must be a (Ki, 4) tensor of [x1, y1, x2, y2], got {shape}")
             _require_boxes(boxes, input, f"rois[{i}]")
             parts.append(torch.cat([boxes.new_full((boxes.shape[0], 1), float(i)), boxes], dim=1))
+        if len(parts) != input.shape[0]:
+            raise ValueError(
+                f"rois as a list must hold one (Ki, 4) tensor per image: got {len(parts)} for input of batch "
+                f"{input.shape[0]} (shape {tuple(input.shape)})"
+            )
         if not parts:
             return input.new_zeros((0, 5))
         return torch.cat(parts, dim=0)

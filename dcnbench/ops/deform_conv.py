@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from . import reference
 from ._validate import check_deform_conv2d, check_deform_conv2d_module, check_module_input, pair
-from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_conv2d_kernels, records_graph
+from .dispatch import (autocast_cast, autocast_dtype, backend_for, deform_conv2d_kernels, float32_on_cpu,
+                       records_graph)
 
 
 def deform_conv2d(
@@ -34,15 +35,20 @@ def deform_conv2d(
         mask: (N, G*kh*kw, Ho, Wo) modulation (v2), or None (v1).
 
     Returns:
-        (N, O, Ho, Wo). Under ``torch.autocast`` the floating inputs are cast to autocast's dtype on
-        CUDA and to float32 on the CPU (float64 stays float64).
+        (N, O, Ho, Wo), in the input's dtype; float16 and bfloat16 compute in float32 on the CPU. Under
+        ``torch.autocast`` the floating inputs are cast to autocast's dtype on CUDA and to float32 on
+        the CPU (float64 stays float64).
     """
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if isinstance(input, torch.Tensor):
         input, offset, weight, bias, mask = autocast_cast(autocast_dtype(input.device.type), input, offset, weight,
                                                           bias, mask)
     check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
-    backend = backend_for(input)
+    if float32_on_cpu(input):
+        input32, offset, weight, bias, mask = autocast_cast(torch.float32, input, offset, weight, bias, mask)
+        return deform_conv2d(input32, offset, weight, bias, stride, padding, dilation, mask).to(input.dtype)
+    # No output channels (as torchvision allows): the reference gives the empty output and zero gradients.
+    backend = "reference" if weight.shape[0] == 0 else backend_for(input)
     if backend == "reference":
         return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     return deform_conv2d_kernels(
@@ -110,6 +116,9 @@ class DeformConv2d(nn.Module):
     computes exactly the plain convolution (v1), or the plain convolution scaled by sigmoid(0) = 0.5
     (v2, as in DCNv2).
 
+    The positional arguments are ``torchvision.ops.DeformConv2d``'s, in its order; ``offset_groups``
+    and ``modulated`` are keyword-only.
+
     Input (N, in_channels, H, W) -> (N, out_channels, Ho, Wo). The offset branch trains at the base
     learning rate (``offset_lr_mult`` = beta = 1, paper section 2.3). On the CPU without autograd,
     wide layers compute it as ``_conv_by_taps`` (same result up to float summation order, faster).
@@ -131,8 +140,9 @@ class DeformConv2d(nn.Module):
         padding: int | tuple[int, int] = 0,
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
-        offset_groups: int = 1,
         bias: bool = True,
+        *,
+        offset_groups: int = 1,
         modulated: bool = False,
     ) -> None:
         super().__init__()
@@ -196,16 +206,22 @@ class DeformConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-            f"offset_groups={self.offset_groups}, bias={self.bias is not None}, modulated={self.modulated}"
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
+            f"offset_groups={self.offset_groups}, modulated={self.modulated}"
         )
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, offset_groups: int = 1, modulated: bool = False) -> "DeformConv2d":
-        """A deformable twin of ``conv`` holding the same weight and bias (fresh: same output)."""
+        """A deformable twin of ``conv`` holding the same weight and bias (fresh: same output).
+
+        ``conv`` must pad with zeros, and a string padding ("same", "valid") must come to the same
+        padding on both sides of each dimension."""
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv must have padding_mode 'zeros' (deformable sampling pads with zeros), "
+                             f"got {conv.padding_mode!r}")
         layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, offset_groups, conv.bias is not None, modulated,
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _int_padding(conv), conv.dilation,
+            conv.groups, conv.bias is not None, offset_groups=offset_groups, modulated=modulated,
         ).to(device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
@@ -213,3 +229,19 @@ class DeformConv2d(nn.Module):
                 layer.bias.copy_(conv.bias)
         return layer
 
+
+def _int_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """``conv``'s padding as (h, w) ints: "valid" is 0, "same" half the dilated kernel's extent
+    (ValueError where that is odd, which "same" pads one pixel more on the bottom/right)."""
+    if not isinstance(conv.padding, str):
+        return conv.padding
+    if conv.padding == "valid":
+        return 0, 0
+    extents = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if any(e % 2 for e in extents):
+        raise ValueError(
+            f"conv's padding='same' with kernel_size {conv.kernel_size} and dilation {conv.dilation} pads "
+            f"{tuple(extents)} pixels per dimension, one more at the bottom/right; DeformConv2d pads both sides "
+            f"equally (give conv an integer padding)"
+        )
+    return extents[0] // 2, extents[1] // 2

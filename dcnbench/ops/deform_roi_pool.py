@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._validate import check_roi_pool, pair, rois_to_tensor
-from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_roi_pool_kernels
+from ._validate import check_roi_pool, pair, require_channels, rois_to_tensor
+from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_roi_pool_kernels, float32_on_cpu
 
 Rois = Tensor | Sequence[Tensor]
 
@@ -22,6 +22,10 @@ def _roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, g
     # Boxes keep at least float32 precision (a 600 px coordinate in bfloat16 is off by pixels).
     rois = rois.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
     check_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, position_sensitive)
+    if float32_on_cpu(input):
+        input32, offset = autocast_cast(torch.float32, input, offset)
+        return _roi_pool(input32, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
+                         position_sensitive).to(input.dtype)
     spatial_scale, gamma, sampling_ratio = float(spatial_scale), float(gamma), int(sampling_ratio)
     backend = backend_for(input)
     if backend == "reference":
@@ -56,7 +60,7 @@ def deform_roi_pool(
         gamma: offset scale (0.1 in the paper).
 
     Returns:
-        (K, C, kh, kw).
+        (K, C, kh, kw), in the input's dtype; float16 and bfloat16 compute in float32 on the CPU.
     """
     return _roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, False)
 
@@ -90,7 +94,7 @@ class DeformRoIPool(nn.Module):
     def __init__(self, in_channels: int, output_size: int | tuple[int, int] = 7, spatial_scale: float = 1.0,
                  sampling_ratio: int = 4, gamma: float = 0.1) -> None:
         super().__init__()
-        self.output_size = pair(output_size, "output_size")
+        self.in_channels, self.output_size = in_channels, pair(output_size, "output_size")
         self.spatial_scale, self.sampling_ratio, self.gamma = spatial_scale, sampling_ratio, gamma
         kh, kw = self.output_size
         self.offset_fc = nn.Linear(in_channels * kh * kw, 2 * kh * kw)
@@ -98,6 +102,7 @@ class DeformRoIPool(nn.Module):
         nn.init.zeros_(self.offset_fc.bias)
 
     def forward(self, input: Tensor, rois: Rois) -> Tensor:
+        require_channels(input, "input", self.in_channels, "in_channels")
         args = (self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma)
         pooled = deform_roi_pool(input, rois, None, *args)
         offset = self.offset_fc(pooled.flatten(1)).reshape(pooled.shape[0], 2, *self.output_size)
@@ -126,7 +131,7 @@ class DeformPSRoIPool(nn.Module):
         if out_channels % offset_groups:
             raise ValueError(f"offset_groups ({offset_groups}) must divide out_channels ({out_channels})")
         self.output_size = pair(output_size, "output_size")
-        self.out_channels, self.offset_groups = out_channels, offset_groups
+        self.in_channels, self.out_channels, self.offset_groups = in_channels, out_channels, offset_groups
         self.spatial_scale, self.sampling_ratio, self.gamma = spatial_scale, sampling_ratio, gamma
         kh, kw = self.output_size
         self.offset_conv = nn.Conv2d(in_channels, 2 * offset_groups * kh * kw, kernel_size=1)
@@ -134,6 +139,9 @@ class DeformPSRoIPool(nn.Module):
         nn.init.zeros_(self.offset_conv.bias)
 
     def forward(self, score_maps: Tensor, features: Tensor, rois: Rois) -> Tensor:
+        require_channels(score_maps, "score_maps", self.out_channels * self.output_size[0] * self.output_size[1],
+                         "out_channels*kh*kw")
+        require_channels(features, "features", self.in_channels, "in_channels")
         args = (self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma)
         offset = deform_ps_roi_pool(self.offset_conv(features), rois, None, *args)
         return deform_ps_roi_pool(score_maps, rois, offset, *args)

@@ -26,7 +26,6 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import cuda, native
 
@@ -120,6 +119,15 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type) if device_type == "cuda" else torch.float32
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def float32_on_cpu(input: Tensor) -> bool:
+    """Whether a call on ``input`` computes in float32 and returns ``input``'s dtype: float16 and
+    bfloat16 on the CPU, which the CPU kernels do not implement."""
+    return input.dtype in _HALF_DTYPES and input.device.type == "cpu"
 
 
 def autocast_cast(dtype: torch.dtype | None, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -273,22 +281,48 @@ deform_roi_pool_op.register_autograd(_roi_pool_backward_with(deform_roi_pool_bac
 # 16x32x24x24 layer: forward 189 vs 138 us, backward 541 vs 307 us through the custom ops vs calling
 # the kernels), so they serve only while torch.compile traces.
 
-def _eager_function(name: str, forward_kernels, setup_context, backward) -> type[torch.autograd.Function]:
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes an op's gradients through, tied to the op's inputs; differentiating them raises."""
+
+    @staticmethod
+    def forward(ctx, call: str, grads: tuple, *inputs: Tensor | None) -> tuple:
+        ctx.call = call
+        return grads
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"double backward of {ctx.call} is not supported; "
+                           "use dcnbench.ops.use_backend('reference') for higher-order gradients")
+
+
+def _eager_function(name: str, op_name, forward_kernels, setup_context, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function over the kernels; ``op_name(ctx)`` names the public op in errors."""
     def forward(ctx, *inputs):
         setup_context(ctx, inputs, None)
         return forward_kernels(*inputs)
 
+    def first_order_backward(ctx, grad_output):
+        """The kernels' gradients; under ``create_graph``, tied to the inputs through ``_NoDoubleBackward``
+        so that differentiating them raises instead of silently giving zero."""
+        with torch.no_grad():
+            grads = backward(ctx, grad_output)
+        if not torch.is_grad_enabled():
+            return grads
+        call = f"dcnbench.ops.{op_name(ctx)} on the {ctx.args[-1]} backend"
+        return _NoDoubleBackward.apply(call, grads, grad_output, *ctx.saved_tensors)
+
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
-        "backward": staticmethod(once_differentiable(backward)),
+        "backward": staticmethod(first_order_backward),
     })
 
 
 _DeformConv2dEager = _eager_function(
-    "_DeformConv2dEager", _deform_conv2d_forward_kernels, _deform_conv2d_setup,
+    "_DeformConv2dEager", lambda ctx: "deform_conv2d", _deform_conv2d_forward_kernels, _deform_conv2d_setup,
     _deform_conv2d_backward_with(_deform_conv2d_backward_kernels))
 _DeformRoiPoolEager = _eager_function(
-    "_DeformRoiPoolEager", _roi_pool_forward_kernels, _roi_pool_setup, _roi_pool_backward_with(_roi_pool_backward_kernels))
+    "_DeformRoiPoolEager", lambda ctx: "deform_ps_roi_pool" if ctx.args[4] else "deform_roi_pool",
+    _roi_pool_forward_kernels, _roi_pool_setup, _roi_pool_backward_with(_roi_pool_backward_kernels))
 
 
 def records_graph(*tensors: Tensor | None) -> bool:
