@@ -100,3 +100,18 @@ def test_ablate_bad_choices_are_usage_errors_before_any_run(tmp_path, monkeypatc
     result = CliRunner().invoke(main, ["ablate", "--tier", "smoke", "--out", "out", *args])
     assert result.exit_code == 2 and error in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_dilation_stats_refuse_batches_of_mixed_image_sizes():
+    """Table 2's area maps are per batch: a padded batch of mixed sizes would count padding as background."""
+    import torch
+
+    from dcnbench.models import build_model
+    from dcnbench.runner.dilation import dilation_stats
+
+    model = build_model({"task": "rfcn", "num_classes": 3, "backbone": "scaled", "blocks": [1, 1, 1, 3], "width": 8,
+                         "placement": "res5a-c"})
+    target = {"boxes": torch.tensor([[2.0, 2.0, 20.0, 20.0]]), "labels": torch.tensor([1])}
+    batch = ([torch.rand(3, 32, 32), torch.rand(3, 32, 48)], [target, target])
+    with pytest.raises(ValueError, match=r"one image size, got \[\(32, 32\), \(32, 48\)\]"):
+        dilation_stats(model, [batch])

@@ -23,14 +23,18 @@ def res5_layer_name(module_name: str, num_blocks: int) -> str | None:
 
 @torch.no_grad()
 def dilation_stats(model: nn.Module, loader: DataLoader, device: torch.device | None = None) -> DilationStats:
-    """The res5 effective dilations over a loader's images (run on ``device``, default the CPU)."""
+    """The res5 effective dilations over a loader's images (run on ``device``, default the CPU); every
+    batch must hold images of one size."""
     model.eval()
     num_blocks = len(model.backbone.layer4)
     stats = DilationStats()
     with record_offsets(model) as records:
         for images, targets in loader:
+            sizes = {tuple(image.shape[-2:]) for image in images}
+            if len(sizes) != 1:  # a padded batch would count its padding as background
+                raise ValueError(f"dilation_stats needs batches of one image size, got {sorted(sizes)}")
             model([image.to(device) for image in images] if device is not None else images)
-            size = tuple(images[0].shape[-2:])
+            (size,) = sizes
             area_maps = torch.stack([object_area_map(t["boxes"], size) for t in targets])
             boxes = torch.cat([t["boxes"] for t in targets])
             object_areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
