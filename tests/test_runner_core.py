@@ -115,3 +115,16 @@ def test_dilation_stats_refuse_batches_of_mixed_image_sizes():
     batch = ([torch.rand(3, 32, 32), torch.rand(3, 32, 48)], [target, target])
     with pytest.raises(ValueError, match=r"one image size, got \[\(32, 32\), \(32, 48\)\]"):
         dilation_stats(model, [batch])
+
+
+def test_real_data_sources_take_the_class_count_from_the_dataset(tmp_path):
+    """A VOC-layout folder with its own classes.txt trains a head of its classes, not VOC's 21."""
+    from dcnbench.data import SynthConfig, write_synthetic
+    from dcnbench.runner.train import build_data
+
+    write_synthetic(tmp_path, "seg", 4, SynthConfig(size=32, num_classes=3, min_size=4, max_size=16), seed=0,
+                    val_fraction=0.5)
+    sets = tmp_path / "ImageSets" / "Segmentation"
+    (sets / "train.txt").rename(sets / "train_aug.txt")  # the runner's VOC training split
+    train, val, num_classes = build_data("deeplab", {"source": "voc_seg", "root": str(tmp_path), "shorter_side": 32})
+    assert num_classes == 3 == train.num_classes and len(train) == 2 and len(val) == 2

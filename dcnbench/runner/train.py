@@ -73,9 +73,7 @@ def build_data(task: str, data: dict) -> tuple[Dataset, Dataset, int]:
     side = data.get("shorter_side")
     train = build_dataset(source, data["root"], train_split, train=True, shorter_side=side)
     val = build_dataset(source, data["root"], val_split, train=False, shorter_side=side)
-    # Foreground classes C (heads predict C+1); Cityscapes' 19 train ids 0..18 fill all C+1 maps.
-    num_classes = {"voc_seg": 20, "voc_det": 20, "cityscapes": 18, "coco": 80}[source]
-    return train, val, num_classes
+    return train, val, train.num_classes  # C, as every loader counts it (heads predict C+1)
 
 
 def _loader(dataset: Dataset, task: str, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
