@@ -314,6 +314,9 @@ def test_training_targets_are_checked_up_front(task):
     bad[1]["labels"] = torch.tensor([1])
     fails(bad, r"targets\[1\]\['labels'\] must be an integer tensor of shape \(2,\)")
     bad = targets()
+    bad[1]["boxes"] = bad[1]["boxes"][:, [2, 1, 0, 3]]  # x1 and x2 swapped
+    fails(bad, r"targets\[1\]\['boxes'\] must be \(x1, y1, x2, y2\) with x1 <= x2 and y1 <= y2, got \[")
+    bad = targets()
     bad[0]["boxes"] = torch.zeros(4)
     fails(bad, r"targets\[0\]\['boxes'\] must be an \(M, 4\) tensor, got torch.float32 of shape \(4,\)")
     del bad[0]["boxes"]
