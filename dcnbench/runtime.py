@@ -43,7 +43,7 @@ VARIANTS = ("plain", "deformable")
 RUNTIME_COLUMNS = [
     "model", "variant", "device", "net_forward_s", "runtime_s", "repeats", "scale", "input_hw", "raw_hw",
     "proposals", "params", "net_forward_min_s", "runtime_min_s", "net_forward_all_s", "runtime_all_s", "loadavg_1m", "backend", "threads", "float32_mode", "machine", "torch",
-    "git_commit", "date",
+    "git_commit", "date", "command",
 ]
 MIN_ROUNDS_FOR_INTERVAL = 5  # fewer rounds: ratios of medians only, no interval and no verdict
 MEAN = (0.485, 0.456, 0.406)
@@ -248,7 +248,7 @@ def run_runtime(
     repeats and backend); returns this configuration's rows, found and new. Plain and deformable
     are timed in alternation and their two rows appended (atomically) as soon as they are done.
     ``on_round(model)`` is called after each of a model's ``1 + repeats`` rounds (progress)."""
-    from dcnbench.runner.results import git_commit, machine
+    from dcnbench.runner.results import command_line, git_commit, machine
 
     dev = torch.device(device)
     backend = backend_for(torch.empty(0, device=dev))
@@ -294,6 +294,7 @@ def run_runtime(
                 "backend": backend, "threads": torch.get_num_threads(), "float32_mode": float32_mode, "machine": machine_name,
                 "torch": torch.__version__,
                 "git_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "command": command_line(),
             }
             log(f"  {variant}: net forward {row['net_forward_s']} s, runtime {row['runtime_s']} s")
             rows = [r for r in rows if _row_key(r) != keys[variant]] + [row]

@@ -59,7 +59,7 @@ def test_bench_ops_writes_one_row_per_implementation_shape_and_pass(tmp_path):
         base = next(b for b in rows if b["implementation"] == "F.conv2d" and b["pass"] == r["pass"])
         # ratio = ms / baseline ms, up to the CSV's 3-decimal rounding of sub-millisecond times
         assert float(r["ratio_to_baseline"]) == pytest.approx(float(r["ms"]) / float(base["ms"]), rel=0.1)
-        assert r["device"] == "cpu" and r["float32_mode"] == "" and r["git_commit"]
+        assert r["device"] == "cpu" and r["float32_mode"] == "" and r["git_commit"] and r["command"]
 
 
 def test_bench_ops_tf32_is_a_cuda_option(tmp_path):

@@ -18,7 +18,7 @@ from dcnbench.runtime import (
 )
 
 REQUIRED = ["model", "variant", "device", "net_forward_s", "runtime_s", "repeats"]
-PROVENANCE = ["backend", "threads", "machine", "torch", "git_commit", "date"]
+PROVENANCE = ["backend", "threads", "machine", "torch", "git_commit", "date", "command"]
 
 
 def read(path):
@@ -27,10 +27,11 @@ def read(path):
         return reader.fieldnames, list(reader)
 
 
-def test_tiny_scale_run_writes_its_own_csv_and_resumes(tmp_path):
+def test_tiny_scale_run_writes_its_own_csv_and_resumes(tmp_path, monkeypatch):
     """A scaled run goes to table4_runtime_cpu_scale<s>.csv: it never mixes with the paper-size CSV."""
     args = ["runtime", "--scale", "0.05", "--repeats", "2", "--model", "R-FCN",
             "--results-dir", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", ["/usr/bin/dcnbench", *args])  # as the CLI is started
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "table4_runtime_cpu.csv").exists()
@@ -45,6 +46,7 @@ def test_tiny_scale_run_writes_its_own_csv_and_resumes(tmp_path):
         times = [r["net_forward_s"], r["runtime_s"], *r["net_forward_all_s"].split(), *r["runtime_all_s"].split()]
         assert all(len(t.split(".")[1]) == 6 for t in times)
         assert r["git_commit"] and r["machine"] and r["backend"] in ("reference", "native")
+        assert r["command"] == f"dcnbench runtime --scale 0.05 --repeats 2 --model R-FCN --results-dir {tmp_path}"
     assert rows[0]["input_hw"] == "30x40" and rows[0]["raw_hw"] == "375x500" and rows[0]["proposals"] == "300"
     assert int(rows[1]["params"]) > int(rows[0]["params"])
     assert "R-FCN" in result.output and "1.182" in result.output  # the paper's R-FCN net-forward ratio
@@ -182,3 +184,13 @@ def test_runtime_on_cuda_without_a_gpu_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["runtime", "--device", "cuda", "--results-dir", str(tmp_path)])
     assert result.exit_code == 2 and "Invalid value for --device" in result.output
     assert "CUDA is not available" in result.output and not list(tmp_path.iterdir())
+
+
+def test_command_line_reads_as_typed(monkeypatch):
+    from dcnbench.runner.results import command_line
+
+    for argv0 in ("/usr/local/bin/dcnbench", "/src/dcnbench/dcnbench/cli.py"):
+        monkeypatch.setattr("sys.argv", [argv0, "runtime", "--model", "class-aware RPN"])
+        assert command_line() == "dcnbench runtime --model 'class-aware RPN'"
+    monkeypatch.setattr("sys.argv", ["bench.py", "--x"])
+    assert command_line() == "python bench.py --x"

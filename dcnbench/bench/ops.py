@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dcnbench.runner.results import git_commit
+from dcnbench.runner.results import command_line, git_commit
 
 CONV_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
     # name: (N, C, H, W, O, dilation); 3x3 kernel, padding = dilation, stride 1
@@ -55,7 +55,7 @@ TORCHVISION = "torchvision"
 FIELDS = [
     "op", "implementation", "shape", "shape_desc", "pass", "threads", "ms", "baseline", "ratio_to_baseline",
     "speedup_vs_torchvision", "peak_rss_mb", "repeats", "loadavg", "device", "float32_mode", "machine", "nproc", "torch",
-    "torchvision", "git_commit", "date",
+    "torchvision", "git_commit", "date", "command",
 ]
 
 
@@ -351,7 +351,8 @@ def run_ops_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     with _restoring_torch_settings():
         meta = {**machine_info(), "device": device, "torch": torch.__version__, "torchvision": torchvision.__version__,
-                "git_commit": git_commit(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+                "git_commit": git_commit(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "command": command_line()}
         if device.startswith("cuda"):
             from dcnbench.ops.cuda import set_float32_mode
 

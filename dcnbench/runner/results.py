@@ -15,7 +15,9 @@ import datetime as dt
 import io
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -53,6 +55,15 @@ def machine() -> str:
     except OSError:
         pass
     return f"{model} x{os.cpu_count()}"
+
+
+def command_line() -> str:
+    """This process's command as typed: ``dcnbench runtime --repeats 45`` under the CLI (whether
+    started as ``dcnbench`` or ``python -m dcnbench.cli``), else ``python <argv>``."""
+    prog = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if prog.name == "dcnbench" or (prog.name == "cli.py" and prog.parent.name == "dcnbench"):
+        return shlex.join(["dcnbench", *sys.argv[1:]])
+    return shlex.join(["python", *sys.argv])
 
 
 def provenance() -> dict:
