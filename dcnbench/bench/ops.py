@@ -23,7 +23,6 @@ import csv
 import datetime as _dt
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dcnbench.runner.results import command_line, git_commit
+from dcnbench.runner.results import command_line, cpu_model, git_commit
 
 CONV_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
     # name: (N, C, H, W, O, dilation); 3x3 kernel, padding = dilation, stride 1
@@ -112,16 +111,7 @@ def check_device(device: str) -> str:
 
 
 def machine_info() -> dict[str, str]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"machine": model, "nproc": str(os.cpu_count() or 1)}
+    return {"machine": cpu_model(), "nproc": str(os.cpu_count() or 1)}
 
 
 def _loadavg() -> str:

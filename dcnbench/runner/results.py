@@ -44,17 +44,20 @@ def git_commit() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
-def machine() -> str:
-    """CPU model and core count, e.g. ``Intel Xeon ... x2``."""
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model} x{os.cpu_count()}"
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """CPU model and core count, e.g. ``Intel Xeon ... x2``."""
+    return f"{cpu_model()} x{os.cpu_count()}"
 
 
 def command_line() -> str:
