@@ -239,8 +239,10 @@ def table(number, tier, fmt, results, with_figures, out) -> None:
 
     try:
         rendered = render_table(int(number), tier, Path(results) if results else None)
-    except ValueError as exc:  # e.g. a results CSV mixing process counts
-        raise click.BadParameter(str(exc), param_hint="--results") from exc
+    except ValueError as exc:  # e.g. a results CSV of another table, or mixing process counts
+        if results:
+            raise click.BadParameter(str(exc), param_hint="--results") from exc
+        raise click.ClickException(str(exc)) from exc
     path = write_markdown(rendered, Path(out))
     if fmt == "console":
         from rich.console import Console
@@ -278,7 +280,10 @@ def figures(tier, tables, checkpoint, roi_checkpoint, results_dir, out) -> None:
     out_dir, root = Path(out), Path(results_dir) if results_dir else None
     for n in tables or (1, 2, 3):
         csv_path = results_csv(n, tier, root)
-        paths = fg.ablation_figure(n, tier, out_dir, csv_path)
+        try:
+            paths = fg.ablation_figure(n, tier, out_dir, csv_path)
+        except ValueError as exc:  # a malformed results CSV: tables.row_problems says what is wrong
+            raise click.ClickException(str(exc)) from exc
         click.echo(f"table {n}: " + (", ".join(map(str, paths)) if paths else f"no {tier}-tier results in {csv_path}"))
     for kind, given, make in (("figure5", checkpoint, fg.figure5_from_checkpoint),
                               ("figure6", roi_checkpoint, fg.figure6_from_checkpoint)):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .paper import RESULTS_DIR
-from .tables import FORMATS, Stat, diff_se, format_rendered, load_ours, render_table, results_csv
+from .tables import FORMATS, Stat, diff_se, format_rendered, load_ours, render_table, results_csv, row_problems
 
 REFERENCE_DIR = RESULTS_DIR / "reference" / "smoke"
 FINDINGS_PATH = RESULTS_DIR / "ablate" / "findings.toml"
@@ -427,7 +427,11 @@ def check_findings(path: Path | None = None, root: Path | None = None) -> CheckR
             else:
                 report.notes.append(f"{where}: skipped, no {results_csv(f.table, f.tier, root).name} yet")
             continue
-        stats = cache.setdefault((f.table, f.tier), _stats_for(f.table, f.tier, root))
+        try:
+            stats = cache.setdefault((f.table, f.tier), _stats_for(f.table, f.tier, root))
+        except ValueError as exc:  # a malformed CSV (check_cpu_csvs says why, line by line)
+            report.problems.append(Problem(where, recorded, "unusable CSV", str(exc)))
+            continue
         verdict, measured = f.evaluate(stats)
         now = {True: "holds", False: "does not hold", None: "undecidable"}[verdict]
         if f.holds is None and verdict is None:  # e.g. a partial sweep: those cells have not run yet
@@ -443,9 +447,10 @@ def check_findings(path: Path | None = None, root: Path | None = None) -> CheckR
 
 
 def check_cpu_csvs(tables=CPU_TABLES, root: Path | None = None, tier: str = "cpu") -> CheckReport:
-    """Each present ``table<N>_<tier>.csv``: parses, has rows of the current configs, renders."""
+    """Each present ``table<N>_<tier>.csv``: parses, has rows of the current configs (of every cell
+    it has rows of), renders."""
     from dcnbench.runner.experiment import expand_cells, load_experiment
-    from dcnbench.runner.results import KEY_COLUMNS, read_rows
+    from dcnbench.runner.results import read_rows
 
     report = CheckReport()
     for table in tables:
@@ -459,36 +464,27 @@ def check_cpu_csvs(tables=CPU_TABLES, root: Path | None = None, tier: str = "cpu
         except (OSError, csv.Error, UnicodeDecodeError) as exc:
             report.problems.append(Problem(where, "a CSV", "unreadable", str(exc)))
             continue
-        header = set(rows[0]) if rows else set()
-        lacking = [c for c in KEY_COLUMNS + ["config_hash"] if c not in header]
-        if not rows or lacking:
-            report.problems.append(Problem(where, "rows with " + ",".join(KEY_COLUMNS + ["config_hash"]),
-                                           "no rows" if not rows else "lacks " + ",".join(lacking), "malformed"))
+        if not rows:
+            report.problems.append(Problem(where, "rows of finished runs", "no rows", "malformed"))
             continue
-        bad = []
-        keys = set()
-        for i, r in enumerate(rows, start=2):
-            if r["table"] != str(table) or r["tier"] != tier:
-                bad.append(f"line {i}: table/tier {r['table']}/{r['tier']}")
-            key = (r["task"], r["variant"], r["seed"], r["config_hash"])
-            if key in keys:
-                bad.append(f"line {i}: duplicate run {key}")
-            keys.add(key)
-            for m, text in r.items():
-                if _is_metric(m) and text not in (None, ""):
-                    try:
-                        float(text)
-                    except ValueError:
-                        bad.append(f"line {i}: {m}={text!r} is not a number")
+        bad = row_problems(rows, table, tier)
         if bad:
             report.problems.append(Problem(where, "well-formed rows", f"{len(bad)} bad", "; ".join(bad[:3])))
             continue
         report.passed.append(f"{where} parses")
-        current = {c.config_hash for c in expand_cells(load_experiment(table), tier)}
-        stale = sum(1 for r in rows if r["config_hash"] not in current)
+        current = {(c.task, c.variant): c.config_hash for c in expand_cells(load_experiment(table), tier)}
+        is_current = [current.get((r["task"], r["variant"])) == r["config_hash"] for r in rows]
+        stale = is_current.count(False)
         if stale == len(rows):
             report.problems.append(Problem(where, "rows of the current configs", f"all {stale} stale",
                                            "the experiment definition changed since these runs"))
+            continue
+        lost = sorted({(r["task"], r["variant"]) for r in rows if (r["task"], r["variant"]) in current}
+                      - {(r["task"], r["variant"]) for r, ok in zip(rows, is_current) if ok})
+        if lost:  # a config changed under committed runs: their numbers are gone from the table
+            report.problems.append(Problem(where, "rows of the current configs", f"{len(lost)} cell(s) all stale",
+                                           ", ".join("/".join(c) for c in lost[:4]) + (" ..." if len(lost) > 4 else "")
+                                           + ": their config changed since these runs; rerun them"))
             continue
         if stale:
             report.notes.append(f"{where}: {stale} of {len(rows)} rows are of older configs (ignored)")

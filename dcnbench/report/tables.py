@@ -98,10 +98,43 @@ class Ours:
     source: Path | None = None
 
 
+def row_problems(rows: list[dict], table: int, tier: str) -> list[str]:
+    """Why a results CSV's rows (``csv.DictReader`` dicts) cannot stand for ``table`` at ``tier``,
+    one line each, empty when they can: key columns or ``config_hash`` missing, a line with more
+    fields than the header, a row of another table or tier, a run twice (same task, variant, seed,
+    config hash and process count), a metric that is not a number."""
+    from dcnbench.runner.results import KEY_COLUMNS, PROVENANCE_COLUMNS, processes
+
+    required = KEY_COLUMNS + ["config_hash"]
+    lacking = [c for c in required if rows and c not in rows[0]]
+    if lacking:
+        return [f"lacks column(s) {','.join(lacking)} (a results CSV has {','.join(required)})"]
+    bad, runs = [], set()
+    for i, r in enumerate(rows, start=2):
+        if None in r:
+            bad.append(f"line {i}: {len(r[None])} more field(s) than the header")
+            continue
+        if r["table"] != str(table) or r["tier"] != tier:
+            bad.append(f"line {i}: table/tier {r['table']}/{r['tier']}, expected {table}/{tier}")
+        run = (r["task"], r["variant"], r["seed"], r["config_hash"])
+        if (*run, processes(r)) in runs:
+            bad.append(f"line {i}: duplicate run {run}")
+        runs.add((*run, processes(r)))
+        for m, text in r.items():
+            if m not in KEY_COLUMNS and m not in PROVENANCE_COLUMNS and text not in (None, ""):
+                try:
+                    float(text)
+                except ValueError:
+                    bad.append(f"line {i}: {m}={text!r} is not a number")
+    return bad
+
+
 def load_ours(table: int, tier: str, csv_path: Path | None = None, spec: dict | None = None) -> Ours:
     """Per (task, variant, metric) seed statistics of the results rows matching the current configs.
-    Raises ValueError when those rows were run by different process counts (``--nproc``): with plain
-    BatchNorm their numbers differ, so they are neither averaged nor set side by side."""
+    Raises ValueError when the CSV has :func:`row_problems` (e.g. a CSV of another table or tier, or
+    a run twice, which would be counted twice), or when the matching rows were run by different
+    process counts (``--nproc``): with plain BatchNorm their numbers differ, so they are neither
+    averaged nor set side by side."""
     from dcnbench.runner.experiment import expand_cells, load_experiment
     from dcnbench.runner.results import KEY_COLUMNS, PROVENANCE_COLUMNS, processes, read_rows
 
@@ -111,6 +144,11 @@ def load_ours(table: int, tier: str, csv_path: Path | None = None, spec: dict | 
     hashes = {(c.task, c.variant): c.config_hash for c in cells}
     path = csv_path or results_csv(table, tier)
     rows = read_rows(path)
+    problems = row_problems(rows, table, tier)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(f"{path} is not a usable table {table} {tier}-tier results CSV: "
+                         + "; ".join(problems[:3]) + more)
     values: dict[tuple[str, str, str], list[float]] = {}
     used = 0
     counts = set()

@@ -1,0 +1,151 @@
+"""Reporting, reviewed: the paper's Tables 4 and 5 against its text, results CSVs that cannot stand
+for the table asked (refused with the reason, never averaged or shown as all-missing), and the gate
+failing (not crashing, not passing) on a committed CSV that lost a cell or does not parse."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dcnbench.report import check as gate
+from dcnbench.report.paper import load_paper_table
+from dcnbench.report.tables import RESULTS_DIR, load_ours, render_table
+
+from test_report import PAPER_TEXT, T1, _numbers, _write_results
+
+
+def _text_block(first: str, caption: str) -> list[str]:
+    """The paper text's table rows: the lines after the header ``first`` up to its caption."""
+    lines = [re.sub(r"</?b>", "", ln) for ln in PAPER_TEXT.read_text().splitlines()]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(first))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith(caption))
+    return [ln for ln in lines[start + 1:end] if _numbers(ln)]  # the header line is not a row
+
+
+@pytest.mark.skipif(not PAPER_TEXT.is_file(), reason="the paper's text is not beside this checkout")
+@pytest.mark.parametrize("table,first,caption", [(4, "method\t# params", "Table 4:"),
+                                                 (5, "method\tbackbone", "Table 5:")])
+def test_paper_tables_4_and_5_match_the_text_row_by_row(table, first, caption):
+    """Each of the table's rows, in the paper's order, holds exactly the numbers of the text's line,
+    in column order (Table 4: M params, net forward s, runtime s; "Ours" rows after their plain row)."""
+    paper = load_paper_table(table)
+    lines = _text_block(first, caption)
+    assert len(lines) == len(paper.rows)
+    for row, line in zip(paper.rows, lines):
+        label = line.split("\t")[0]
+        assert (label == "Ours") == (row.startswith("Ours") or row.endswith(", Ours")), (row, line)
+        assert label == "Ours" or label.replace("Faster RCNN", "Faster R-CNN") in row, (row, line)
+        assert [paper.get(row, c) for c in paper.columns if paper.get(row, c) is not None] == _numbers(line), row
+
+
+def test_table_refuses_a_results_csv_of_another_table_or_tier(tmp_path):
+    """Table 3's CSV given to Table 1 (or a cpu CSV to the smoke tier) is an error naming what it
+    holds, not a table of 'missing' cells."""
+    t3 = tmp_path / "table3_cpu.csv"
+    _write_results(t3, 3, "cpu", {("deeplab", "atrous-2"): {"miou": [20.0, 21.0]}})
+    with pytest.raises(ValueError, match="table/tier 3/cpu, expected 1/cpu"):
+        render_table(1, "cpu", t3)
+    t1 = tmp_path / "table1_cpu.csv"
+    _write_results(t1, 1, "cpu", T1)
+    with pytest.raises(ValueError, match="table/tier 1/cpu, expected 1/smoke"):
+        render_table(1, "smoke", t1)
+    from dcnbench.cli import main
+
+    result = CliRunner().invoke(main, ["table", "1", "--results", str(t3), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "expected 1/cpu" in result.output
+
+
+def test_table_refuses_runs_counted_twice(tmp_path):
+    """A run appearing twice (e.g. two CSVs concatenated) would halve the seed SE; it is refused."""
+    path = tmp_path / "table1_cpu.csv"
+    _write_results(path, 1, "cpu", T1)
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join(rows + rows[1:3]) + "\n")
+    with pytest.raises(ValueError, match="duplicate run"):
+        load_ours(1, "cpu", path)
+
+
+def test_table_names_what_is_wrong_with_a_malformed_csv(tmp_path):
+    """Not a results CSV, a line with an extra field, a metric that is not a number: ValueError with
+    the line, not a KeyError / TypeError."""
+    params = tmp_path / "params.csv"
+    params.write_text("model,variant,params\nR-FCN,plain,1\n")
+    with pytest.raises(ValueError, match="lacks column"):
+        load_ours(1, "cpu", params)
+    path = tmp_path / "table1_cpu.csv"
+    _write_results(path, 1, "cpu", T1)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1] + ",extra", *lines[2:]]) + "\n")
+    with pytest.raises(ValueError, match="line 2: 1 more field"):
+        load_ours(1, "cpu", path)
+    path.write_text("\n".join([lines[0], lines[1].replace("50.0", "n/a"), *lines[2:]]) + "\n")
+    with pytest.raises(ValueError, match="'n/a' is not a number"):
+        load_ours(1, "cpu", path)
+
+
+def test_gate_reports_a_malformed_committed_csv_instead_of_crashing(tmp_path):
+    """A ragged line in a committed CSV is a failed check with its line number (it crashed the gate)."""
+    root = tmp_path / "ablate"
+    _write_results(root / "table1_cpu.csv", 1, "cpu", T1)
+    lines = (root / "table1_cpu.csv").read_text().splitlines()
+    (root / "table1_cpu.csv").write_text("\n".join([lines[0], lines[1] + ",extra", *lines[2:]]) + "\n")
+    report = gate.check_cpu_csvs(tables=(1,), root=root)
+    assert not report.ok and "line 2: 1 more field(s) than the header" in report.text()
+    findings = tmp_path / "findings.toml"
+    findings.write_text('[[finding]]\nid = "x"\ntext = "t"\ntable = 1\ntier = "cpu"\ntask = "deeplab"\n'
+                        'metric = "miou"\na = "res5a-c"\nb = "none"\nholds = true\n')
+    report = gate.check_findings(findings, root)
+    assert not report.ok and "unusable CSV" in report.text()
+
+
+def test_gate_fails_when_a_committed_cell_has_only_stale_runs(tmp_path):
+    """One cell's config changed under its committed runs: the table now shows it 'missing', so the
+    gate fails and names the cell (it passed with a note while other cells were current)."""
+    root = tmp_path / "ablate"
+    path = root / "table1_cpu.csv"
+    _write_results(path, 1, "cpu", T1)
+    assert gate.check_cpu_csvs(tables=(1,), root=root).ok
+    rows = list(csv.DictReader(path.open(newline="")))
+    for r in rows:
+        if (r["task"], r["variant"]) == ("deeplab", "res5c"):
+            r["config_hash"] = "0123456789ab"  # as if experiments/table1.toml's res5c had changed
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    report = gate.check_cpu_csvs(tables=(1,), root=root)
+    assert not report.ok
+    assert "1 cell(s) all stale" in report.text() and "deeplab/res5c" in report.text()
+
+
+def test_committed_cpu_csvs_have_every_run_cell_current(tmp_path):
+    """The committed cpu-tier CSVs pass the stricter gate (every cell with runs has current runs)."""
+    root = tmp_path / "ablate"
+    root.mkdir()
+    for n in (1, 2, 3):
+        src = RESULTS_DIR / "ablate" / f"table{n}_cpu.csv"
+        if src.is_file():
+            shutil.copy(src, root / src.name)
+    report = gate.check_cpu_csvs(root=root)
+    assert report.ok, report.text()
+
+
+def test_figures_and_table_cli_report_a_malformed_default_csv_without_a_traceback(tmp_path, monkeypatch):
+    """A malformed CSV in the --results-dir folder: `figures` exits 1 with the reason; `table` run
+    on its default CSV says so without blaming a --results option that was not given."""
+    import dcnbench.report.tables as tables
+    from dcnbench.cli import main
+
+    bad = tmp_path / "ablate" / "table1_smoke.csv"
+    _write_results(bad, 3, "smoke", {("deeplab", "atrous-2"): {"miou": [20.0, 21.0]}})
+    result = CliRunner().invoke(main, ["figures", "--tier", "smoke", "--table", "1", "--results-dir",
+                                       str(bad.parent), "--out", str(tmp_path / "figs")])
+    assert result.exit_code == 1 and "expected 1/smoke" in result.output
+    monkeypatch.setattr(tables, "results_csv", lambda n, tier, root=None: bad)
+    result = CliRunner().invoke(main, ["table", "1", "--tier", "smoke", "--out", str(tmp_path / "t")])
+    assert result.exit_code == 1 and "expected 1/smoke" in result.output and "--results" not in result.output
