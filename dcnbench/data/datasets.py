@@ -3,7 +3,8 @@
 Every dataset is a ``torch.utils.data.Dataset`` whose items are ``(image, target)``:
 
 * ``image``: float tensor (3, H, W) in [0, 1] (or whatever the ``transforms`` make of it);
-* ``target``: dict with ``"image_id"`` (int), ``"name"`` (file stem), ``"orig_size"`` (H, W) and
+* ``target``: dict with ``"image_id"`` (int), ``"name"`` (file stem), ``"orig_size"`` (H, W) of the
+  file and ``"size"`` (H, W) of ``image`` (they differ after resizing), and
   - segmentation: ``"mask"`` (H, W) long, class indices with 255 = ignore;
   - detection: ``"boxes"`` (K, 4) float xyxy in pixels (pixel i spans [i, i+1)), ``"labels"``
     (K,) long in 1..C, ``"areas"`` (K,) float (mask area when known, else box area),
@@ -111,7 +112,12 @@ def read_label(path: str | Path) -> np.ndarray:
     with Image.open(path) as img:
         if img.mode not in ("P", "L", "I", "I;16"):
             raise ValueError(f"{path}: label images must be indexed or greyscale, got mode {img.mode}")
-        return np.asarray(img, dtype=np.uint8).copy() if img.mode in ("P", "L") else np.asarray(img).astype(np.uint8)
+        if img.mode in ("P", "L"):
+            return np.asarray(img, dtype=np.uint8).copy()
+        wide = np.asarray(img)
+    if wide.size and (wide.min() < 0 or wide.max() > 255):  # 16/32-bit: no silent wrap-around
+        raise ValueError(f"{path}: label values must be in 0..255, got {wide.min()}..{wide.max()} (mode {img.mode})")
+    return wide.astype(np.uint8)
 
 
 def _find_image(directory: Path, stem: str) -> Path:
@@ -139,6 +145,7 @@ def _find_voc_dir(root: Path, year: str | None, marker: str) -> Path | None:
 
 def _finish(image: Tensor, target: dict, transforms: Transforms) -> tuple[Tensor, dict]:
     target["orig_size"] = torch.tensor(image.shape[-2:])
+    target["size"] = target["orig_size"].clone()  # transforms that resize update it
     if transforms is not None:
         image, target = transforms(image, target)
     return image, target
@@ -276,12 +283,17 @@ class VOCDetection(Dataset):
             image_sets = (image_sets,)
         self.items: list[tuple[Path, str]] = []
         voc_dirs = []
+        first_set: dict[Path, str] = {}  # folder -> the first image set read from it
         for image_set in image_sets:
             year, split = image_set.split("-", 1) if "-" in image_set else (None, image_set)
             voc = _find_voc_dir(self.root, year, "Annotations")
             list_file = None if voc is None else voc / "ImageSets" / "Main" / f"{split}.txt"
             if voc is None or not list_file.is_file():
                 raise DatasetNotFoundError(f"{self.root}: image set {image_set!r} not found. {_VOC_DET_LAYOUT}")
+            other = first_set.setdefault(voc, image_set)
+            if other.split("-", 1)[0] != image_set.split("-", 1)[0]:  # e.g. 07+12 with root = a VOC2007 folder
+                raise DatasetNotFoundError(f"{self.root}: image sets {other!r} and {image_set!r} (different years) "
+                                           f"would both be read from {voc}. {_VOC_DET_LAYOUT}")
             voc_dirs.append(voc)
             self.items += [(voc, name) for name in _read_list(list_file)]
         if classes is None:
@@ -394,7 +406,8 @@ class CocoDetection(Dataset):
     """COCO-format detection through pycocotools (real COCO and the synthetic ``--task det`` output).
 
     Category ids map to contiguous labels 1..C in sorted id order (``label_to_category_id`` maps
-    back, for results files); the image id is COCO's.  ``include_crowd=False`` drops crowd boxes.
+    back, for results files); the image id is COCO's.  ``include_crowd=False`` drops crowd boxes (for
+    training); evaluate with ``True`` so the evaluator ignores detections on crowd regions, as COCOeval does.
     """
 
     def __init__(
@@ -554,7 +567,8 @@ def build_dataset(
     ``07test`` or image sets joined by ``+`` such as ``2007-trainval+2012-trainval``),
     ``cityscapes``, ``coco`` (``train2017``/``val2017``), ``synth_seg`` (a ``--task seg`` folder),
     ``synth_det`` (a ``--task det`` COCO folder).  Synthetic data keeps its native size unless
-    ``shorter_side`` says otherwise.
+    ``shorter_side`` says otherwise.  Evaluation sets (``train=False``) keep VOC's difficult and COCO's
+    crowd objects, flagged, for the evaluator to ignore; training sets drop them.
     """
     from .transforms import paper_transforms
 
@@ -572,4 +586,4 @@ def build_dataset(
     if name == "voc_det":
         sets = {"07+12": VOC_DET_TRAIN, "07test": VOC_DET_TEST}.get(split, tuple(split.split("+")))
         return VOCDetection(root, sets, tf, keep_difficult=not train)
-    return CocoDetection(root, split, tf)
+    return CocoDetection(root, split, tf, include_crowd=not train)  # evaluation ignores crowd regions

@@ -3,7 +3,8 @@
 Every transform is a callable ``(image, target) -> (image, target)`` where ``image`` is a float
 tensor (3, H, W) and ``target`` a dict that may hold ``"mask"`` (H, W) long with 255 = ignore,
 ``"boxes"`` (K, 4) float xyxy in pixels and ``"areas"`` (K,).  Masks are resized by nearest
-neighbour, boxes and areas scaled with the image.
+neighbour, boxes and areas scaled with the image, and ``"size"`` (H, W) follows the image
+(``"orig_size"`` keeps the file's, so the evaluator can map boxes and areas back to it).
 
 Paper settings: images resized to a shorter side of 360 px (PASCAL VOC segmentation), 1024 px
 (Cityscapes) or 600 px (detection), and horizontally flipped at random in training; see
@@ -84,6 +85,8 @@ class ResizeShorterSide:
             target["boxes"] = target["boxes"] * scale
         if "areas" in target:
             target["areas"] = target["areas"] * (sx * sy)
+        if "size" in target:
+            target["size"] = torch.tensor([nh, nw])
         return image, target
 
 

@@ -13,7 +13,11 @@ difficult (or crowd) boxes count neither way; AP is the area under the monotone 
 curve (``use_07_metric=True``: the 11-point VOC 2007 variant).  Classes without ground truth are
 left out of the mean.  For COCOeval, difficult boxes are passed as crowd (ignore) regions, the
 IoU thresholds are rounded to two decimals (so 0.7 is exactly 0.7), and ``area`` is the target's
-``areas`` (mask area for COCO and synthetic data, box area for VOC).
+``areas`` (mask area for COCO and synthetic data, box area for VOC), else the box area.
+
+Targets whose ``"size"`` differs from their ``"orig_size"`` (the loaders' resized images) are
+evaluated in the original image's pixels: their boxes, areas and the image's predicted boxes are
+scaled back, so COCO's small / medium / large refer to the annotated image (IoU does not change).
 """
 
 from __future__ import annotations
@@ -82,6 +86,14 @@ def _np(x, dtype=None, shape=None) -> np.ndarray:
     return x.reshape(shape) if shape is not None else x
 
 
+def _scale_to_original(target: Mapping) -> tuple[float, float]:
+    """(sx, sy) taking a target's boxes from its image (``"size"``) back to the file (``"orig_size"``)."""
+    if "size" not in target or "orig_size" not in target:
+        return 1.0, 1.0
+    (h, w), (oh, ow) = (_np(target[k], np.float64, (2,)) for k in ("size", "orig_size"))
+    return float(ow / w), float(oh / h)
+
+
 class DetectionEvaluator:
     """Accumulate predictions and ground truth, then :meth:`compute` VOC and COCO metrics.
 
@@ -115,32 +127,51 @@ class DetectionEvaluator:
         self.image_ids: list = []
 
     def update(self, predictions: Sequence[Mapping], targets: Sequence[Mapping]) -> None:
-        """One entry per image: predictions hold boxes/scores/labels, targets the loader's dict."""
+        """One entry per image: predictions hold boxes (K, 4) / scores (K,) / labels (K,), targets the
+        loader's dict.  An ``image_id`` seen before is an error (each image must count once)."""
         if len(predictions) != len(targets):
-            raise ValueError("predictions and targets must have one entry per image")
+            raise ValueError(f"predictions and targets must have one entry per image, got {len(predictions)} "
+                             f"and {len(targets)}")
+        seen = set(self.image_ids) - {None}
+        gts, dets, ids = [], [], []  # stored only once every image is valid
         for i, (pred, tgt) in enumerate(zip(predictions, targets)):
-            boxes = _np(tgt["boxes"], np.float64, (-1, 4))
+            image_id = tgt.get("image_id")
+            image_id = image_id.item() if isinstance(image_id, Tensor) else image_id
+            if image_id is not None:
+                if image_id in seen:
+                    raise ValueError(f"targets[{i}]['image_id'] = {image_id} was already evaluated")
+                seen.add(image_id)
+            sx, sy = _scale_to_original(tgt)
+            boxes = _np(tgt["boxes"], np.float64, (-1, 4)) * [sx, sy, sx, sy]
             k = len(boxes)
             gt = {
                 "boxes": boxes,
                 "labels": _np(tgt["labels"], np.int64, (-1,)),
                 "difficult": _np(tgt.get("difficult", np.zeros(k)), bool, (-1,)),
                 "iscrowd": _np(tgt.get("iscrowd", np.zeros(k)), bool, (-1,)),
-                "areas": _np(tgt["areas"], np.float64, (-1,)) if "areas" in tgt else
+                "areas": _np(tgt["areas"], np.float64, (-1,)) * (sx * sy) if "areas" in tgt else
                 (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
             }
             det = {
-                "boxes": _np(pred["boxes"], np.float64, (-1, 4)),
+                "boxes": _np(pred["boxes"], np.float64, (-1, 4)) * [sx, sy, sx, sy],
                 "scores": _np(pred["scores"], np.float64, (-1,)),
                 "labels": _np(pred["labels"], np.int64, (-1,)),
             }
-            for name, arr in (("targets", gt["labels"]), ("predictions", det["labels"])):
+            for name, fields in (("targets", gt), ("predictions", det)):
+                for key, arr in fields.items():
+                    if len(arr) != len(fields["boxes"]):
+                        raise ValueError(f"{name}[{i}]: {len(fields['boxes'])} boxes but {key} has shape "
+                                         f"{tuple(arr.shape)}")
+                arr = fields["labels"]
                 bad = arr[(arr < 1) | (arr > self.num_classes)]
                 if bad.size:
                     raise ValueError(f"{name}[{i}]['labels'] must be in 1..{self.num_classes}, got {bad[0]}")
-            self.gts.append(gt)
-            self.dets.append(det)
-            self.image_ids.append(tgt.get("image_id", len(self.image_ids)))
+            gts.append(gt)
+            dets.append(det)
+            ids.append(image_id)  # None where the target has no image_id
+        self.gts += gts
+        self.dets += dets
+        self.image_ids += ids
 
     # -- VOC ----------------------------------------------------------------------------------
 
