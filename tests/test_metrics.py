@@ -208,23 +208,58 @@ def test_object_area_map_and_categories():
     cats = categorize_areas(torch.tensor([0.0, 5.0, 96.0**2, 224.0**2 + 1]), PAPER_AREA_THRESHOLDS)
     assert cats.tolist() == [3, 0, 1, 2]
     assert tercile_thresholds([10, 20, 30, 40, 50, 60, 70, 80, 90]) == pytest.approx((36.6666667, 63.333333))
-    # 8x8 feature map of a 32 px image: cell (r, c) has its centre at pixel 4r + 1.5.
-    big = torch.zeros(32, 32)
-    big[:4, :4] = 5.0
-    small = area_map_at(big, (8, 8))
-    assert small[0, 0] == 5 and small[1, 1] == 0
+
+
+
+def test_area_map_is_sampled_at_the_receptive_field_centres():
+    """Cell (r, c) of a stride-4 map reads pixel (4r, 4c) (clamped to the image), not the middle of
+    its 4x4 footprint: an object covering pixels 4..5 is under cell 1's filter centre only."""
+    big = torch.zeros(32, 30)
+    big[4:6, 4:6] = 5.0
+    small = area_map_at(big, (8, 8), stride=4)
+    assert small[1, 1] == 5 and small.sum() == 5
+    big[31, 29] = 7.0  # the last cell's centre (28, 28) is inside; a 9th row/column clamps to the border
+    assert area_map_at(big, (9, 9), stride=4)[8, 8] == 7
+    with pytest.raises(ValueError, match="stride"):
+        area_map_at(big, (8, 8), stride=0)
+
+
+def test_filter_centre_of_a_resnet_output_cell_is_stride_times_its_index():
+    """The model fact area_map_at relies on: in the stride-16 backbone, output cell i depends on the
+    input pixels symmetric about pixel 16 i. Made linear (ReLU -> identity, max -> average pooling of
+    the same geometry, positive weights) so that the gradient's support is the whole receptive field."""
+    from torch import nn
+
+    from dcnbench.models.backbone import ResNetBackbone
+
+    net = ResNetBackbone(blocks=(1, 1, 1, 1), width=8, out_channels=16).double().eval()
+    for name, module in list(net.named_modules()):
+        parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+        if isinstance(module, nn.ReLU):
+            setattr(parent, name.rpartition(".")[2], nn.Identity())
+        elif isinstance(module, nn.MaxPool2d):
+            setattr(parent, name.rpartition(".")[2], nn.AvgPool2d(3, 2, 1))
+        elif isinstance(module, nn.Conv2d):
+            module.weight.data.abs_().add_(0.01)
+    image = torch.ones(1, 3, 512, 512, dtype=torch.float64, requires_grad=True)
+    out = net(image)[1]
+    assert out.shape[-2:] == (32, 32)
+    out[0, :, 16, 17].sum().backward()
+    rows, cols = torch.nonzero(image.grad[0].sum(0), as_tuple=True)
+    assert rows.min() > 0 and cols.max() < 511  # the receptive field is not clipped by the border
+    assert (rows.min() + rows.max()) / 2 == 16 * 16 and (cols.min() + cols.max()) / 2 == 16 * 17
 
 
 def test_dilation_by_object_and_stats_table():
     eff = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])  # (1, 1, 4): four cells
     area = torch.tensor([[[10.0, 50.0, 90.0, 0.0]]])
-    df = dilation_by_object(eff, area, thresholds=(20.0, 60.0))
+    df = dilation_by_object(eff, area, 1, thresholds=(20.0, 60.0))
     assert df.loc["small", "mean"] == 1 and df.loc["medium", "mean"] == 2
     assert df.loc["large", "mean"] == 3 and df.loc["background", "mean"] == 4
     assert df["count"].tolist() == [1, 1, 1, 1]
     stats = DilationStats()
-    stats.update("res5a", eff, area, object_areas=[10.0, 50.0, 90.0])
-    stats.update("res5a", eff + 2, area, object_areas=[10.0, 50.0, 90.0])
+    stats.update("res5a", eff, area, 1, object_areas=[10.0, 50.0, 90.0])
+    stats.update("res5a", eff + 2, area, 1, object_areas=[10.0, 50.0, 90.0])
     long = stats.summary()
     row = long[(long.layer == "res5a") & (long.category == "small")].iloc[0]
     assert row["mean"] == 2.0 and row["std"] == 1.0 and row["count"] == 2

@@ -6,7 +6,8 @@ between adjacent sampling locations: tap (i, j) samples at ``(i * d + dy_ij, j *
 vertical neighbours (12 for 3 x 3) are averaged.  Zero offsets give exactly ``d``.
 
 Each output location is then put in a category by the ground-truth object under the filter
-centre: the smallest box covering the centre of the output cell (mapped to image coordinates),
+centre: the smallest box covering the image pixel at the output cell's receptive-field centre
+(pixel ``stride * i`` for cell ``i`` of a stride-``stride`` map),
 categorised by its area into small / medium / large (``"terciles"`` of the objects' areas, or the
 paper's thresholds 96² and 224² px for real data), or background where no box covers it.
 Statistics are mean ± std over all such locations.
@@ -23,7 +24,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -91,13 +91,17 @@ def object_area_map(boxes: Tensor, image_size: tuple[int, int], areas: Tensor | 
     return out
 
 
-def area_map_at(area_map: Tensor, size: tuple[int, int]) -> Tensor:
-    """Sample an (..., H, W) area map at the centres of an (h, w) output grid (nearest)."""
-    if tuple(area_map.shape[-2:]) == tuple(size):
-        return area_map
-    lead = area_map.shape[:-2]
-    flat = area_map.reshape(-1, 1, *area_map.shape[-2:]).double()
-    return F.interpolate(flat, size=tuple(size), mode="nearest-exact").reshape(*lead, *size)
+def area_map_at(area_map: Tensor, size: tuple[int, int], stride: int) -> Tensor:
+    """Sample an (..., H, W) area map at the filter centres of an (h, w) output grid of ``stride``
+    image pixels per cell: cell (i, j) is centred on pixel (stride * i, stride * j) (the receptive
+    field's centre in a network whose strided layers pad by (k - 1) / 2, as ResNet's), clamped to the
+    image."""
+    if stride < 1:
+        raise ValueError(f"stride must be a positive number of pixels, got {stride}")
+    h, w = size
+    rows = (torch.arange(h) * stride).clamp(max=area_map.shape[-2] - 1)
+    cols = (torch.arange(w) * stride).clamp(max=area_map.shape[-1] - 1)
+    return area_map[..., rows[:, None], cols[None, :]]
 
 
 def tercile_thresholds(object_areas: Sequence[float] | np.ndarray | Tensor) -> tuple[float, float]:
@@ -142,17 +146,19 @@ def _stats(values: np.ndarray, cats: np.ndarray):
 def dilation_by_object(
     eff: Tensor,
     area_map: Tensor,
+    stride: int,
     thresholds: str | tuple[float, float] = "terciles",
     object_areas: Sequence[float] | Tensor | None = None,
 ):
     """pandas DataFrame indexed small/medium/large/background with mean, std, count of ``eff``.
 
     ``eff`` (N, h, w) from :func:`effective_dilation`; ``area_map`` (N, H, W) or (H, W) from
-    :func:`object_area_map` (image resolution; sampled at the output-cell centres);
+    :func:`object_area_map` (image resolution; sampled at the filter centres, see
+    :func:`area_map_at`); ``stride`` image pixels per cell of ``eff``;
     ``thresholds``: ``"terciles"`` of ``object_areas`` (default: the distinct non-zero areas in
     ``area_map``), ``"paper"`` (96², 224²) or a pair.
     """
-    amap = area_map_at(area_map, tuple(eff.shape[-2:]))
+    amap = area_map_at(area_map, tuple(eff.shape[-2:]), stride)
     amap = amap.expand(eff.shape) if amap.dim() == 2 else amap
     if object_areas is None and thresholds in (None, "terciles"):
         object_areas = torch.unique(area_map[area_map > 0])
@@ -168,7 +174,7 @@ class DilationStats:
     >>> with record_offsets(model) as rec:
     ...     model(images)
     >>> for name, (offset, dilation, kernel) in rec.items():
-    ...     stats.update(name, effective_dilation(offset, dilation, kernel), area_maps, object_areas)
+    ...     stats.update(name, effective_dilation(offset, dilation, kernel), area_maps, 16, object_areas)
     >>> stats.table()      # rows = layers, columns small / medium / large / background: "mean ± std"
     """
 
@@ -177,9 +183,11 @@ class DilationStats:
         self._area: dict[str, list[np.ndarray]] = {}
         self._objects: dict[str, list[np.ndarray]] = {}
 
-    def update(self, layer: str, eff: Tensor, area_maps: Tensor, object_areas: Sequence[float] | Tensor | None = None) -> None:
-        """``eff`` (N, h, w); ``area_maps`` (N, H, W) image-resolution; ``object_areas``: the batch's objects."""
-        amap = area_map_at(area_maps, tuple(eff.shape[-2:]))
+    def update(self, layer: str, eff: Tensor, area_maps: Tensor, stride: int,
+               object_areas: Sequence[float] | Tensor | None = None) -> None:
+        """``eff`` (N, h, w) at ``stride`` image pixels per cell; ``area_maps`` (N, H, W)
+        image-resolution; ``object_areas``: the batch's objects."""
+        amap = area_map_at(area_maps, tuple(eff.shape[-2:]), stride)
         amap = amap.expand(eff.shape) if amap.dim() == 2 else amap
         self._eff.setdefault(layer, []).append(eff.detach().double().cpu().numpy().ravel())
         self._area.setdefault(layer, []).append(amap.double().cpu().numpy().ravel())
