@@ -19,6 +19,7 @@ family keeps the stages, the res5 dilation and the placement logic with fewer bl
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 
 import torch
@@ -198,19 +199,33 @@ def load_backbone_weights(model: nn.Module, path: str) -> None:
     ``torch.load(path, map_location="cpu", weights_only=True)``; a ``{"state_dict": ...}`` or
     ``{"model": ...}`` wrapper is unwrapped. Keys are checked strictly: the ImageNet classifier
     (``fc.*``) and BN ``num_batches_tracked`` counters are ignored; the offset convs (zero-init) and
-    the 1×1 reduction conv are new layers the file does not hold. A file that is not a dict of
-    tensors raises a ``TypeError``; any other missing or unexpected key, or a shape mismatch, a
+    the 1×1 reduction conv are new layers the file does not hold. A file ``torch.load`` cannot read
+    with ``weights_only=True`` raises a ``ValueError`` naming it; one that is not a dict of tensors
+    keyed by name a ``TypeError``; any other missing or unexpected key, or a shape mismatch, a
     ``ValueError`` that lists them.
     """
     backbone = model if isinstance(model, ResNetBackbone) else getattr(model, "backbone", None)
     if not isinstance(backbone, ResNetBackbone):
         raise TypeError(f"expected a ResNetBackbone or a model with .backbone, got {type(model).__name__}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # missing file, permissions: the system's own message names the path
+        raise
+    except pickle.UnpicklingError as err:  # not a pickle, or objects weights_only refuses
+        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint: torch.load(weights_only=True) refuses "
+                         f"it (not a PyTorch file, or it pickles objects other than tensors and plain containers: "
+                         f"a whole model? save its state_dict() instead)") from err
+    except Exception as err:  # a truncated archive, an empty file, ...
+        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint: torch.load cannot read it "
+                         f"({type(err).__name__}: {str(err)[:200]})") from err
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
     if not isinstance(state, dict):
         raise TypeError(f"{path}: expected a state dict (key -> tensor), the file holds a {type(state).__name__}")
+    not_names = [k for k in state if not isinstance(k, str)]
+    if not_names:
+        raise TypeError(f"{path}: expected a state dict (key -> tensor), these keys are not strings: {not_names[:10]}")
     state = {k.removeprefix("module."): v for k, v in state.items()
              if not k.removeprefix("module.").startswith("fc.") and not k.endswith("num_batches_tracked")}
     expected = _body_keys(backbone)

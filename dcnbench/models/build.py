@@ -32,6 +32,7 @@ score_thresh, nms_thresh, detections_per_img   detection post-processing (0.05, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -50,6 +51,48 @@ KNOWN_KEYS = {
     "aspect_ratios", "rpn_batch_size", "rpn_ignore_cross_boundary", "rpn_pre_nms_top_n", "rpn_post_nms_top_n",
     "roi_batch_size", "fc_channels", "pool_size", "sampling_ratio", "score_thresh", "nms_thresh", "detections_per_img",
 }
+
+
+_POSITIVE_INTS = ("num_classes", "width", "dilation", "res4_dilation", "offset_groups", "rpn_batch_size",
+                  "roi_batch_size", "fc_channels", "pool_size", "sampling_ratio", "detections_per_img")
+_NON_NEGATIVE_INTS = ("feature_channels", "rpn_conv_channels")  # 0 drops the layer
+_POSITIVE_NUMBER_LISTS = ("anchor_sizes", "aspect_ratios")
+_TRAIN_TEST_PAIRS = ("rpn_pre_nms_top_n", "rpn_post_nms_top_n")
+_FRACTIONS = ("score_thresh", "nms_thresh")
+
+
+def check_config(cfg: dict[str, Any]) -> None:
+    """ValueError naming the first key whose value has the wrong type or range (module docstring)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def fail(key, what):
+        raise ValueError(f"config {key!r} must be {what}, got {cfg[key]!r}")
+
+    for key in _POSITIVE_INTS:
+        if key in cfg and not (is_int(cfg[key]) and cfg[key] >= 1):
+            fail(key, "a positive integer")
+    for key in _NON_NEGATIVE_INTS:
+        if key in cfg and not (is_int(cfg[key]) and cfg[key] >= 0):
+            fail(key, "an integer >= 0")
+    for key in _POSITIVE_NUMBER_LISTS:
+        v = cfg.get(key, [1])
+        if isinstance(v, str) or not isinstance(v, Sequence) or not v or not all(is_number(x) and x > 0 for x in v):
+            fail(key, "a non-empty list of positive numbers")
+    for key in _TRAIN_TEST_PAIRS:
+        v = cfg.get(key, [1, 1])
+        if isinstance(v, str) or not isinstance(v, Sequence) or len(v) != 2 or not all(is_int(x) and x >= 1 for x in v):
+            fail(key, "a (train, test) pair of positive integers")
+    for key in _FRACTIONS:
+        if key in cfg and not (is_number(cfg[key]) and 0 <= cfg[key] <= 1):
+            fail(key, "a number in [0, 1]")
+    placement = cfg.get("placement", "none")
+    names = isinstance(placement, Sequence) and all(isinstance(n, str) for n in placement)
+    if not isinstance(placement, str) and not names:
+        fail("placement", "a Table 1 row name or a list of block names")
 
 
 def build_backbone(cfg: dict[str, Any]) -> ResNetBackbone:
@@ -71,13 +114,15 @@ def build_backbone(cfg: dict[str, Any]) -> ResNetBackbone:
 
 
 def build_model(cfg: dict[str, Any]) -> nn.Module:
-    """A DeepLab, ClassAwareRPN, FasterRCNN or RFCN from a plain config dict (module docstring)."""
+    """A DeepLab, ClassAwareRPN, FasterRCNN or RFCN from a plain config dict (module docstring);
+    unknown keys and values of the wrong type or range raise a ValueError naming the key."""
     unknown = set(cfg) - KNOWN_KEYS
     if unknown:
         raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(KNOWN_KEYS)}")
     task = cfg.get("task")
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_config(cfg)
     backbone = build_backbone(cfg)
     num_classes = cfg.get("num_classes", 20)
     if task == "deeplab":

@@ -78,6 +78,24 @@ def check_targets(targets: Targets | None, images: Tensor | Sequence[Tensor], nu
                              f"got {inverted[0].tolist()}")
 
 
+def box_dtype(x: Tensor) -> torch.dtype:
+    """The dtype box arithmetic on ``x`` uses: float32 at least (float64 stays). Under autocast the
+    network's outputs may be bfloat16, whose step is 4 px at 600 px."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def check_proposals(proposals, num_images: int) -> None:
+    """Fixed proposals: a list of one (P, 4) floating-point xyxy tensor per image."""
+    if not isinstance(proposals, (list, tuple)):
+        raise ValueError(f"proposals must be a list of (P, 4) boxes, one per image, got {_describe(proposals)}")
+    if len(proposals) != num_images:
+        raise ValueError(f"got {len(proposals)} proposal sets for a batch of {num_images} images")
+    for i, p in enumerate(proposals):
+        if not isinstance(p, Tensor) or p.dim() != 2 or p.shape[1] != 4 or not p.is_floating_point():
+            raise ValueError(f"proposals[{i}] must be a floating-point (P, 4) tensor of x1, y1, x2, y2, "
+                             f"got {_describe(p)}")
+
+
 def grid_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], feature_hw: tuple[int, int],
                  stride: int, device=None, dtype=torch.float32) -> Tensor:
     """Anchors of every feature-map cell, (H*W*A, 4), ordered (row, column, anchor).
@@ -99,13 +117,24 @@ def grid_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], feature
     return (shifts + base[None]).reshape(-1, 4)
 
 
-def match(matcher: Matcher, gt_boxes: Tensor, gt_labels: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+def match(matcher: Matcher, gt_boxes: Tensor, gt_labels: Tensor, boxes: Tensor,
+          candidates: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(matched ground-truth index or a negative ``Matcher`` code, matched label or 0) per box;
-    every box is background in an image without ground truth."""
+    every box is background in an image without ground truth. ``candidates`` (bool per box) limits
+    the matching to those boxes: the others get IoU -1, so each ground truth's best (low-quality)
+    match is its best candidate, as py-faster-rcnn matches only the anchors inside the image. A ground
+    truth that overlaps no candidate is left out: its "best" match would be every box tied at IoU 0."""
+    background = torch.full((boxes.shape[0],), Matcher.BELOW_LOW_THRESHOLD, dtype=torch.long, device=boxes.device)
     if gt_boxes.numel() == 0:
-        idx = torch.full((boxes.shape[0],), Matcher.BELOW_LOW_THRESHOLD, dtype=torch.long, device=boxes.device)
-        return idx, torch.zeros_like(idx)
-    idx = matcher(box_iou(gt_boxes, boxes))
+        return background, torch.zeros_like(background)
+    quality = box_iou(gt_boxes, boxes)
+    if candidates is not None:
+        quality = quality.masked_fill(~candidates, -1.0)
+    reachable = torch.where(quality.max(dim=1).values > 0)[0]
+    if reachable.numel() == 0:
+        return background, torch.zeros_like(background)
+    idx = matcher(quality[reachable])
+    idx = torch.where(idx >= 0, reachable[idx.clamp(min=0)], idx)
     return idx, torch.where(idx >= 0, gt_labels[idx.clamp(min=0)], torch.zeros_like(idx))
 
 
@@ -135,6 +164,9 @@ def sample_rois(
 def fast_rcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor) -> tuple[Tensor, Tensor]:
     """(C+1)-way cross entropy + smooth-L1 on the foreground RoIs' boxes (class-specific when
     box_regression is (K, 4(C+1)), class-agnostic when (K, 4)), averaged over all sampled RoIs."""
+    if labels.numel() == 0:  # no RoI sampled (no proposals and no ground truth): zero, still differentiable
+        zero = 0 * (class_logits.sum() + box_regression.sum())
+        return zero, zero
     cls_loss = F.cross_entropy(class_logits, labels)
     pos = torch.where(labels > 0)[0]
     k = box_regression.shape[0]
@@ -157,8 +189,8 @@ def detect(
     """
     num_classes = class_logits.shape[1]
     counts = [b.shape[0] for b in boxes]
-    scores_all = F.softmax(class_logits, -1).split(counts)
-    deltas_all = box_regression.split(counts)
+    scores_all = F.softmax(class_logits.to(box_dtype(class_logits)), -1).split(counts)
+    deltas_all = box_regression.to(box_dtype(box_regression)).split(counts)
     out = []
     for scores, deltas, ref, size in zip(scores_all, deltas_all, boxes, image_sizes):
         k = ref.shape[0]

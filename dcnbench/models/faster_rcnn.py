@@ -14,7 +14,7 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from dcnbench.ops import DeformRoIPool, deform_roi_pool
 
 from .backbone import ResNetBackbone
-from .common import Targets, check_targets, detect, fast_rcnn_loss, sample_rois, to_batch
+from .common import Targets, check_proposals, check_targets, detect, fast_rcnn_loss, sample_rois, to_batch
 from .rpn import RPN
 
 
@@ -49,6 +49,8 @@ class RoIDetector(nn.Module):
         """Network forward (proposal generation included): per-RoI logits and box regression.
         A list of differently sized images is padded (``to_batch``); ``image_sizes`` keeps each (H, W)."""
         images, sizes = to_batch(images)
+        if proposals is not None:
+            check_proposals(proposals, len(sizes))
         c4, feature = self.backbone(images)
         losses = {}
         if proposals is None:

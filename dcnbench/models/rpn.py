@@ -17,7 +17,7 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
 from .backbone import ResNetBackbone
-from .common import Targets, check_targets, detect, grid_anchors, match, to_batch
+from .common import Targets, box_dtype, check_targets, detect, grid_anchors, match, to_batch
 
 
 class RPN(nn.Module):
@@ -75,8 +75,9 @@ class RPN(nn.Module):
                 deltas.permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
 
     def anchors(self, feature: Tensor) -> Tensor:
+        """(H*W*A, 4) anchors of ``feature``'s grid, in float32 at least (``box_dtype``)."""
         return grid_anchors(self.anchor_sizes, self.aspect_ratios, tuple(feature.shape[-2:]), self.stride,
-                            feature.device, feature.dtype)
+                            feature.device, box_dtype(feature))
 
     def loss(self, logits: Tensor, deltas: Tensor, anchors: Tensor, targets: Targets,
              image_sizes: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
@@ -84,19 +85,22 @@ class RPN(nn.Module):
         num_classes == 1) and smooth-L1 on the positives' deltas, normalized by the sample count.
 
         With ``ignore_cross_boundary`` (Faster R-CNN's rule) anchors crossing the border of their
-        image (``image_sizes``: (H, W) per image, padding excluded) are not sampled; an anchor
-        shape that crosses it at every position (e.g. 181×90 on a 128 px image) is then never
-        trained, yet still scored at test time."""
+        image (``image_sizes``: (H, W) per image, padding excluded) are neither matched nor
+        sampled: each ground truth's best-IoU positive is its best anchor inside the image. An
+        anchor shape that crosses the border at every position (e.g. 181×90 on a 128 px image) is
+        then never trained, yet still scored at test time."""
         labels, reg_targets, sampled = [], [], []
         for tgt, (height, width) in zip(targets, image_sizes):
             gt_boxes = tgt["boxes"].to(anchors)
-            idx, lab = match(self.matcher, gt_boxes, tgt["labels"].to(anchors.device), anchors)
-            if self.num_classes == 1:
-                lab = (idx >= 0).long()
-            state = torch.where(idx >= 0, 1, torch.where(idx == Matcher.BELOW_LOW_THRESHOLD, 0, -1))
+            inside = None
             if self.ignore_cross_boundary:
                 inside = ((anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= width)
                           & (anchors[:, 3] <= height))
+            idx, lab = match(self.matcher, gt_boxes, tgt["labels"].to(anchors.device), anchors, inside)
+            if self.num_classes == 1:
+                lab = (idx >= 0).long()
+            state = torch.where(idx >= 0, 1, torch.where(idx == Matcher.BELOW_LOW_THRESHOLD, 0, -1))
+            if inside is not None:
                 state = torch.where(inside, state, -1)
             pos, neg = self.sampler([state])
             sampled.append((pos[0] | neg[0]).bool())
@@ -121,7 +125,8 @@ class RPN(nn.Module):
         out = []
         for obj, d, size in zip(objectness, deltas, image_sizes):
             top = obj.topk(min(pre, obj.numel())).indices
-            boxes = clip_boxes_to_image(self.box_coder.decode_single(d[top].detach(), anchors[top]), size)
+            decoded = self.box_coder.decode_single(d[top].detach().to(anchors.dtype), anchors[top])
+            boxes = clip_boxes_to_image(decoded, size)
             scores = obj[top]
             keep = remove_small_boxes(boxes, self.min_size)
             boxes, scores = boxes[keep], scores[keep]
