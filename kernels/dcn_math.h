@@ -82,12 +82,12 @@ DCN_HD RoiGeometry<T> roi_geometry(T x1, T y1, T x2, T y2, T spatial_scale, int 
 }
 
 // One RoI-pooling sample (the released operator's rule): skipped (false) outside
-// [-0.5, W-0.5] x [-0.5, H-0.5]; else clamped into the map and interpolated from the floor/ceil
-// corners. Order: (y0,x0), (y0,x1), (y1,x0), (y1,x1). Derivatives are those of the clamped
-// formula (zero at integer and clamped coordinates, where floor == ceil).
+// [-0.5, W-0.5] x [-0.5, H-0.5], NaN included; else clamped into the map and interpolated from the
+// floor/ceil corners. Order: (y0,x0), (y0,x1), (y1,x0), (y1,x1). Derivatives are those of the
+// clamped formula (zero at integer and clamped coordinates, where floor == ceil).
 template <typename T>
 DCN_HD bool roi_corners(T y, T x, int height, int width, Corners<T>& c) {
-  if (x < T(-0.5) || x > T(width) - T(0.5) || y < T(-0.5) || y > T(height) - T(0.5)) return false;
+  if (!(x >= T(-0.5) && x <= T(width) - T(0.5) && y >= T(-0.5) && y <= T(height) - T(0.5))) return false;
   x = min_(max_(x, T(0)), T(width - 1));
   y = min_(max_(y, T(0)), T(height - 1));
   const T fy = floor_(y), fx = floor_(x);

@@ -299,6 +299,39 @@ def test_emulated_roi_pool(emulated, dtype, position_sensitive, offset_case, det
         torch.testing.assert_close(go, wanted[1], **_tol(dtype))
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("position_sensitive", [False, True], ids=["plain", "ps"])
+def test_emulated_non_finite_offsets_sample_nothing(emulated, position_sensitive, deterministic):
+    """NaN / inf offsets: the kernels skip those RoI samples and give those conv taps 0 with zero
+    gradients, exactly as the reference does (dcn::roi_corners counted a NaN sample as pixel 0)."""
+    dtype = torch.float64
+    x, rois, offset, size, scale, s, gamma = _roi_case(dtype, position_sensitive, True)
+    offset[0, 0:2, 1, 2] = float("nan")  # x and y: the old rule clamped such a sample to pixel (0, 0)
+    offset[3, 2:4, 0, 0] = float("inf")
+    leaves = [x.clone().requires_grad_(), offset.clone().requires_grad_()]
+    expected = reference.roi_pool(leaves[0], rois, leaves[1], size, scale, s, gamma, position_sensitive)
+    grad = torch.randn_like(expected)
+    wanted = torch.autograd.grad(expected, leaves, grad)
+    x_c, off, w, b, stride, padding, dilation, m = _conv_case(dtype)
+    off[1, 5, 2, 3] = float("nan")
+    off[0, 14, 0, 1] = -float("inf")
+    conv_grad = torch.randn(x_c.shape[0], w.shape[0], off.shape[2], off.shape[3], dtype=dtype)
+    conv_expected, conv_wanted = _reference_conv_grads(x_c, off, w, b, stride, padding, dilation, m, conv_grad)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out = cuda._roi_pool_forward(emulated, x, rois, offset, size, scale, s, gamma, position_sensitive)
+        gi, go = cuda._roi_pool_backward(emulated, grad, x, rois, offset, size, scale, s, gamma, position_sensitive)
+        conv_out = cuda._deform_conv2d_forward(emulated, x_c, off, w, b, stride, padding, dilation, m)
+        conv_grads = cuda._deform_conv2d_backward(emulated, conv_grad, x_c, off, w, b, stride, padding, dilation, m)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for got, want in [(out, expected.detach()), (gi, wanted[0]), (go, wanted[1]), (conv_out, conv_expected),
+                      *zip(conv_grads, conv_wanted)]:
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(got, want, **_tol(dtype))
+
+
 def test_emulated_mixed_dtypes_follow_the_input(emulated):
     """Arguments in another dtype (as autocast may hand them over) are cast to the input's."""
     x, off, w, b, stride, padding, dilation, m = _conv_case(torch.float64)

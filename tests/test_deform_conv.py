@@ -232,3 +232,22 @@ def test_weight_without_output_channels_gives_empty_output(cpu_backend):
     assert ours.shape == theirs.shape == (2, 0, 5, 6)
     for g, t in zip(our_grads, their_grads):
         assert torch.equal(g, t)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_offsets_sample_nothing(cpu_backend, value):
+    """A NaN or infinite offset puts its sampling point off the map (semantics note: 0 unless
+    -1 < y < H and -1 < x < W): it reads 0 and gets zero gradients, as a point far outside does,
+    and every other output and gradient is finite and unchanged."""
+    *tensors, kw = make_inputs(2, 4, 5, 6, 3, 1, 2, (3, 3), 1, 1, 1, True)
+    x, offset, weight, bias, mask = tensors
+    bad, far = offset.clone(), offset.clone()
+    bad[1, 3, 2, 4] = value   # dx of tap 1, group 0, output (2, 4) of sample 1
+    bad[0, 20, 0, 1] = value  # dy of tap 1, group 1
+    far[1, 3, 2, 4] = 1e6
+    far[0, 20, 0, 1] = -1e6
+    got, got_grads, grad_out = outputs_and_grads(deform_conv2d, x, bad, weight, bias, mask, kw)
+    want, want_grads, _ = outputs_and_grads(deform_conv2d, x, far, weight, bias, mask, kw, grad_out=grad_out)
+    assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.equal(g, w)

@@ -214,3 +214,19 @@ def test_half_precision_computes_in_float32_on_cpu(cpu_backend, op, ps, dtype):
     assert got.dtype == got_gx.dtype == got_go.dtype == dtype
     for g, w in ((got, want), (got_gx, want_gx), (got_go, want_go)):
         assert torch.equal(g, w.to(dtype))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("op,ps", OPS, ids=IDS)
+def test_non_finite_offsets_skip_their_samples(cpu_backend, op, ps, value):
+    """A NaN or infinite offset puts its bins' samples outside [-0.5, W-0.5]: they are skipped (as
+    samples moved far off the map are), in the output and in both gradients, on every backend."""
+    input, rois, offset, kw = make_case(ps)
+    bad, far = offset.clone(), offset.clone()
+    bad[0, 0:2, 1, 2] = value  # x and y of offset class 0, part (1, 2), roi 0
+    bad[2, 3, 0, 0] = value    # y of offset class 1, part (0, 0), roi 2
+    far[0, 0:2, 1, 2] = 1e6
+    far[2, 3, 0, 0] = 1e6
+    got, got_gi, got_go, grad_out = grads(op, input, rois, bad, kw)
+    want, want_gi, want_go, _ = grads(op, input, rois, far, kw, grad_out)
+    assert torch.equal(got, want) and torch.equal(got_gi, want_gi) and torch.equal(got_go, want_go)

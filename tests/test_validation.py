@@ -133,6 +133,17 @@ def roi_args(**overrides):
         (dict(output_size=0), ValueError, r"output_size must be positive"),
         (dict(sampling_ratio=0), ValueError, r"sampling_ratio must be >= 1"),
         (dict(rois="boxes"), TypeError, r"rois must be a \(K, 5\) tensor or a list"),
+        (dict(rois=torch.tensor([[0, 0.0, 0.0, float("nan"), 4.0]])), ValueError,
+         r"rois must hold finite box coordinates, got \[0.0, 0.0, 0.0, nan, 4.0\] in row 0"),
+        (dict(rois=[torch.zeros(0, 4), torch.tensor([[1.0, -float("inf"), 4.0, 4.0]])]), ValueError,
+         r"rois must hold finite box coordinates, got \[1.0, 1.0, -inf, 4.0, 4.0\] in row 0"),
+        (dict(input=torch.randn(2, 18, 0, 8)), ValueError, r"input must have a non-empty feature map, got shape \(2, 18, 0, 8\)"),
+        (dict(input=torch.randn(2, 18, 8, 0)), ValueError, r"input must have a non-empty feature map"),
+        (dict(sampling_ratio=2.5), TypeError, r"sampling_ratio must be an int, got 2.5"),
+        (dict(sampling_ratio=True), TypeError, r"sampling_ratio must be an int, got True"),
+        (dict(spatial_scale=float("inf")), ValueError, r"spatial_scale must be finite and > 0, got inf"),
+        (dict(spatial_scale=0.0), ValueError, r"spatial_scale must be finite and > 0, got 0.0"),
+        (dict(offset=torch.randn(2, 2, 3, 3), gamma=float("nan")), ValueError, r"gamma must be finite, got nan"),
     ],
 )
 def test_roi_pool_bad_input(op, overrides, error, pattern):
@@ -166,3 +177,44 @@ def test_roi_pool_modules_check_channels_up_front(module, inputs, pattern):
     rois = torch.tensor([[0, 1.0, 1.0, 9.0, 9.0]])
     with pytest.raises(ValueError, match=pattern):
         module(*[torch.randn(shape) for shape in inputs], rois)
+
+
+def test_numpy_and_tensor_integers_are_accepted_as_sizes():
+    """As torchvision's ops take them: numpy and 0-d tensor integers for stride, padding, dilation
+    and output_size give the same result as Python ints (bools stay refused)."""
+    import numpy as np
+
+    args = conv_args(padding=1)
+    want = deform_conv2d(**args)
+    got = deform_conv2d(**{**args, "stride": np.int64(1), "padding": (np.int32(1), torch.tensor(1)),
+                           "dilation": [1, np.int64(1)]})
+    assert torch.equal(got, want)
+    with pytest.raises(TypeError, match=r"stride must be an int or a pair of ints, got \(True, 1\)"):
+        deform_conv2d(**{**args, "stride": (True, 1)})
+    roi = roi_args()
+    assert torch.equal(deform_ps_roi_pool(**{**roi, "output_size": np.int64(3), "sampling_ratio": np.int64(2)}),
+                       deform_ps_roi_pool(**{**roi, "sampling_ratio": 2}))
+    assert DeformConv2d(4, 4, np.int64(3), padding=np.int64(1)).kernel_size == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "build,error,pattern",
+    [
+        (lambda: DeformPSRoIPool(4, 3, 2, offset_groups=0), ValueError, r"offset_groups must be >= 1, got 0"),
+        (lambda: DeformPSRoIPool(4, 0, 2), ValueError, r"out_channels must be >= 1, got 0"),
+        (lambda: DeformPSRoIPool(4, 3, (2, 0)), ValueError, r"output_size must be positive, got \(2, 0\)"),
+        (lambda: DeformPSRoIPool(4, 3, 2, sampling_ratio=1.5), TypeError, r"sampling_ratio must be an int, got 1.5"),
+        (lambda: DeformRoIPool(-1, 2), ValueError, r"in_channels must be >= 1, got -1"),
+        (lambda: DeformRoIPool(4.0, 2), TypeError, r"in_channels must be an int, got 4.0"),
+        (lambda: DeformRoIPool(4, 0), ValueError, r"output_size must be positive, got \(0, 0\)"),
+        (lambda: DeformRoIPool(4, 2, spatial_scale=-0.0625), ValueError, r"spatial_scale must be finite and > 0"),
+        (lambda: DeformRoIPool(4, 2, gamma=float("inf")), ValueError, r"gamma must be finite, got inf"),
+    ],
+)
+def test_roi_pool_module_bad_arguments(build, error, pattern):
+    """Raised by the constructor, naming the argument: no ZeroDivisionError, no negative-size
+    tensor error from the offset branch, no module that only fails at its first call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(error, match=pattern):
+            build()

@@ -743,7 +743,7 @@ struct Axis {
 
 template <typename T>
 inline bool roi_axis(T v, int size, Axis<T>& a) {
-  if (v < T(-0.5) || v > T(size) - T(0.5)) return false;
+  if (!(v >= T(-0.5) && v <= T(size) - T(0.5))) return false;  // NaN too, as ps_axis
   v = dcn::min_(dcn::max_(v, T(0)), T(size - 1));
   const T f = dcn::floor_(v);
   a.lo = int(f);

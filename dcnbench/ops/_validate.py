@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 
+def integer(value: object) -> int | None:
+    """``value`` as a Python int when it is an integer (int, numpy integer, integer 0-d tensor), not a
+    bool; else None."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    """``3 -> (3, 3)``; ``(2, 3) -> (2, 3)``; anything else raises naming ``name``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, Sequence) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        return int(value[0]), int(value[1])
+    """``3 -> (3, 3)``; ``(2, 3) -> (2, 3)`` (numpy integers too, as torchvision takes them); anything
+    else raises naming ``name``."""
+    single = integer(value)
+    if single is not None:
+        return single, single
+    if isinstance(value, Sequence) and len(value) == 2:
+        h, w = integer(value[0]), integer(value[1])
+        if h is not None and w is not None:
+            return h, w
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
@@ -63,16 +76,20 @@ def output_size(input: Tensor, kernel_size: tuple[int, int], stride: tuple[int, 
     return ho, wo
 
 
-def check_deform_conv2d_module(in_channels: int, out_channels: int, kernel_size: tuple[int, int],
-                               stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-                               groups: int, offset_groups: int) -> None:
-    """Validate ``DeformConv2d``'s constructor arguments (sizes as (h, w) pairs)."""
-    for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups),
-                        ("offset_groups", offset_groups)):
+def check_counts(**counts: object) -> None:
+    """Each keyword argument is an int >= 1 (a module's channel and group counts)."""
+    for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {value!r}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def check_deform_conv2d_module(in_channels: int, out_channels: int, kernel_size: tuple[int, int],
+                               stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                               groups: int, offset_groups: int) -> None:
+    """Validate ``DeformConv2d``'s constructor arguments (sizes as (h, w) pairs)."""
+    check_counts(in_channels=in_channels, out_channels=out_channels, groups=groups, offset_groups=offset_groups)
     if min(kernel_size) < 1:
         raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
     check_geometry(stride, padding, dilation)
@@ -190,6 +207,22 @@ def rois_to_tensor(rois: Tensor | Sequence[Tensor], input: Tensor) -> Tensor:
     raise TypeError(f"rois must be a (K, 5) tensor or a list of (Ki, 4) tensors, got {type(rois).__name__}")
 
 
+def check_pool_settings(output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int,
+                        gamma: float) -> None:
+    """RoI pooling's settings: bins >= 1 per side, an int sampling_ratio >= 1, a finite
+    spatial_scale > 0 and a finite gamma."""
+    if min(output_size) < 1:
+        raise ValueError(f"output_size must be positive, got {output_size}")
+    if integer(sampling_ratio) is None:
+        raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
+    if sampling_ratio < 1:
+        raise ValueError(f"sampling_ratio must be >= 1, got {sampling_ratio}")
+    if not (spatial_scale > 0 and math.isfinite(spatial_scale)):
+        raise ValueError(f"spatial_scale must be finite and > 0, got {spatial_scale}")
+    if not math.isfinite(gamma):
+        raise ValueError(f"gamma must be finite, got {gamma}")
+
+
 def check_roi_pool(
     input: Tensor,
     rois: Tensor,
@@ -197,17 +230,15 @@ def check_roi_pool(
     output_size: tuple[int, int],
     spatial_scale: float,
     sampling_ratio: int,
+    gamma: float,
     position_sensitive: bool,
 ) -> int:
     """Validate a deformable (PS) RoI pooling call; returns the number of output channels."""
     require_tensor(input, "input", 4)
+    if input.shape[2] < 1 or input.shape[3] < 1:
+        raise ValueError(f"input must have a non-empty feature map, got shape {tuple(input.shape)}")
+    check_pool_settings(output_size, spatial_scale, sampling_ratio, gamma)
     ph, pw = output_size
-    if ph < 1 or pw < 1:
-        raise ValueError(f"output_size must be positive, got {output_size}")
-    if sampling_ratio < 1:
-        raise ValueError(f"sampling_ratio must be >= 1, got {sampling_ratio}")
-    if not spatial_scale > 0:
-        raise ValueError(f"spatial_scale must be > 0, got {spatial_scale}")
     c = input.shape[1]
     if position_sensitive:
         if c % (ph * pw) != 0:
@@ -221,12 +252,16 @@ def check_roi_pool(
     k = rois.shape[0]
     if k > 0:
         idx = rois[:, 0]
-        if bool(((idx < 0) | (idx >= input.shape[0]) | (idx != idx.floor())).any()):
-            bad = idx[(idx < 0) | (idx >= input.shape[0]) | (idx != idx.floor())][0].item()
-            raise ValueError(
-                f"rois[:, 0] must hold integer batch indices in [0, {input.shape[0] - 1}] for input of batch "
-                f"{input.shape[0]}, got {bad}"
-            )
+        bad_index = (idx < 0) | (idx >= input.shape[0]) | (idx != idx.floor())
+        bad_box = ~torch.isfinite(rois[:, 1:]).all(dim=1)
+        if bool((bad_index | bad_box).any()):  # one host sync for both checks
+            if bool(bad_index.any()):
+                raise ValueError(
+                    f"rois[:, 0] must hold integer batch indices in [0, {input.shape[0] - 1}] for input of batch "
+                    f"{input.shape[0]}, got {idx[bad_index][0].item()}"
+                )
+            row = int(bad_box.nonzero()[0, 0])
+            raise ValueError(f"rois must hold finite box coordinates, got {rois[row].tolist()} in row {row}")
     if offset is not None:
         require_tensor(offset, "offset", 4)
         require_like(offset, input, "offset", "input")

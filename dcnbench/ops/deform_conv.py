@@ -29,6 +29,8 @@ def deform_conv2d(
         input: (N, C, H, W).
         offset: (N, 2*G*kh*kw, Ho, Wo); for offset group g and tap k = i*kw + j, channel
             2k of the group's block is the row offset dy and 2k+1 the column offset dx, in pixels.
+            A point outside [-1, H) x [-1, W) (no corner on the map), or a NaN one, reads 0 with
+            zero gradient.
         weight: (O, C/groups, kh, kw); the weight groups follow from C / weight.shape[1].
         bias: (O,) or None.
         stride, padding, dilation: int or (h, w).

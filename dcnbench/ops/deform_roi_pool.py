@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._validate import check_roi_pool, pair, require_channels, rois_to_tensor
+from ._validate import check_counts, check_pool_settings, check_roi_pool, pair, require_channels, rois_to_tensor
 from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_roi_pool_kernels, float32_on_cpu
 
 Rois = Tensor | Sequence[Tensor]
@@ -21,7 +21,7 @@ def _roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, g
     rois = rois_to_tensor(rois, input)
     # Boxes keep at least float32 precision (a 600 px coordinate in bfloat16 is off by pixels).
     rois = rois.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
-    check_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, position_sensitive)
+    check_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive)
     if float32_on_cpu(input):
         input32, offset = autocast_cast(torch.float32, input, offset)
         return _roi_pool(input32, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
@@ -51,9 +51,10 @@ def deform_roi_pool(
     Args:
         input: (N, C, H, W) feature map.
         rois: (K, 5) ``[batch_index, x1, y1, x2, y2]`` in image coordinates, or a list of per-image
-            (Ki, 4) boxes.
+            (Ki, 4) boxes; finite (NaN or inf boxes raise ValueError).
         offset: (K, 2*n, P, P) normalized offsets, channel 2c = x and 2c+1 = y of offset class c
-            (output channel c' uses class c' // (C / n)); None for plain pooling.
+            (output channel c' uses class c' // (C / n)); None for plain pooling. Samples that a NaN
+            or infinite offset moves are skipped, as samples off the map are.
         output_size: k or (kh, kw) bins.
         spatial_scale: feature-map pixels per image pixel (1/16 at stride 16).
         sampling_ratio: S, samples per bin side.
@@ -95,6 +96,8 @@ class DeformRoIPool(nn.Module):
                  sampling_ratio: int = 4, gamma: float = 0.1) -> None:
         super().__init__()
         self.in_channels, self.output_size = in_channels, pair(output_size, "output_size")
+        check_counts(in_channels=in_channels)
+        check_pool_settings(self.output_size, spatial_scale, sampling_ratio, gamma)
         self.spatial_scale, self.sampling_ratio, self.gamma = spatial_scale, sampling_ratio, gamma
         kh, kw = self.output_size
         self.offset_fc = nn.Linear(in_channels * kh * kw, 2 * kh * kw)
@@ -128,9 +131,11 @@ class DeformPSRoIPool(nn.Module):
                  spatial_scale: float = 1.0, sampling_ratio: int = 4, gamma: float = 0.1,
                  offset_groups: int = 1) -> None:
         super().__init__()
+        self.output_size = pair(output_size, "output_size")
+        check_counts(in_channels=in_channels, out_channels=out_channels, offset_groups=offset_groups)
+        check_pool_settings(self.output_size, spatial_scale, sampling_ratio, gamma)
         if out_channels % offset_groups:
             raise ValueError(f"offset_groups ({offset_groups}) must divide out_channels ({out_channels})")
-        self.output_size = pair(output_size, "output_size")
         self.in_channels, self.out_channels, self.offset_groups = in_channels, out_channels, offset_groups
         self.spatial_scale, self.sampling_ratio, self.gamma = spatial_scale, sampling_ratio, gamma
         kh, kw = self.output_size

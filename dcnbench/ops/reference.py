@@ -25,10 +25,16 @@ def bilinear_zero_padded(feature: Tensor, y: Tensor, x: Tensor) -> Tensor:
 
     feature (B, C, H, W); y, x (B, L) fractional sampling rows/columns -> (B, C, L).
     The floor corner carries weight ``1 - frac``, so at integer coordinates the derivative is the
-    one-sided difference towards the next row/column, as torchvision's kernels compute it.
+    one-sided difference towards the next row/column, as torchvision's kernels compute it. A point
+    outside [-1, H) x [-1, W), NaN included, gives 0 and no gradient (as the kernels).
     """
     b, c, h, w = feature.shape
     flat = feature.reshape(b, c, h * w)
+    # Points with no corner on the map (and NaN / inf ones) move to (-2, -2): every corner off the
+    # map, so value and derivatives are exactly 0, and no NaN reaches the corner indices.
+    inside = (y >= -1) & (y < h) & (x >= -1) & (x < w)
+    y = torch.where(inside, y, -2.0)
+    x = torch.where(inside, x, -2.0)
     y0 = y.detach().floor()
     x0 = x.detach().floor()
     ly = (y - y0).unsqueeze(1)
@@ -143,9 +149,10 @@ def roi_pool(
          + shift_y[:, channel_class, :, :, None] + u * (bin_h / s)[:, None, None, None, None])
     x = x.unsqueeze(-2).expand(k, c_out, ph, pw, s, s)  # (..., S_y, S_x)
     y = y.unsqueeze(-1).expand(k, c_out, ph, pw, s, s)
+    # Invalid samples (NaN positions too, from NaN offsets) read pixel 0 instead, masked below.
     valid = (x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5)
-    x = x.clamp(0, w - 1)
-    y = y.clamp(0, h - 1)
+    x = torch.where(valid, x, 0.0).clamp(0, w - 1)
+    y = torch.where(valid, y, 0.0).clamp(0, h - 1)
 
     # Input channel read by output channel c at bin (i, j).
     c_idx = torch.arange(c_out, device=device)[:, None, None]
@@ -167,7 +174,7 @@ def roi_pool(
 
     value = ((1 - ly) * (1 - lx) * at(y0, x0) + (1 - ly) * lx * at(y0, x1)
              + ly * (1 - lx) * at(y1, x0) + ly * lx * at(y1, x1))
-    value = value * valid.to(dtype)
+    value = torch.where(valid, value, 0.0)
     count = valid.sum(dim=(-1, -2)).to(dtype)
     total = value.sum(dim=(-1, -2))
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total)).to(dtype)
