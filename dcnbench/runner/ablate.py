@@ -7,6 +7,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from dcnbench.errors import InvalidSetting
+
 from . import distributed as dist
 from .experiment import Cell, expand_cells, load_experiment
 from .sweep import run_sweep, summarize
@@ -15,10 +17,15 @@ from .sweep import run_sweep, summarize
 def ablation_cells(table: int, tier: str, tasks: list[str] | None = None, seeds: int | None = None,
                    data_root: str | None = None, weights: str | None = None,
                    variants: list[str] | None = None) -> list[Cell]:
-    """The table's cells at ``tier``; ``data_root`` / ``weights`` go into every cell's config."""
+    """The table's cells at ``tier``; ``data_root`` goes into the config of every cell that reads a real
+    dataset (InvalidSetting when none does: it would be ignored), ``weights`` into every cell's."""
     cells = expand_cells(load_experiment(table), tier, tasks or None, seeds, variants or None)
-    for cell in cells:
-        if data_root:
+    real = [c.config["data"].get("source", "synthetic") != "synthetic" for c in cells]
+    if data_root and not any(real):
+        raise InvalidSetting(f"tier {tier} trains on the synthetic benchmark, which --data-root does not change; "
+                             "the paper tier reads the real datasets", "data_root")
+    for cell, reads_root in zip(cells, real):
+        if data_root and reads_root:
             cell.config["data"]["root"] = str(Path(data_root).resolve())
         if weights:
             cell.config["model"]["weights"] = str(Path(weights).resolve())

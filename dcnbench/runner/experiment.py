@@ -7,6 +7,11 @@ settings under its own ``[tiers.<tier>]``. A *cell* is one (task, variant, seed)
 merged config.
 
 Merge order for a cell: ``tier.<section>`` < ``tier.task.<task>.<section>`` < ``variant.<section>``.
+
+A definition is checked when it is loaded: an unknown key (a typo such as ``modle`` or
+``learning_rate``, which would otherwise be ignored and leave a variant equal to its baseline), two
+variants of one name, a variant's task the table lacks, or a cell missing a setting the training
+path needs is an :class:`InvalidSetting` naming the file, the place and the key.
 """
 
 from __future__ import annotations
@@ -19,11 +24,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dcnbench.errors import InvalidSetting
+from dcnbench.models.build import KNOWN_KEYS as MODEL_KEYS
 
 TASKS = ("deeplab", "rpn", "faster", "rfcn")
 TIERS = ("smoke", "cpu", "paper")
 SECTIONS = ("data", "model", "train", "eval")
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+# The keys each section may hold (what dcnbench/runner/train.py reads; the model's go to build_model).
+SECTION_KEYS = {
+    "data": {"source", "size", "num_train", "num_val", "classes", "min_object", "max_object", "seed", "root",
+             "shorter_side"},
+    "model": (MODEL_KEYS - {"task", "num_classes"}) | {"weights"},
+    "train": {"iters", "batch_size", "lr", "momentum", "weight_decay", "warmup_iters"},
+    "eval": {"batch_size", "area_ranges", "effective_dilation"},
+}
+REQUIRED = {"train": ("iters", "batch_size", "lr"),  # synthetic data also needs the SynthConfig keys
+            "synthetic": ("size", "num_train", "num_val", "classes", "min_object", "max_object")}
+TABLE_KEYS = {"table", "title", "tasks", "baseline", "variants", "tiers"}
+VARIANT_KEYS = {"name", "paper_row", "tasks", *SECTIONS}
+TIER_KEYS = {"seeds", "task", *SECTIONS}
 
 
 @dataclass(frozen=True)
@@ -55,8 +74,11 @@ class Cell:
 
     @property
     def name(self) -> str:
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.variant)
-        return f"{self.task}__{safe}__seed{self.seed}"
+        return f"{self.task}__{_file_safe(self.variant)}__seed{self.seed}"
+
+
+def _file_safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
 
 def _digest(payload: dict) -> str:
@@ -75,7 +97,10 @@ def _merge(base: dict, override: dict) -> dict:
 
 def _read_toml(path: Path) -> dict:
     with path.open("rb") as f:
-        return tomllib.load(f)
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidSetting(f"{path} is not valid TOML: {exc}", "table") from exc
 
 
 def load_experiment(table: int, directory: Path | None = None) -> dict:
@@ -85,13 +110,74 @@ def load_experiment(table: int, directory: Path | None = None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no experiment definition for table {table}: expected {path}")
     spec = _read_toml(path)
-    spec["tiers"] = _merge(_read_toml(directory / "tiers.toml").get("tiers", {}), spec.get("tiers", {}))
+    tiers_path = directory / "tiers.toml"
+    shared = _read_toml(tiers_path)
+    _check_keys(tiers_path, "top level", shared, {"tiers"})
+    for where, tiers in ((tiers_path, shared.get("tiers", {})), (path, spec.get("tiers", {}))):
+        _check_tiers(where, tiers)
+    spec["tiers"] = _merge(shared.get("tiers", {}), spec.get("tiers", {}))
     if spec.get("table") != table:
         raise ValueError(f"{path} declares table = {spec.get('table')!r}, expected {table}")
     unknown = set(spec.get("tasks", [])) - set(TASKS)
     if unknown:
         raise ValueError(f"{path}: unknown tasks {sorted(unknown)}; known: {TASKS}")
+    _check_variants(path, spec)
     return spec
+
+
+def _bad_definition(path: Path, message: str) -> InvalidSetting:
+    return InvalidSetting(f"{path}: {message}", "table")
+
+
+def _check_keys(path: Path, where: str, given: dict, known: set[str]) -> None:
+    """InvalidSetting naming ``where`` in ``path`` when ``given`` is no table or has keys outside ``known``."""
+    if not isinstance(given, dict):
+        raise _bad_definition(path, f"{where} must be a table of settings, got {given!r}")
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise _bad_definition(path, f"{where} has unknown key(s) {unknown}; known: {sorted(known)}")
+
+
+def _check_sections(path: Path, where: str, entry: dict) -> None:
+    for section in SECTIONS:
+        if section in entry:
+            _check_keys(path, f"{where}.{section}", entry[section], SECTION_KEYS[section])
+
+
+def _check_tiers(path: Path, tiers: dict) -> None:
+    """The tiers of ``tiers.toml`` or of a table's own ``[tiers.<tier>]``: known keys only."""
+    _check_keys(path, "tiers", tiers, set(TIERS))
+    for tier, tier_spec in tiers.items():
+        _check_keys(path, f"tiers.{tier}", tier_spec, TIER_KEYS)
+        _check_sections(path, f"tiers.{tier}", tier_spec)
+        _check_keys(path, f"tiers.{tier}.task", tier_spec.get("task", {}), set(TASKS))
+        for task, override in tier_spec.get("task", {}).items():
+            _check_keys(path, f"tiers.{tier}.task.{task}", override, set(SECTIONS))
+            _check_sections(path, f"tiers.{tier}.task.{task}", override)
+
+
+def _check_variants(path: Path, spec: dict) -> None:
+    """Known keys, one name per variant (also as file names), tasks and baseline of the table."""
+    _check_keys(path, "top level", spec, TABLE_KEYS)
+    if not spec.get("tasks") or not spec.get("variants"):
+        raise _bad_definition(path, "needs tasks = [...] and at least one [[variants]]")
+    seen: dict[str, str] = {}
+    for i, variant in enumerate(spec["variants"]):
+        where = f"variant {variant.get('name', f'#{i + 1}')!r}" if isinstance(variant, dict) else f"variant #{i + 1}"
+        _check_keys(path, where, variant, VARIANT_KEYS)
+        if not isinstance(variant.get("name"), str) or not variant["name"]:
+            raise _bad_definition(path, f"{where} needs a name")
+        safe = _file_safe(variant["name"])
+        if safe in seen:
+            raise _bad_definition(path, f"variants {seen[safe]!r} and {variant['name']!r} share the name (of "
+                                        f"their logs and checkpoints, {safe!r}); give each its own")
+        seen[safe] = variant["name"]
+        bad_tasks = sorted(set(variant.get("tasks", [])) - set(spec["tasks"]))
+        if bad_tasks:
+            raise _bad_definition(path, f"{where} names task(s) {bad_tasks} the table lacks; it has {spec['tasks']}")
+        _check_sections(path, where, variant)
+    if spec.get("baseline") and spec["baseline"] not in seen.values():
+        raise _bad_definition(path, f"baseline {spec['baseline']!r} is none of the variants {list(seen.values())}")
 
 
 def expand_cells(spec: dict, tier: str, tasks: list[str] | None = None, seeds: int | None = None,
@@ -119,6 +205,7 @@ def expand_cells(spec: dict, tier: str, tasks: list[str] | None = None, seeds: i
             for section in SECTIONS:
                 merged = _merge(tier_spec.get(section, {}), task_over.get(section, {}))
                 config[section] = _merge(merged, variant.get(section, {}))
+            _check_required(spec, config)
             for seed in range(n_seeds):
                 cells.append(Cell(spec["table"], tier, task, variant["name"], seed, {**config, "seed": seed}))
     return cells
@@ -136,3 +223,14 @@ def _check_selection(spec: dict, tasks: list[str] | None, variants: list[str] | 
         raise InvalidSetting("; ".join(f"variant {v!r} is not defined for task(s) {', '.join(tasks)} "
                                        f"(table {table} defines it for {', '.join(defined[v])})" for v in variants),
                              "task", "variant")
+
+
+def _check_required(spec: dict, config: dict) -> None:
+    """InvalidSetting when a merged cell config lacks a setting the training path needs."""
+    needed = [f"train.{k}" for k in REQUIRED["train"] if k not in config["train"]]
+    if config["data"].get("source", "synthetic") == "synthetic":
+        needed += [f"data.{k}" for k in REQUIRED["synthetic"] if k not in config["data"]]
+    if needed:
+        raise InvalidSetting(f"table {spec['table']}, tier {config['tier']}: the {config['task']} cell of variant "
+                             f"{config['variant']!r} lacks {', '.join(needed)} (set them in experiments/tiers.toml "
+                             f"or the table's file)", "table")

@@ -3,13 +3,15 @@
 Columns: the key (table, tier, task, variant, seed), the metrics of the run, then wall_s, device
 (``cpu``, ``cuda:0``; ``cuda:0 x8`` under torchrun with 8 processes, see :func:`processes`), threads,
 backend, config_hash, run_hash, reused_from (the CSV, variant and seed of the identical run a reused
-row was copied from; empty for a run of its own), git_commit, date, machine, torch.
+row was copied from; empty for a run of its own), command (as typed), git_commit, date, machine, torch.
 A row is only written when its run has finished, by rewriting the file to a temporary sibling and
-``os.replace``-ing it, so a sweep killed at any moment leaves the previous complete file.
+``os.replace``-ing it, so a sweep killed at any moment leaves the previous complete file; the
+read-modify-write holds a lock on the folder, so sweeps writing to one folder at once lose no row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
@@ -22,9 +24,14 @@ from pathlib import Path
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no folder lock
+    fcntl = None
+
 KEY_COLUMNS = ["table", "tier", "task", "variant", "seed"]
-PROVENANCE_COLUMNS = ["wall_s", "device", "threads", "backend", "config_hash", "run_hash", "reused_from", "git_commit",
-                      "date", "machine", "torch"]
+PROVENANCE_COLUMNS = ["wall_s", "device", "threads", "backend", "config_hash", "run_hash", "reused_from", "command",
+                      "git_commit", "date", "machine", "torch"]
 
 
 def git_commit() -> str:
@@ -72,6 +79,7 @@ def command_line() -> str:
 def provenance() -> dict:
     """The run-independent provenance columns."""
     return {
+        "command": command_line(),
         "git_commit": git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine(),
@@ -87,27 +95,42 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Exclusive ``flock`` on ``folder`` (no lock file; a no-op without ``fcntl``)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def append_row(path: Path, row: dict) -> None:
-    """Add ``row`` atomically: rewrite to ``<name>.tmp``, fsync, ``os.replace``.
+    """Add ``row`` atomically: rewrite to ``<name>.tmp``, fsync, ``os.replace``, under a lock on the
+    folder (other processes appending to the same CSV wait, and their rows are kept).
 
     Columns are the union of the existing ones and the row's, key first, provenance last.
     """
-    rows = read_rows(path) + [{k: _format(v) for k, v in row.items()}]
-    metric_cols: list[str] = []
-    for r in rows:
-        metric_cols += [c for c in r if c not in KEY_COLUMNS + PROVENANCE_COLUMNS and c not in metric_cols]
-    columns = KEY_COLUMNS + metric_cols + PROVENANCE_COLUMNS
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        f.write(buffer.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _folder_lock(path.parent):
+        rows = read_rows(path) + [{k: _format(v) for k, v in row.items()}]
+        metric_cols: list[str] = []
+        for r in rows:
+            metric_cols += [c for c in r if c not in KEY_COLUMNS + PROVENANCE_COLUMNS and c not in metric_cols]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=KEY_COLUMNS + metric_cols + PROVENANCE_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def _format(value) -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +58,8 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
     provenance kept, and ``reused_from`` naming the source. Each run logs to ``log_dir/<cell>.log``
     and saves its weights to ``checkpoint_dir/<cell>.pt``. Cells run in ``jobs`` spawned worker
     processes with ``cpu_count // jobs`` threads apiece; only this process writes the CSV. A failing
-    cell is logged and reported; the others go on.
+    cell is logged and reported; the others go on. A worker that dies (killed, out of memory) takes
+    the runs in flight with it: each of them is rerun alone, and the one whose worker dies alone fails.
     """
     console = console or Console()
     if dist.is_main():
@@ -70,32 +73,77 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
     failed: list[tuple[str, str]] = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress, ProcessPoolExecutor(
-        max_workers=jobs, mp_context=multiprocessing.get_context("spawn")
-    ) as pool:
-        bar = progress.add_task(f"{csv_path.stem}", total=len(todo))
-        pending = {}
-        queue = list(todo)
-        while queue or pending:
-            while queue and len(pending) < jobs:
-                cell = queue.pop(0)
-                log_path = log_dir / f"{cell.name}.log"
-                checkpoint = checkpoint_dir / f"{cell.name}.pt"
-                pending[pool.submit(_run_in_worker, cell.config, log_path, checkpoint, threads)] = (cell, log_path)
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                cell, log_path = pending.pop(future)
-                try:
-                    metrics = future.result()
-                except Exception as exc:  # the run failed; its log has the traceback
-                    failed.append((cell.name, str(log_path)))
-                    console.print(f"[red]failed[/red] {cell.name}: {type(exc).__name__}: {exc} (log: {log_path})")
-                else:
-                    append_row(csv_path, _row(cell, metrics))
-                    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "wall_s")
-                    progress.console.print(f"done {cell.name}: {shown} ({metrics['wall_s']:.0f} s)")
-                progress.advance(bar)
+    queue = [(cell, False) for cell in todo]  # (cell, alone): rerun by itself after a worker died beside it
+    pending: dict = {}  # future -> (cell, log path, alone)
+    pool = worker_pool(jobs)
+    try:
+        with Progress(*columns, console=console) as progress:
+            bar = progress.add_task(f"{csv_path.stem}", total=len(todo))
+            while queue or pending:
+                broken = False
+                while queue and len(pending) < jobs and not (pending and queue[0][1]):
+                    cell, alone = queue.pop(0)
+                    log_path = log_dir / f"{cell.name}.log"
+                    try:
+                        future = pool.submit(_run_in_worker, cell.config, log_path,
+                                             checkpoint_dir / f"{cell.name}.pt", threads)
+                    except BrokenProcessPool:  # a worker died since the last wait
+                        queue.insert(0, (cell, alone))
+                        broken = True
+                        break
+                    pending[future] = (cell, log_path, alone)
+                    if alone:
+                        break
+                in_flight = len(pending)
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED) if pending else (set(), set())
+                if broken or any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
+                    broken = True  # a worker died (killed, out of memory, crashed): every run in flight ends
+                    finished, _ = wait(set(pending))
+                for future in finished:
+                    cell, log_path, alone = pending.pop(future)
+                    try:
+                        metrics = future.result()
+                    except BrokenProcessPool:
+                        if in_flight > 1 and not alone:  # not known whose worker died: rerun each alone
+                            queue.insert(0, (cell, True))
+                            continue
+                        why = "its worker process died (killed, e.g. for lack of memory, or crashed)"
+                        with open(log_path, "a") as log:
+                            log.write(f"\n{why}\n")
+                        failed.append((cell.name, str(log_path)))
+                        console.print(f"[red]failed[/red] {cell.name}: {why} (log: {log_path})")
+                    except Exception as exc:  # the run failed; its log has the traceback
+                        failed.append((cell.name, str(log_path)))
+                        console.print(f"[red]failed[/red] {cell.name}: {type(exc).__name__}: {exc} (log: {log_path})")
+                    else:
+                        append_row(csv_path, _row(cell, metrics))
+                        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                          if isinstance(v, float) and k != "wall_s")
+                        progress.console.print(f"done {cell.name}: {shown} ({metrics['wall_s']:.0f} s)")
+                    progress.advance(bar)
+                if broken:
+                    pool.shutdown()
+                    pool = worker_pool(jobs)
+    finally:
+        pool.shutdown(cancel_futures=True)
     return SweepReport(ran=len(todo) - len(failed), skipped=len(cells) - len(todo), failed=failed)
+
+
+def worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """``jobs`` spawned worker processes that end themselves when this process is gone (killed by
+    SIGTERM or SIGKILL, which leave it no time to stop them), instead of running on as orphans."""
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: a daemon thread that ends this process within a second of ``parent``'s end."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _row(cell: Cell, metrics: dict) -> dict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import TextIO
@@ -192,6 +193,17 @@ def evaluate(model: nn.Module, task: str, dataset: Dataset, num_classes: int, cf
     return dist.broadcast(metrics)
 
 
+def save_checkpoint(model: nn.Module, config: dict, path: Path) -> None:
+    """The weights to ``path`` and the config to ``path`` with ``.json``, each written to a temporary
+    sibling and ``os.replace``-d: a run killed while saving leaves no truncated file under either name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights, settings = path.with_name(path.name + ".tmp"), path.with_name(path.stem + ".json.tmp")
+    torch.save(model.state_dict(), weights)
+    settings.write_text(json.dumps(config, indent=1, sort_keys=True))
+    os.replace(weights, path)
+    os.replace(settings, path.with_suffix(".json"))
+
+
 def run_cell(config: dict, log: TextIO, checkpoint: Path | None = None) -> dict:
     """Train and evaluate one cell; save its weights to ``checkpoint`` (and the config beside it)."""
     task, seed = config["task"], config["seed"]
@@ -211,9 +223,7 @@ def run_cell(config: dict, log: TextIO, checkpoint: Path | None = None) -> dict:
         stats = DilationStats.merged(dist.gather(dilation_stats(model, loader, dist.device())))
         metrics.update(dist.broadcast(dilation_metrics(stats) if dist.is_main() else {}))
     if checkpoint is not None and dist.is_main():
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), checkpoint)
-        checkpoint.with_suffix(".json").write_text(json.dumps(config, indent=1, sort_keys=True))
+        save_checkpoint(model, config, checkpoint)
     log.write(f"metrics {json.dumps(metrics)}\n")
     probe = next(model.parameters())
     device = str(probe.device) + (f" x{dist.world_size()}" if dist.is_distributed() else "")

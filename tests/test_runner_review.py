@@ -1,0 +1,216 @@
+"""Runner robustness: dead workers, a killed sweep process, checkpoints cut short, concurrent
+writers of one CSV, provenance of the command, and mistakes in the experiment definitions."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from rich.console import Console
+
+from dcnbench.cli import main
+from dcnbench.errors import InvalidSetting
+from dcnbench.runner import experiment, sweep
+from dcnbench.runner.experiment import EXPERIMENTS_DIR, Cell, expand_cells, load_experiment
+from dcnbench.runner.results import PROVENANCE_COLUMNS, read_rows
+
+ROOT = Path(__file__).resolve().parents[1]  # subprocesses import dcnbench from the checkout
+
+
+def fake_run(config, log_path, checkpoint, threads):
+    """A stand-in for a training run (imported by the spawned workers): variant "boom" kills its
+    own worker process, as the out-of-memory killer would; the others take 0.3 s."""
+    if config["variant"] == "boom":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.3)
+    Path(log_path).write_text("ran\n")
+    return {"miou": float(config["seed"]), "wall_s": 0.3, "device": "cpu", "threads": threads}
+
+
+def _cells(variants: list[str], seeds: int = 1) -> list[Cell]:
+    return [Cell(1, "smoke", "deeplab", v, s, {"task": "deeplab", "variant": v, "seed": s, "data": {}, "model": {},
+                                               "train": {}, "eval": {}})
+            for v in variants for s in range(seeds)]
+
+
+def test_a_dead_worker_fails_its_own_cell_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """Before: the dead worker broke the pool, the run beside it was reported failed too and the next
+    submit raised BrokenProcessPool out of the sweep. Now the runs in flight are rerun alone, and only
+    the cell whose worker died alone fails."""
+    monkeypatch.setattr(sweep, "_run_in_worker", fake_run)
+    cells = _cells(["a", "boom", "b"])
+    csv_path = tmp_path / "table1_smoke.csv"
+    report = sweep.run_sweep(cells, csv_path, tmp_path / "logs", tmp_path / "ckpt", 2, Console(quiet=True))
+    assert [name for name, _ in report.failed] == ["deeplab__boom__seed0"] and report.ran == 2
+    assert sorted(r["variant"] for r in read_rows(csv_path)) == ["a", "b"]
+    assert "worker process died" in (tmp_path / "logs" / "deeplab__boom__seed0.log").read_text()
+
+
+POOL_THEN_WAIT = textwrap.dedent("""
+    import sys, time
+    from dcnbench.runner.sweep import worker_pool
+    pool = worker_pool(1)
+    pool.submit(time.sleep, 0).result()  # the worker is up
+    print(next(iter(pool._processes)), flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc/<pid>/stat")
+def test_workers_end_when_the_sweep_process_is_killed(tmp_path):
+    """SIGTERM or SIGKILL to the sweep's process alone (``kill PID``, a container stop) left its
+    worker processes running on as orphans, each finishing and saving a run nobody records."""
+    proc = subprocess.Popen([sys.executable, "-c", POOL_THEN_WAIT], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        worker = int(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and _alive(worker):
+            time.sleep(0.1)
+        assert not _alive(worker)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_checkpoint_save_cut_short_leaves_no_truncated_file(tmp_path, monkeypatch):
+    """A run killed while writing its weights left a truncated ``<cell>.pt`` in place of the last good
+    one (beside a ``.json`` of the old config); now the old pair stays whole."""
+    from dcnbench.runner.train import save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "ckpt" / "deeplab__none__seed0.pt"
+    save_checkpoint(model, {"variant": "old"}, path)
+    good = path.read_bytes()
+
+    def cut_short(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(torch.nn.Linear(3, 2), {"variant": "new"}, path)
+    assert path.read_bytes() == good and '"old"' in path.with_suffix(".json").read_text()
+    state = torch.load(path, weights_only=True)
+    assert torch.equal(state["weight"], model.weight.detach())
+
+
+APPEND_MANY = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from dcnbench.runner.results import append_row
+    for i in range(int(sys.argv[3])):
+        append_row(Path(sys.argv[1]), {"table": 1, "tier": "smoke", "task": sys.argv[2], "variant": "v", "seed": i,
+                                       "miou": 1.0, "config_hash": "h", "torch": "t"})
+""")
+
+
+def test_two_processes_appending_to_one_csv_keep_every_row(tmp_path):
+    """Two sweeps writing one folder (e.g. --task deeplab and --task rpn started side by side) lost
+    rows (read-modify-write races) and crashed on each other's temporary file; now every row stays."""
+    path, n = tmp_path / "table1_smoke.csv", 150
+    procs = [subprocess.Popen([sys.executable, "-c", APPEND_MANY, str(path), who, str(n)], stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT) for who in ("A", "B")]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    rows = read_rows(path)
+    assert sorted((r["task"], int(r["seed"])) for r in rows) == [(w, i) for w in "AB" for i in range(n)]
+
+
+def test_rows_record_the_command_that_ran_them(tmp_path, monkeypatch):
+    """Provenance: the command as typed, beside commit, date and machine (as runtime and bench CSVs do)."""
+    monkeypatch.setattr(sweep, "_run_in_worker", fake_run)
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/dcnbench", "ablate", "--table", "1", "--out", "my out"])
+    csv_path = tmp_path / "table1_smoke.csv"
+    sweep.run_sweep(_cells(["a"]), csv_path, tmp_path / "logs", tmp_path / "ckpt", 1, Console(quiet=True))
+    (row,) = read_rows(csv_path)
+    assert "command" in PROVENANCE_COLUMNS and list(row)[-1] == "torch"
+    assert row["command"] == "dcnbench ablate --table 1 --out 'my out'"
+
+
+def _definitions(tmp_path: Path, table_text: str) -> Path:
+    shutil.copy(EXPERIMENTS_DIR / "tiers.toml", tmp_path / "tiers.toml")
+    (tmp_path / "table1.toml").write_text(textwrap.dedent("""
+        table = 1
+        tasks = ["deeplab", "rpn"]
+        baseline = "none"
+        [[variants]]
+        name = "none"
+        model = { placement = "none" }
+    """) + textwrap.dedent(table_text))
+    return tmp_path
+
+
+@pytest.mark.parametrize("text,error", [
+    ('[[variants]]\nname = "x"\nmodle = { placement = "res5c" }\n', r"variant 'x' has unknown key\(s\) \['modle'\]"),
+    ('[[variants]]\nname = "x"\nmodel = { placment = "res5c" }\n',
+     r"variant 'x'.model has unknown key\(s\) \['placment'\]"),
+    ('[[variants]]\nname = "x"\ntrain = { learning_rate = 0.1 }\n',
+     r"variant 'x'.train has unknown key\(s\) \['learning_rate'\]"),
+    ('[[variants]]\nname = "none"\n', "variants 'none' and 'none' share the name"),
+    ('[[variants]]\nname = "a+b"\n[[variants]]\nname = "a_b"\n', "variants 'a\\+b' and 'a_b' share the name"),
+    ('[[variants]]\nname = "x"\ntasks = ["rfcn"]\n', r"variant 'x' names task\(s\) \['rfcn'\] the table lacks"),
+    ('[tiers.smoke]\ntrian = { iters = 2 }\n', r"tiers.smoke has unknown key\(s\) \['trian'\]"),
+    ('[tiers.smoke.task.deeplab]\nmodel = { widht = 4 }\n',
+     r"tiers.smoke.task.deeplab.model has unknown key\(s\) \['widht'\]"),
+    ('[[variants]]\nmodel = { placement = "res5c" }\n', "variant '#2' needs a name"),
+    ('model = {\n', "is not valid TOML"),
+])
+def test_mistakes_in_a_definition_are_refused_naming_file_and_key(tmp_path, text, error):
+    """Before: an unknown section or key was ignored (the variant silently trained the baseline's
+    config), duplicate names shared logs and checkpoints; now each is an error naming where."""
+    directory = _definitions(tmp_path, text)
+    with pytest.raises(InvalidSetting, match=error) as info:
+        expand_cells(load_experiment(1, directory), "smoke")
+    assert str(directory / "table1.toml") in str(info.value) and info.value.fields == ("table",)
+
+
+def test_a_cell_missing_a_training_setting_is_refused_before_any_run(tmp_path):
+    (tmp_path / "tiers.toml").write_text((EXPERIMENTS_DIR / "tiers.toml").read_text().replace("iters = 6, ", ""))
+    shutil.copy(EXPERIMENTS_DIR / "table1.toml", tmp_path)
+    with pytest.raises(InvalidSetting, match="tier smoke: the deeplab cell of variant 'none' lacks train.iters"):
+        expand_cells(load_experiment(1, tmp_path), "smoke")
+    assert len(expand_cells(load_experiment(1, tmp_path), "cpu")) == 60  # the cpu tier is whole
+
+
+def test_ablate_reports_a_bad_definition_as_a_usage_error(tmp_path, monkeypatch):
+    (tmp_path / "exp").mkdir()
+    directory = _definitions(tmp_path / "exp", '[[variants]]\nname = "x"\nmodle = { placement = "res5c" }\n')
+    monkeypatch.setattr(experiment, "EXPERIMENTS_DIR", directory)
+    result = CliRunner().invoke(main, ["ablate", "--table", "1", "--tier", "smoke", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Invalid value for '--table'" in result.output and "'modle'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_committed_definitions_pass_the_checks():
+    for table in (1, 2, 3):
+        for tier in experiment.TIERS:
+            assert expand_cells(load_experiment(table), tier)
+
+
+def test_data_root_for_a_synthetic_tier_is_refused_not_ignored():
+    """``--data-root`` with the smoke/cpu tier trained on synthetic data as before (the root unread)
+    under a new config hash; now it is an error naming --data-root. The paper tier gets the root."""
+    from dcnbench.runner.ablate import ablation_cells
+
+    with pytest.raises(InvalidSetting, match="tier cpu trains on the synthetic benchmark") as info:
+        ablation_cells(1, "cpu", ["deeplab"], data_root="/data")
+    assert info.value.fields == ("data_root",)
+    (cell,) = ablation_cells(1, "paper", ["deeplab"], data_root="/data", variants=["none"])
+    assert cell.config["data"] == {"source": "voc_seg", "shorter_side": 360, "root": str(Path("/data").resolve())}
