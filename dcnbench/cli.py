@@ -111,13 +111,18 @@ def ablate(table, tasks, variants, tier, seeds, jobs, out, data_root, weights, n
     from dcnbench.runner.ablate import ablation_cells, run_ablation
     from dcnbench.errors import InvalidSetting
 
-    try:
-        ablation_cells(table, tier, list(tasks), seeds, variants=list(variants))  # before any run or launch
+    try:  # before any run or launch
+        ablation_cells(table, tier, list(tasks), seeds, data_root, weights, variants=list(variants))
     except InvalidSetting as exc:
         raise _usage_error(exc) from exc
     if nproc:
         raise SystemExit(_relaunch_under_torchrun(click.get_current_context(), nproc))
-    failed = run_ablation(table, tier, list(tasks), seeds, jobs, out, data_root, weights, variants=list(variants))
+    try:
+        failed = run_ablation(table, tier, list(tasks), seeds, jobs, out, data_root, weights, variants=list(variants))
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: the finished runs are in {out}/table{table}_{tier}.csv; the same command "
+                   "resumes with the others", err=True)
+        raise SystemExit(130) from None
     if failed:
         raise SystemExit(1)
 

@@ -214,3 +214,60 @@ def test_data_root_for_a_synthetic_tier_is_refused_not_ignored():
     assert info.value.fields == ("data_root",)
     (cell,) = ablation_cells(1, "paper", ["deeplab"], data_root="/data", variants=["none"])
     assert cell.config["data"] == {"source": "voc_seg", "shorter_side": 360, "root": str(Path("/data").resolve())}
+
+
+def test_ablate_cli_refuses_data_root_for_a_synthetic_tier_before_running(tmp_path):
+    """The CLI's check before any run sees --data-root: a usage error naming it (exit 2), no traceback."""
+    from click.testing import CliRunner
+
+    from dcnbench.cli import main
+
+    result = CliRunner().invoke(main, ["ablate", "--table", "1", "--tier", "smoke", "--data-root", str(tmp_path),
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--data-root" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_ablate_cli_interrupted_says_how_to_resume(tmp_path, monkeypatch):
+    """Ctrl-C during a sweep: exit 130 with where the finished runs are and that the command resumes."""
+    from click.testing import CliRunner
+
+    import dcnbench.runner.ablate as ablate
+    from dcnbench.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablate, "run_ablation", interrupted)
+    result = CliRunner().invoke(main, ["ablate", "--table", "1", "--tier", "smoke", "--out", str(tmp_path)])
+    assert result.exit_code == 130
+    assert f"{tmp_path}/table1_smoke.csv" in result.output and "the same command resumes" in result.output
+
+
+def test_paper_tier_scores_voc_2007_test_with_its_11_point_ap(monkeypatch):
+    """The paper tier's detectors are evaluated on VOC 2007 test with the 11-point AP (the released
+    detectors' metric for that set): the tier sets voc07_metric and evaluate passes it on."""
+    from torch import nn
+
+    import dcnbench.runner.train as train
+    from dcnbench.evaluation import DetectionEvaluator
+    from dcnbench.runner.experiment import expand_cells, load_experiment
+
+    assert all(c.config["eval"]["voc07_metric"] for c in expand_cells(load_experiment(1), "paper", ["rfcn"]))
+    assert not any(c.config["eval"].get("voc07_metric") for c in expand_cells(load_experiment(1), "cpu", ["rfcn"]))
+    used = []
+
+    class Recording(DetectionEvaluator):
+        def __init__(self, *args, **kwargs):
+            used.append(kwargs.get("use_07_metric"))
+            super().__init__(*args, **kwargs)
+
+    class Fixed(nn.Module):
+        def forward(self, images):
+            return [{"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]]), "scores": torch.tensor([0.9]),
+                     "labels": torch.tensor([1])} for _ in images]
+
+    monkeypatch.setattr(train, "DetectionEvaluator", Recording)
+    target = {"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]]), "labels": torch.tensor([1]), "image_id": 0}
+    metrics = train.evaluate(Fixed(), "rfcn", [(torch.zeros(3, 8, 8), target)], 1, {"voc07_metric": True})
+    assert used == [True] and metrics["map50"] == pytest.approx(100.0)

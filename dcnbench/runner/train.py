@@ -184,7 +184,9 @@ def evaluate(model: nn.Module, task: str, dataset: Dataset, num_classes: int, cf
     metrics = {}
     if dist.is_main():
         # Size classes: area terciles on synthetic data (mostly COCO-"small" objects), else COCO's.
-        evaluator = DetectionEvaluator(num_classes, (0.5, 0.7), area_ranges=cfg.get("area_ranges", "terciles"))
+        # VOC 2007 test is scored with its 11-point AP (voc07_metric), as the released detectors do.
+        evaluator = DetectionEvaluator(num_classes, (0.5, 0.7), area_ranges=cfg.get("area_ranges", "terciles"),
+                                       use_07_metric=cfg.get("voc07_metric", False))
         evaluator.update(predictions, targets)
         result = evaluator.compute()
         metrics = {"map50": 100 * result["mAP@0.5"], "map70": 100 * result["mAP@0.7"],
