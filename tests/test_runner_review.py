@@ -271,3 +271,29 @@ def test_paper_tier_scores_voc_2007_test_with_its_11_point_ap(monkeypatch):
     target = {"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]]), "labels": torch.tensor([1]), "image_id": 0}
     metrics = train.evaluate(Fixed(), "rfcn", [(torch.zeros(3, 8, 8), target)], 1, {"voc07_metric": True})
     assert used == [True] and metrics["map50"] == pytest.approx(100.0)
+
+
+def test_deeplab_is_scored_against_the_label_file_at_its_resolution():
+    """VOC protocol: predictions of a resized image are upsampled to the label file's size and scored
+    against its mask (``orig_mask``), each image cropped out of its padded batch first."""
+    from torch import nn
+
+    import dcnbench.runner.train as train
+
+    class Painted(nn.Module):  # class 1 where the image's first channel is 1, class 0 elsewhere (padding too)
+        def forward(self, images):
+            one = 2 * images[:, 0] - 1
+            return torch.stack([-one, one], dim=1)
+
+    def item(h, w, scale):
+        image = torch.zeros(3, h, w)
+        image[0, :, : w // 2] = 1
+        truth = torch.zeros(h * scale, w * scale, dtype=torch.long)
+        truth[:, : w * scale // 2] = 1
+        resized = torch.full((h, w), 255, dtype=torch.long)  # would score nothing if it were used
+        return image, {"mask": resized, "orig_mask": truth}
+
+    # Labels 2x and 3x the image size; a 4x4 image padded to 4x8 in its batch.
+    metrics = train.evaluate(Painted(), "deeplab", [item(4, 8, 2), item(4, 8, 3), item(4, 4, 2)], 1,
+                             {"batch_size": 3})
+    assert metrics["miou"] == pytest.approx(100.0)

@@ -5,7 +5,8 @@ Every dataset is a ``torch.utils.data.Dataset`` whose items are ``(image, target
 * ``image``: float tensor (3, H, W) in [0, 1] (or whatever the ``transforms`` make of it);
 * ``target``: dict with ``"image_id"`` (int), ``"name"`` (file stem), ``"orig_size"`` (H, W) of the
   file and ``"size"`` (H, W) of ``image`` (they differ after resizing), and
-  - segmentation: ``"mask"`` (H, W) long, class indices with 255 = ignore;
+  - segmentation: ``"mask"`` (H, W) long, class indices with 255 = ignore, and ``"orig_mask"``, the
+    label file's mask before any transform (the evaluation protocol scores at its resolution);
   - detection: ``"boxes"`` (K, 4) float xyxy in pixels (pixel i spans [i, i+1)), ``"labels"``
     (K,) long in 1..C, ``"areas"`` (K,) float (mask area when known, else box area),
     ``"iscrowd"`` and ``"difficult"`` (K,) bool.
@@ -146,6 +147,8 @@ def _find_voc_dir(root: Path, year: str | None, marker: str) -> Path | None:
 def _finish(image: Tensor, target: dict, transforms: Transforms) -> tuple[Tensor, dict]:
     target["orig_size"] = torch.tensor(image.shape[-2:])
     target["size"] = target["orig_size"].clone()  # transforms that resize update it
+    if "mask" in target:  # the label file's mask, for evaluation at its resolution (transforms replace "mask")
+        target["orig_mask"] = target["mask"]
     if transforms is not None:
         image, target = transforms(image, target)
     return image, target

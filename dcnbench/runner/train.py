@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -78,7 +79,9 @@ def build_data(task: str, data: dict) -> tuple[Dataset, Dataset, int]:
 
 
 def _loader(dataset: Dataset, task: str, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    collate = collate_segmentation if task == "deeplab" else collate_detection
+    """Batches of ``dataset``: DeepLab training stacks images and masks (``collate_segmentation``); every
+    other use keeps lists of images and target dicts (``collate_detection``)."""
+    collate = collate_segmentation if task == "deeplab" and shuffle else collate_detection
     if dist.is_distributed():
         if not shuffle:  # evaluation: this rank's shard, no padding
             return DataLoader(Subset(dataset, dist.shard(len(dataset))), batch_size=batch_size, collate_fn=collate)
@@ -171,8 +174,10 @@ def evaluate(model: nn.Module, task: str, dataset: Dataset, num_classes: int, cf
     loader = _loader(dataset, task, cfg.get("batch_size", 1), False, 0)
     if task == "deeplab":
         metric = SegmentationMetric(num_classes + 1)
-        for images, masks in loader:
-            metric.update(model(_to(images, device)).argmax(1).cpu(), masks)
+        for images, targets in loader:
+            logits = model(_to(collate_segmentation(list(zip(images, targets)))[0], device)).cpu()
+            for logit, image, target in zip(logits, images, targets):
+                metric.update(*_at_label_size(logit, tuple(image.shape[-2:]), target))
         metric.cm = dist.all_reduce_sum(metric.cm)
         return {"miou": 100 * metric.compute()["miou"]}
     predictions, targets = [], []
@@ -193,6 +198,17 @@ def evaluate(model: nn.Module, task: str, dataset: Dataset, num_classes: int, cf
                    "map_coco": 100 * result["coco_mAP"], "ap_small": 100 * result["coco_mAP_small"],
                    "ap_medium": 100 * result["coco_mAP_medium"], "ap_large": 100 * result["coco_mAP_large"]}
     return dist.broadcast(metrics)
+
+
+def _at_label_size(logit: Tensor, size: tuple[int, int], target: dict) -> tuple[Tensor, Tensor]:
+    """(1, H, W) predicted labels and (1, H, W) ground truth at the resolution of the label file
+    (``orig_mask``; the paper's protocol): ``logit`` (C+1, h', w') of a padded batch is cropped to its
+    image's ``size`` and, where the loader resized the image, bilinearly resized to the label's."""
+    truth = target.get("orig_mask", target["mask"])
+    logit = logit[:, : size[0], : size[1]]
+    if tuple(truth.shape[-2:]) != size:
+        logit = F.interpolate(logit[None], size=tuple(truth.shape[-2:]), mode="bilinear", align_corners=False)[0]
+    return logit.argmax(0)[None], truth[None]
 
 
 def save_checkpoint(model: nn.Module, config: dict, path: Path) -> None:
