@@ -4,10 +4,12 @@
 #   bench    `dcnbench bench ops --device cuda` on the issue's shapes, full float32 and TF32
 #   large    the same on batched shapes where the kernels, not the host, set the time
 #   runtime  `dcnbench runtime --device cuda` (Table 4 at the paper's sizes, 45 rounds)
-#   profile  scripts/profile_cuda.py (DeepLab@V host vs GPU time, host split, largest kernels)
+#   profile  scripts/profile_cuda.py (DeepLab@V host vs GPU time, host split, largest kernels, the
+#            cost of --fmad=false)
 # Results land in $OUT (default /tmp/dcnbench-device): CSVs, gpu.txt and one log of every step
-# (device_check.log). Each step has its own time limit; a failing step does not stop the next. No
-# install: the checkout runs from PYTHONPATH.
+# (device_check.log). Each step has its own time limit, together 540 s, so that the whole
+# check fits one 10-minute device call; a failing step does not stop the next. No install: the
+# checkout runs from PYTHONPATH.
 # Usage: DCNBENCH_GIT_COMMIT=<sha> scripts/device_check.sh [steps]   (default: all steps; name the
 #        commit where the copy has no .git)
 set -uo pipefail
@@ -29,17 +31,18 @@ bench() {  # bench <out dir> <time limit> [options]
 
 step gpu
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-  python3 -c "import torch, torchvision, cupy; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cupy', cupy.__version__)"
+  python3 -c "import torch; print('torch', torch.__version__); print('device', torch.cuda.get_device_name())"
+  python3 -c "import torchvision, cupy; print('torchvision', torchvision.__version__, 'cupy', cupy.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt" >>"$LOG"
 
 if [[ $steps == *tests* ]]; then
   step tests
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_cuda_kernels.py >>"$LOG" 2>&1
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_cuda_kernels.py >>"$LOG" 2>&1
   tail -1 "$LOG"
 fi
 if [[ $steps == *runtime* ]]; then
   step runtime
-  timeout 240 python3 -m dcnbench.cli runtime --device cuda --repeats 45 --results-dir "$OUT" >>"$LOG" 2>&1
+  timeout 120 python3 -m dcnbench.cli runtime --device cuda --repeats 45 --results-dir "$OUT" >>"$LOG" 2>&1
 fi
 if [[ $steps == *profile* ]]; then
   step profile

@@ -7,8 +7,10 @@
    backward alone (retain_graph), forward+backward, against torchvision's op.
 3. The ten largest GPU kernels of deform_conv2d and (PS) RoI pooling forward+backward, per
    iteration, from torch.profiler (full float32 in cuDNN and cuBLAS alike).
+4. The cost of ``--fmad=false`` (the backend's NVRTC option, for the CPU's rounding): GPU time of
+   the dcn_* kernels per forward+backward compiled with it and with NVRTC's default, alternated.
 
-Usage: PYTHONPATH=. python scripts/profile_cuda.py [deeplab_v] [host] [kernels]
+Usage: PYTHONPATH=. python scripts/profile_cuda.py [deeplab_v] [host] [kernels] [fmad]
 """
 
 from __future__ import annotations
@@ -150,7 +152,47 @@ def deeplab_v_split(g: torch.Generator) -> None:
             print(f"  {name:42s} {per_call_us(fn):8.1f}")
 
 
-SECTIONS = {"deeplab_v": deeplab_v_split, "host": host_split, "kernels": kernel_table}
+def fmad_cost(g: torch.Generator) -> None:
+    """GPU time of the dcn_* kernels (ms per forward+backward, torch.profiler) of res5 at batch 8
+    and of R-FCN's PS RoI pooling, with the kernels compiled with --fmad=false (as the backend
+    compiles them) and with --fmad=true, twice each in alternation."""
+    from dcnbench.ops import cuda as backend
+
+    strict = backend.nvrtc_options
+    x, offset, weight, grad = conv_inputs(g, 8, 512, 38, 63, 512)
+    rois = _rfcn_rois(300, 38, 63, 1 / 16, g).cuda()
+    feats = torch.randn(1, 49 * 21, 38, 63, generator=g).cuda().requires_grad_()
+    ps_offset = (0.5 * torch.randn(300, 42, 7, 7, generator=g)).cuda().requires_grad_()
+    ps_grad = torch.randn(300, 21, 7, 7, generator=g).cuda()
+    cases = {
+        "deform_conv2d res5 batch 8": lambda: deform_conv2d(x, offset, weight, None, 1, 2, 2).backward(grad),
+        "deform_ps_roi_pool R-FCN":
+            lambda: deform_ps_roi_pool(feats, rois, ps_offset, 7, 1 / 16, 4, 0.1).backward(ps_grad),
+    }
+    print("dcn_* kernels' GPU time per forward+backward (ms), by NVRTC's --fmad:")
+    try:
+        for fmad in ("false", "true", "false", "true"):
+            backend.nvrtc_options = lambda *args, fmad=fmad: tuple(
+                o for o in strict(*args) if not o.startswith("--fmad")) + (f"--fmad={fmad}",)
+            backend._module.cache_clear()
+            backend._function.cache_clear()
+            for name, fn in cases.items():
+                with use_backend("cuda"):
+                    fn()  # compiles (or loads cupy's cached build) and warms up
+                    torch.cuda.synchronize()
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(10):
+                            fn()
+                        torch.cuda.synchronize()
+                ms = sum(e.self_device_time_total for e in prof.key_averages() if "dcn_" in e.key) / 10 / 1e3
+                print(f"  --fmad={fmad:5s} {name:28s} {ms:7.3f}")
+    finally:
+        backend.nvrtc_options = strict
+        backend._module.cache_clear()
+        backend._function.cache_clear()
+
+
+SECTIONS = {"deeplab_v": deeplab_v_split, "host": host_split, "kernels": kernel_table, "fmad": fmad_cost}
 
 
 def main(sections: list[str]) -> None:

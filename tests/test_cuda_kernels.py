@@ -73,9 +73,9 @@ def test_nvcc_compiles(cu_file, arch, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
-def test_nvrtc_compiles(arch):
-    """The translation unit and options the backend gives cupy.RawModule compile with NVRTC."""
+def _nvrtc_ptx(arch: str) -> str:
+    """PTX of the backend's NVRTC translation unit, compiled with its options as cupy.RawModule
+    compiles it; checks that every template instantiation it asks for is there."""
     pytest.importorskip("cupy", reason="cupy not installed")
     from cupy.cuda import nvrtc
     try:
@@ -94,9 +94,25 @@ def test_nvrtc_compiles(arch):
             pytest.fail(f"{error}\n{nvrtc.getProgramLog(program)}")
         for name in cuda.name_expressions():
             assert nvrtc.getLoweredName(program, name).startswith("_Z")
-        assert ".entry" in nvrtc.getPTX(program).decode(errors="replace")
+        return nvrtc.getPTX(program).decode(errors="replace")
     finally:
         nvrtc.destroyProgram(program)
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_nvrtc_compiles(arch):
+    """The translation unit and options the backend gives cupy.RawModule compile with NVRTC."""
+    assert ".entry" in _nvrtc_ptx(arch)
+
+
+def test_nvrtc_rounds_every_operation_like_the_cpu():
+    """No floating multiply-add contraction in the kernels' PTX: each product and sum is rounded
+    on its own, as in the CPU kernels (-ffp-contract=off) and the reference, so RoI sample
+    positions such as j * bin_w + start_x are bitwise the CPU's (NVRTC's default --fmad=true put
+    some an ulp across x <= W - 0.5, see test_gpu_roi_pool_float32_ties_match_cpu)."""
+    ptx = _nvrtc_ptx("compute_90")
+    fused = re.findall(r"\b(?:fma|mad)\.\S*f(?:32|64)\b", ptx)
+    assert not fused, f"{len(fused)} fused multiply-adds, e.g. {fused[:3]}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,3 +609,126 @@ def test_gpu_autocast():
     assert _rel_err(out.float(), want) < 1e-2
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert layer.weight.grad is not None and layer.offset_conv.weight.grad is not None
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_roi_pool_float32_ties_match_cpu():
+    """float32 RoIs whose sample x lands exactly on W - 0.5 (a valid sample) in per-operation
+    rounding, and an ulp past it (skipped) when j * bin_w + start_x and the sub-bin step are
+    contracted into multiply-adds, in bins whose other samples read interior pixels: the mean
+    then changes by 0.06-0.28 (seen with the kernels built as host code with -mfma
+    -ffp-contract=fast). Compiled with --fmad=false the GPU agrees with the CPU reference."""
+    _require_cuda_backend()
+    g = torch.Generator().manual_seed(0)
+    cases = [((2, 3, 12, 3), [[0, 4, 0, 27, 30], [1, 4, 2, 27, 33]], 0.3),  # x = 2.5 at j = 1, u = 3
+             ((1, 3, 12, 6), [[0, 8, 0, 55, 30]], 0.3),  # x = 5.5
+             ((1, 3, 12, 7), [[0, 1, 0, 18, 30]], 0.7)]  # x = 6.5
+    for shape, boxes, scale in cases:
+        x = torch.randn(*shape, generator=g)
+        rois = torch.tensor(boxes, dtype=torch.float32)
+        args = (x, rois, None, (7, 7), scale, 4, 0.1)
+        grad = torch.randn(rois.shape[0], x.shape[1], 7, 7, generator=g)
+        want_out, want_grads = _run_roi("cpu", torch.float32, args, grad, "reference", False)
+        out, grads = _run_roi("cuda", torch.float32, args, grad, "cuda", False)
+        torch.testing.assert_close(out.cpu(), want_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grads[0].cpu(), want_grads[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_deform_conv2d_captures_in_a_cuda_graph(deterministic):
+    """Forward and backward record into a CUDA graph and its replay on new inputs equals an eager
+    call: every kernel goes to torch's current stream (a launch on another stream, or a host
+    sync, fails the capture)."""
+    _require_cuda_backend()
+    x, off, w, b, stride, padding, dilation, m = [t.cuda() if isinstance(t, torch.Tensor) else t
+                                                  for t in _conv_case(torch.float32, n=2)]
+    leaves = [t.requires_grad_() for t in (x, off, w, b, m)]
+    grad = torch.randn(2, w.shape[0], off.shape[2], off.shape[3], device="cuda")
+
+    def step():
+        with use_backend("cuda"):
+            out = deform_conv2d(x, off, w, b, stride, padding, dilation, m)
+        return (out, *torch.autograd.grad(out, leaves, grad))
+
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (kernel compilation, allocator) off the capture
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        with torch.no_grad():
+            for t in leaves:
+                t.copy_(torch.randn_like(t))
+            m.uniform_()
+        graph.replay()
+        eager = step()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for got, want in zip(captured, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_non_contiguous_and_empty_inputs():
+    """Channels-last and transposed (non-contiguous) tensors give the reference's values; an empty
+    batch and zero RoIs give empty outputs and zero gradients."""
+    _require_cuda_backend()
+    x, off, w, b, stride, padding, dilation, m = _conv_case(torch.float64, n=2)
+    grad = torch.randn(2, w.shape[0], off.shape[2], off.shape[3], dtype=torch.float64)
+    want_out, want_grads = _run_conv("cpu", torch.float64, (x, off, w, b, stride, padding, dilation, m), grad,
+                                     "reference")
+    xs = x.cuda().contiguous(memory_format=torch.channels_last).requires_grad_()
+    offs = off.transpose(2, 3).contiguous().cuda().transpose(2, 3).requires_grad_()  # non-contiguous view
+    ws = w.cuda().contiguous(memory_format=torch.channels_last).requires_grad_()
+    with use_backend("cuda"):
+        out = deform_conv2d(xs, offs, ws, b.cuda(), stride, padding, dilation, m.cuda())
+    assert not offs.is_contiguous()
+    got = torch.autograd.grad(out, [xs, offs, ws], grad.cuda().transpose(2, 3).contiguous().transpose(2, 3))
+    torch.testing.assert_close(out.cpu(), want_out, **_tol(torch.float64))
+    for g_, want in zip(got, want_grads[:3]):
+        torch.testing.assert_close(g_.cpu(), want, **_tol(torch.float64))
+
+    empty = [t[:0].cuda().requires_grad_() for t in (x, off)]
+    wc = w.cuda().requires_grad_()
+    with use_backend("cuda"):
+        out = deform_conv2d(empty[0], empty[1], wc, None, stride, padding, dilation)
+    assert out.shape == (0, w.shape[0], off.shape[2], off.shape[3])
+    gi, go, gw = torch.autograd.grad(out, [*empty, wc], torch.ones_like(out))
+    assert gi.shape == empty[0].shape and go.shape == empty[1].shape and torch.equal(gw, torch.zeros_like(wc))
+    feats = torch.randn(1, 3 * 9, 5, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            with use_backend("cuda"):
+                pooled = deform_ps_roi_pool(feats, torch.zeros(0, 5, dtype=torch.float64, device="cuda"),
+                                            torch.zeros(0, 2, 3, 3, dtype=torch.float64, device="cuda"), 3)
+            assert pooled.shape == (0, 3, 3, 3)
+            (gf,) = torch.autograd.grad(pooled.sum(), [feats])
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert torch.equal(gf, torch.zeros_like(feats))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_second_device_while_the_first_is_current():
+    """Tensors on cuda:1 with cuda:0 current: the kernels compile for and run on cuda:1."""
+    _require_cuda_backend()
+    args = _conv_case(torch.float64, n=2)
+    grad = torch.randn(2, 6, args[1].shape[2], args[1].shape[3], dtype=torch.float64)
+    want_out, want_grads = _run_conv("cpu", torch.float64, args, grad, "reference")
+    with torch.cuda.device(0):
+        out, grads = _run_conv("cuda:1", torch.float64, args, grad, "cuda")
+    assert out.device == torch.device("cuda:1")
+    torch.testing.assert_close(out.cpu(), want_out, **_tol(torch.float64))
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got.cpu(), want, **_tol(torch.float64))

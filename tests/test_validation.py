@@ -43,6 +43,9 @@ def conv_args(**overrides):
         (dict(padding=(1, 2, 3)), TypeError, r"padding must be an int or a pair of ints"),
         (dict(input=torch.randn(2, 4, 1, 1), padding=0), ValueError, r"input of spatial size \(1, 1\) is too small"),
         (dict(offset=torch.randn(2, 54, 8, 8)), ValueError, r"3 offset groups, which does not divide input's 4 channels"),
+        # An empty map with padding has a non-empty output that samples nothing (was a segfault).
+        (dict(input=torch.randn(2, 4, 0, 6), weight=torch.randn(6, 4, 1, 1), offset=torch.randn(2, 2, 2, 8)), ValueError,
+         r"input must have a non-empty feature map \(height and width >= 1\), got shape \(2, 4, 0, 6\)"),
     ],
 )
 def test_deform_conv2d_bad_input(overrides, error, pattern):

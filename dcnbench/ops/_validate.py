@@ -155,6 +155,8 @@ def check_deform_conv2d(
         raise ValueError(f"bias must have shape ({out_c},), got {tuple(bias.shape)}")
 
     ho, wo = output_size(input, (kh, kw), stride, padding, dilation)
+    if 0 in input.shape[-2:]:  # padding alone would give an output that samples nothing
+        raise ValueError(f"input must have a non-empty feature map (height and width >= 1), got shape {tuple(input.shape)}")
     taps = kh * kw
     if offset.shape[0] != n or offset.shape[2:] != (ho, wo) or offset.shape[1] % (2 * taps) != 0 or offset.shape[1] == 0:
         raise ValueError(

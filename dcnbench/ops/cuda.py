@@ -103,8 +103,15 @@ def nvrtc_source() -> str:
 
 def nvrtc_options(cuda_include: str | None = None) -> tuple[str, ...]:
     """NVRTC options (without ``-arch`` and ``-ftz=true``, which cupy adds: flushing float32
-    denormals is the only intended difference from the CPU arithmetic)."""
-    options = ["--std=c++17", f"-I{KERNEL_DIR}"]
+    denormals is the only intended difference from the CPU arithmetic).
+
+    ``--fmad=false``: no multiply-add contraction, so every operation rounds as on the CPU (whose
+    kernels build with ``-ffp-contract=off``, and the reference is plain torch ops). With NVRTC's
+    default contraction a RoI sample such as ``j * bin_w + start_x`` can land an ulp off the CPU's,
+    on the other side of a validity border (x <= W - 0.5) or of an integer (one-sided offset
+    gradient), and the backward's valid-sample count could differ from its own sample loop's.
+    """
+    options = ["--std=c++17", "--fmad=false", f"-I{KERNEL_DIR}"]
     if cuda_include is None:
         cuda_include = _cuda_include_dir()
     if cuda_include:
