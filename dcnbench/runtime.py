@@ -21,11 +21,13 @@ workload that does not depend on untrained scores, detectors post-process with s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ RUNTIME_COLUMNS = [
     "proposals", "params", "net_forward_min_s", "runtime_min_s", "net_forward_all_s", "runtime_all_s", "loadavg_1m", "backend", "threads", "float32_mode", "machine", "torch",
     "git_commit", "date", "command",
 ]
+PARAMS_COLUMNS = ["model", "variant", "params", "torch", "git_commit", "date", "command"]
 MIN_ROUNDS_FOR_INTERVAL = 5  # fewer rounds: ratios of medians only, no interval and no verdict
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -218,7 +221,9 @@ def _seconds(t: float) -> str:
 
 
 def _row_key(row: dict) -> tuple:
-    return (row["model"], row["variant"], row["device"], f"{float(row['scale']):g}", str(row["repeats"]), row["backend"])
+    """What makes two runs the same measurement (resume): model, variant, device, scale, rounds, backend, threads."""
+    return (row["model"], row["variant"], row["device"], f"{float(row['scale']):g}", str(row["repeats"]),
+            row["backend"], str(row.get("threads", "")))
 
 
 def build_twins(task: str, extra: dict, weights: str | None = None) -> dict[str, torch.nn.Module]:
@@ -245,7 +250,7 @@ def run_runtime(
     on_round: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Measure every Table 4 model whose rows are not yet in ``out_csv`` (same device, scale,
-    repeats and backend); returns this configuration's rows, found and new. Plain and deformable
+    repeats, backend and thread count); returns this configuration's rows, found and new. Plain and deformable
     are timed in alternation and their two rows appended (atomically) as soon as they are done.
     ``on_round(model)`` is called after each of a model's ``1 + repeats`` rounds (progress)."""
     from dcnbench.runner.results import command_line, git_commit, machine
@@ -264,7 +269,8 @@ def run_runtime(
     done = {_row_key(r): r for r in rows}
     result = []
     for spec in specs:
-        keys = {v: (spec.name, v, dev.type, f"{float(scale):g}", str(repeats), backend) for v in VARIANTS}
+        keys = {v: (spec.name, v, dev.type, f"{float(scale):g}", str(repeats), backend, str(torch.get_num_threads()))
+                for v in VARIANTS}
         if all(k in done for k in keys.values()):
             log(f"{spec.name}: already measured, skipped")
             result += [done[k] for k in keys.values()]
@@ -367,6 +373,27 @@ def overhead_rows(rows: list[dict], paper: dict | None = None) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # The `dcnbench runtime` command's body.
 
+def check_weights(weights: str) -> None:
+    """A usage error naming ``--weights`` unless the file loads into the Table 4 ResNet-101 (before any timing)."""
+    import click
+
+    try:
+        load_backbone_weights(build_model(table4_config("deeplab", "plain")), weights)
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--weights") from exc
+
+
+@contextlib.contextmanager
+def _exit_130_keeping(out_csv: Path):
+    """Ctrl-C: say that the models measured so far are in ``out_csv`` and that a rerun resumes; exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = f"the models measured so far are in {out_csv}" if out_csv.is_file() else f"{out_csv} was not written"
+        print(f"\ninterrupted: {kept}; the same command resumes with the others", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def _ratio(x: float) -> str:
     return "n/a" if x != x else f"{x:.3f}"
 
@@ -384,8 +411,12 @@ def main(params_only: bool, device: str, scale: float, repeats: int, models: lis
     out_dir = Path(results_dir)
     paper = read_paper_table4()
     if params_only:
-        rows = param_rows()
-        write_csv(out_dir / "table4_params.csv", rows, ["model", "variant", "params"])
+        from dcnbench.runner.results import command_line, git_commit
+
+        stamp = {"torch": torch.__version__, "git_commit": git_commit(),
+                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command_line()}
+        rows = [{**r, **stamp} for r in param_rows()]
+        write_csv(out_dir / "table4_params.csv", rows, PARAMS_COLUMNS)
         table = Table(title="Table 4 parameters (ResNet-101, 21 classes): ours vs paper")
         for col in ("model", "variant", "ours (M)", "paper (M)", "backbone", "reduce", "rpn", "head", "offsets"):
             table.add_column(col, justify="left" if col in ("model", "variant") else "right")
@@ -398,11 +429,13 @@ def main(params_only: bool, device: str, scale: float, repeats: int, models: lis
         return
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if weights:
+        check_weights(weights)
     if threads:
         torch.set_num_threads(threads)
     out_csv = runtime_csv(out_dir, device, scale)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+    with _exit_130_keeping(out_csv), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                              TimeElapsedColumn(), console=console, transient=True) as progress:
         bars: dict[str, TaskID] = {}
 
         def on_round(model: str) -> None:  # warm-up + repeats rounds of plain and deformable

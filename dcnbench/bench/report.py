@@ -38,8 +38,12 @@ def _index(rows: Iterable[dict]) -> dict[tuple, dict]:
 
 
 def evaluate_targets(rows: list[dict]) -> list[dict]:
-    """One entry per target and thread count: what, measured value, limit, met."""
-    idx = _index(rows)
+    """One entry per target and thread count: what, measured value, limit, met. A conv target is
+    judged only on rows of its own shape (``shape_desc`` of the built-in dims), whatever the name."""
+    from .ops import CONV_SHAPES, conv_desc
+
+    idx = _index(r for r in rows if r["op"] != "deform_conv2d" or r["shape"] not in CONV_SHAPES
+                 or r["shape_desc"] == conv_desc(CONV_SHAPES[r["shape"]]))
     threads = sorted({int(r["threads"]) for r in rows})
     checks = []
     fb = "forward+backward"

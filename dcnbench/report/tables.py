@@ -539,10 +539,19 @@ def _runtime_csv_scale(path: Path) -> float:
     return float(m.group(1)) if m else 1.0
 
 
+_RUNTIME_CSV_COLUMNS = ("model", "variant", "net_forward_s", "runtime_s")
+
+
 def _runtime_rows(path: Path) -> tuple[list[dict], int]:
     """The rows of a runtime CSV to show: those at the file's scale, the newest per (model, variant),
-    so a table never averages runs of different sizes, round counts or code; and how many were left out."""
-    rows = _read_csv(path)
+    so a table never averages runs of different sizes, round counts or code; and how many were left out.
+    ValueError if ``path`` lacks a runtime CSV's columns (e.g. an ops or ablation CSV)."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in _RUNTIME_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} is not a `dcnbench runtime` CSV: it has no {', '.join(missing)} column(s)")
+        rows = list(reader)
     scale = _runtime_csv_scale(path)
     newest: dict[tuple[str, str], dict] = {}
     for r in sorted(rows, key=lambda r: r.get("date") or ""):  # stable: the later row of a date wins
@@ -557,7 +566,8 @@ def build_table4(results_dir: Path | None = None, paper_dir: Path | None = None,
 
     Times come from ``runtime_csv``, or else from every paper-size ``table4_runtime_<device>.csv`` in
     ``results_dir`` (a scaled run's ``..._scale<s>.csv`` only when named); params from the
-    ``table4_params.csv`` beside them."""
+    ``table4_params.csv`` beside them. A scaled CSV's table has the tier ``<tier>_scale<s>``, so its
+    markdown never replaces the paper-size ``table4_<tier>.md``."""
     if runtime_csv is not None:
         results_dir = runtime_csv.parent
     results_dir = results_dir or RESULTS_DIR
@@ -646,6 +656,8 @@ def build_table4(results_dir: Path | None = None, paper_dir: Path | None = None,
                        else "no runtime CSVs yet") + "."]
     notes += [f"{_rel(p)}: {n} row(s) left out (another scale, or an older run of the same model and variant)."
               for p, n in left_out.items() if n]
+    scales = {_runtime_csv_scale(p) for p in runtime_files} - {1.0}
+    tier += "".join(f"_scale{s:g}" for s in sorted(scales))
     return Rendered(4, tier, f"Table 4: {TITLES[4]}", header, rows, notes, records)
 
 
