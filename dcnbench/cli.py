@@ -161,11 +161,12 @@ def data() -> None:
               help="seg: VOC segmentation layout; det: COCO layout (or VOC with --layout voc).")
 @click.option("--num", type=click.IntRange(1), default=2000, show_default=True, help="Number of images.")
 @click.option("--size", type=click.IntRange(8), default=128, show_default=True, help="Image side in pixels.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Same seed, byte-identical files.")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Output folder (only it is written): new, empty, or holding this same dataset (else refused).")
 @click.option("--classes", type=click.IntRange(1, 10), default=6, show_default=True, help="Number of shape classes.")
-@click.option("--min-size", type=click.FloatRange(0, min_open=True), help="Smallest object extent in px [default: size/16].")
+@click.option("--min-size", type=click.FloatRange(0, min_open=True),
+              help="Smallest object extent in px, at least 3.91 (a 12-pixel disc) [default: size/16, at least 3.91].")
 @click.option("--max-size", type=click.FloatRange(0, min_open=True),
               help="Largest object extent in px, at most --size [default: 3/4 of size].")
 @click.option("--val-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
@@ -176,13 +177,15 @@ def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction,
     """Write the synthetic benchmark to disk in a real dataset's layout."""
     from rich.progress import Progress
 
-    from dcnbench.data.synthetic import SynthConfig, write_synthetic
+    from dcnbench.data.synthetic import SynthConfig, smallest_extent, write_synthetic
     from dcnbench.errors import InvalidSetting
 
     if task == "seg" and layout == "coco":
         raise click.UsageError("--task seg writes the VOC segmentation layout only (--layout voc)")
+    if min_size is None:
+        min_size = max(size / 16, smallest_extent(SynthConfig.min_pixels))
     try:
-        config = SynthConfig(size=size, num_classes=classes, min_size=size / 16 if min_size is None else min_size,
+        config = SynthConfig(size=size, num_classes=classes, min_size=min_size,
                              max_size=size * 0.75 if max_size is None else max_size)
         with Progress(transient=True) as progress:  # settings are checked before the first image
             bar = progress.add_task(f"synth {task} -> {out}", total=num)
@@ -290,13 +293,18 @@ def figures(tier, tables, checkpoint, roi_checkpoint, results_dir, out) -> None:
         except ValueError as exc:  # a malformed results CSV: tables.row_problems says what is wrong
             raise click.ClickException(str(exc)) from exc
         click.echo(f"table {n}: " + (", ".join(map(str, paths)) if paths else f"no {tier}-tier results in {csv_path}"))
-    for kind, given, make in (("figure5", checkpoint, fg.figure5_from_checkpoint),
-                              ("figure6", roi_checkpoint, fg.figure6_from_checkpoint)):
+    for kind, option, given, make in (("figure5", "--checkpoint", checkpoint, fg.figure5_from_checkpoint),
+                                      ("figure6", "--roi-checkpoint", roi_checkpoint, fg.figure6_from_checkpoint)):
         ckpt = Path(given) if given else fg.default_checkpoint(kind, tier, root / "checkpoints" if root else None)
         if ckpt is None:
             click.echo(f"{kind}: no checkpoint found (run `dcnbench ablate` first or pass one)")
             continue
-        click.echo(f"{kind}: " + ", ".join(map(str, make(ckpt, out_dir))))
+        try:
+            click.echo(f"{kind}: " + ", ".join(map(str, make(ckpt, out_dir))))
+        except (ValueError, FileNotFoundError) as exc:  # unreadable, or not a model the figure can show
+            if given:
+                raise click.BadParameter(str(exc), param_hint=option) from exc
+            raise click.ClickException(f"{kind} from {ckpt}: {exc}") from exc
 
 
 @main.command()

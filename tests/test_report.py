@@ -430,9 +430,9 @@ def test_sampling_locations_regular_and_shifted():
     pts2 = sampling_locations([_level(shifted)] * 3, (8, 8))
     np.testing.assert_allclose(pts2[:, 0], pts[:, 0] + 1.5)
     np.testing.assert_allclose(pts2[:, 1], pts[:, 1])
-    # onto a 2x larger image: pixel-centre aligned
+    # onto a 2x larger image: cell i of the stride-2 map is pixel 2i (its receptive field's centre)
     img = sampling_locations([_level(zero)], (8, 8), image_size=(32, 32))
-    np.testing.assert_allclose(sorted(set(img[:, 0])), [14.5, 16.5, 18.5])
+    np.testing.assert_allclose(sorted(set(img[:, 0])), [14, 16, 18])
 
 
 def test_capture_deform_levels_and_figure5(tmp_path):

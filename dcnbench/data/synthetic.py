@@ -126,6 +126,12 @@ SHAPE_NAMES: tuple[str, ...] = tuple(name for name, _ in _SHAPES)
 _SHAPE_EXTENT = 1.25  # every canonical shape lies inside |u| <= this
 
 
+def smallest_extent(min_pixels: int) -> float:
+    """Extent (px) of a disc of ``min_pixels`` pixels: no object of a smaller extent can be placed
+    (each keeps at least ``min_pixels`` visible pixels), so ``min_size`` may not go below it."""
+    return 2.0 * math.sqrt(min_pixels / math.pi)
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """What the generator draws.  Sizes are in pixels; ranges are inclusive ``(low, high)``."""
@@ -161,6 +167,10 @@ class SynthConfig:
                                  f"max_size={self.max_size:g}", "min_size", "max_size")
         if self.max_size > self.size:
             raise InvalidSetting(f"max_size={self.max_size:g} px exceeds the image size {self.size} px", "max_size")
+        if self.min_size < smallest_extent(self.min_pixels):
+            raise InvalidSetting(f"min_size={self.min_size:g} px is below {smallest_extent(self.min_pixels):.2f} px, the "
+                                 f"extent of a disc of min_pixels={self.min_pixels} px: objects that small are never "
+                                 "placed, so the sizes drawn would not cover the range", "min_size")
         lo, hi = self.objects_per_image
         if not 0 <= lo <= hi:
             raise InvalidSetting("objects_per_image must be (low, high) with 0 <= low <= high", "objects_per_image")
@@ -291,6 +301,7 @@ def _background(rng: np.random.Generator, cfg: SynthConfig) -> np.ndarray:
 
 def generate_sample(index: int, config: SynthConfig | None = None, seed: int = 0) -> dict:
     """Sample ``index`` of the synthetic set ``seed`` (see the module docstring for the fields)."""
+    _check_seed(seed, index)
     cfg = config or SynthConfig()
     rng = np.random.default_rng([int(seed), int(index)])
     size = cfg.size
@@ -371,6 +382,14 @@ def generate_sample(index: int, config: SynthConfig | None = None, seed: int = 0
         "areas": np.asarray(areas, dtype=np.int64),
         "image_id": int(index),
     }
+
+
+def _check_seed(seed: int, index: int = 0) -> None:
+    """Sample ``index`` of ``seed`` draws from ``default_rng([seed, index])``, which takes
+    non-negative integers only: an error naming the argument otherwise."""
+    for name, value in (("seed", seed), ("index", index)):
+        if int(value) < 0:
+            raise InvalidSetting(f"{name} must be a non-negative integer, got {value}", name)
 
 
 def generate_samples(num: int, config: SynthConfig | None = None, seed: int = 0, start: int = 0) -> list[dict]:
@@ -502,6 +521,7 @@ def write_synthetic(
     if (task, layout) not in (("seg", "voc"), ("det", "coco"), ("det", "voc")):
         raise ValueError(f"layout {layout!r} is not available for task {task!r} (seg: voc; det: coco, voc)")
     out = Path(out)
+    _check_seed(seed)
     n_train, n_val = _split_counts(num, val_fraction)
     meta = {"task": task, "layout": layout, "num": num, "seed": seed, "val_fraction": val_fraction, "config": asdict(cfg)}
     _check_out(out, meta)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +82,19 @@ def bilinear(field: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
             + f(y1, x0) * wy * (1 - wx) + f(y1, x1) * wy * wx)
 
 
+def _grid_stride(src: tuple[int, int], dst: tuple[int, int]) -> np.ndarray:
+    """(y, x) pixels of grid ``dst`` per cell of grid ``src``, two maps of one network (e.g. the image
+    and a stride-16 feature map: 1/16 one way, 16 the other). Strides are powers of two; the sizes
+    give them only roughly (a stride-16 map of a 100 px image has ceil(100/16) = 7 cells), so the
+    ratio of sizes is rounded to the nearest power of two."""
+    return np.array([2.0 ** round(math.log2(d / s)) for s, d in zip(src, dst)])
+
+
 def _rescale(points: np.ndarray, src: tuple[int, int], dst: tuple[int, int]) -> np.ndarray:
-    """Pixel-centre aligned change of grid: (p + 0.5) * dst / src - 0.5."""
-    scale = np.array([dst[0] / src[0], dst[1] / src[1]])
-    return (points + 0.5) * scale - 0.5
+    """Points (y, x) of grid ``src`` on grid ``dst``: cell ``i`` of a stride-``s`` map is centred on
+    input pixel ``s * i`` (its receptive field's centre, as in Table 2's dilation categories), so the
+    change of grid is a scaling by the strides' ratio, with no shift."""
+    return points * _grid_stride(src, dst)
 
 
 def sampling_locations(levels: list[DeformLevel], unit: tuple[float, float],
@@ -93,10 +103,11 @@ def sampling_locations(levels: list[DeformLevel], unit: tuple[float, float],
 
     ``levels`` bottom to top (each layer's output feeds, possibly through 1×1 convs, the next);
     ``unit`` (y, x) on the top layer's output grid. The top unit samples kh*kw points of its input
-    (regular grid plus its offsets); each such point is a (fractional) unit of the layer below,
-    whose offsets are bilinearly interpolated there, and so on: prod(kh*kw) points in all,
-    returned (N, 2) as (y, x) in image pixels (in the bottom layer's input grid without
-    ``image_size``).
+    (regular grid plus its offsets, in that layer's input pixels); each such point is a
+    (fractional) unit of the layer below, whose offsets are bilinearly interpolated there, and so
+    on: prod(kh*kw) points in all, returned (N, 2) as (y, x) in image pixels (pixel ``p`` centred
+    at ``p``; feature cell ``i`` of a stride-``s`` map at image pixel ``s * i``), or in the bottom
+    layer's input grid without ``image_size``.
     """
     points = np.array([unit], dtype=np.float64)
     for idx in range(len(levels) - 1, -1, -1):
@@ -116,7 +127,7 @@ def sampling_locations(levels: list[DeformLevel], unit: tuple[float, float],
 
 
 def unit_in_image(level: DeformLevel, unit: tuple[float, float], image_size: tuple[int, int]) -> np.ndarray:
-    """Where a unit of ``level``'s output grid sits on the image."""
+    """Where a unit of ``level``'s output grid sits on the image: (y, x) = stride * unit."""
     return _rescale(np.array([unit], dtype=np.float64), level.out_size, image_size)[0]
 
 
@@ -173,25 +184,50 @@ def _distance_to(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
     return np.sqrt(((points[:, None, :] - obj[None]) ** 2).sum(-1)).min(1)
 
 
-def pick_units(sample: dict) -> dict[str, tuple[float, float]]:
-    """Image points (y, x) for the three Figure 5 units of a synthetic sample: the background pixel
-    farthest from every object (in the central half of the image when it has background there), and
-    the box centre of the smallest and of the largest object."""
+def _object_pixels(sample: dict, k: int) -> np.ndarray:
+    """(P, 2) pixels (y, x) of object ``k``: its instance, or its class's pixels inside its box when the
+    sample has no ``instance_map`` (the runner's cached sets drop it)."""
+    if "instance_map" in sample:
+        return np.argwhere(np.asarray(sample["instance_map"]) == k + 1)
+    x1, y1, x2, y2 = (int(round(float(v))) for v in np.asarray(sample["boxes"]).reshape(-1, 4)[k])
+    inside = np.argwhere(np.asarray(sample["mask"])[y1:y2, x1:x2] == int(np.asarray(sample["labels"])[k]))
+    return inside + [y1, x1]
+
+
+def _objects_under_units(sample: dict, stride: tuple[int, int]) -> list[tuple[float, tuple[float, float]]]:
+    """(area, (y, x)) of every object of a sample that a unit of a stride-``stride`` map sits on (a
+    pixel ``stride * i`` of the object): the area and that pixel nearest its box centre (the centre
+    itself may lie off the object: in a ring's hole, on an occluder, between grid pixels)."""
+    sy, sx = (max(1, int(v)) for v in stride)
+    found = []
+    for k, (box, area) in enumerate(zip(np.asarray(sample["boxes"], float).reshape(-1, 4), sample["areas"])):
+        pixels = _object_pixels(sample, k)
+        pixels = pixels[(pixels[:, 0] % sy == 0) & (pixels[:, 1] % sx == 0)]
+        if len(pixels):
+            x1, y1, x2, y2 = box
+            centre = np.array([(y1 + y2 - 1) / 2, (x1 + x2 - 1) / 2])  # pixel p spans [p, p + 1) in a box
+            found.append((float(area), tuple(float(v) for v in pixels[np.argmin(((pixels - centre) ** 2).sum(1))])))
+    return found
+
+
+def pick_units(sample: dict, stride: tuple[int, int] = (1, 1)) -> dict[str, tuple[float, float]]:
+    """Image points (y, x) for the three Figure 5 units of a synthetic sample, among the pixels
+    ``stride * i`` the units of a stride-``stride`` map sit on: the background pixel farthest from
+    every object (in the central half of the image when it has background there), and a pixel of
+    the smallest and of the largest object that a unit sits on (see :func:`_objects_under_units`)."""
     mask = np.asarray(sample["mask"])
     h, w = mask.shape
+    sy, sx = (max(1, int(v)) for v in stride)
     out = {}
-    grid = np.stack(np.meshgrid(np.arange(2, h - 2, 2), np.arange(2, w - 2, 2), indexing="ij"), -1).reshape(-1, 2)
+    grid = np.stack(np.meshgrid(np.arange(0, h, sy), np.arange(0, w, sx), indexing="ij"), -1).reshape(-1, 2)
     grid = grid[mask[grid[:, 0], grid[:, 1]] == 0]
     inner = grid[(np.abs(grid[:, 0] - h / 2) <= h / 4) & (np.abs(grid[:, 1] - w / 2) <= w / 4)]
     grid = inner if len(inner) else grid  # prefer the centre: a corner unit samples mostly padding
     if len(grid):
         out["background"] = tuple(float(v) for v in grid[np.argmax(_distance_to(mask > 0, grid))])
-    areas = np.asarray(sample.get("areas", []), dtype=float)
-    boxes = np.asarray(sample.get("boxes", []), dtype=float).reshape(-1, 4)
-    if len(boxes):
-        for tag, i in (("small object", int(np.argmin(areas))), ("large object", int(np.argmax(areas)))):
-            x1, y1, x2, y2 = boxes[i]
-            out[tag] = ((y1 + y2) / 2, (x1 + x2) / 2)
+    objects = _objects_under_units(sample, (sy, sx))
+    if objects:
+        out["small object"], out["large object"] = min(objects)[1], max(objects)[1]
     return out
 
 
@@ -284,7 +320,9 @@ def capture_roi_offsets(model, images, boxes: np.ndarray, labels: np.ndarray | N
 
 def plot_figure6(rois: list[dict], title: str = "") -> object:
     """rois: dicts with image (H, W, 3), roi (x1, y1, x2, y2), regular and moved bins from
-    :func:`roi_bins` and a label: the RoI in yellow, its regular grid dotted, the offset bins red."""
+    :func:`roi_bins` and a label: the RoI in yellow, its regular grid dotted, the offset bins red.
+    Box coordinates have pixel p spanning [p, p + 1); ``imshow`` centres pixel p on p, so every
+    rectangle is drawn half a pixel up and left of its coordinates."""
     plt = _mpl()
     from matplotlib.patches import Rectangle
 
@@ -292,11 +330,11 @@ def plot_figure6(rois: list[dict], title: str = "") -> object:
     for ax, r in zip(axes[0], rois):
         ax.imshow(r["image"])
         x1, y1, x2, y2 = r["roi"]
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="yellow", lw=2))
+        ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, ec="yellow", lw=2))
         for x, y, w, h in r["regular"].reshape(-1, 4):
-            ax.add_patch(Rectangle((x, y), w, h, fill=False, ec="yellow", lw=0.5, ls=":"))
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, ec="yellow", lw=0.5, ls=":"))
         for x, y, w, h in r["moved"].reshape(-1, 4):
-            ax.add_patch(Rectangle((x, y), w, h, fill=False, ec="red", lw=1.0))
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, ec="red", lw=1.0))
         ax.set_title(r.get("label", ""), fontsize=9)
         ax.axis("off")
     if title:
@@ -310,7 +348,11 @@ def plot_figure6(rois: list[dict], title: str = "") -> object:
 
 
 def load_checkpoint(path: Path):
-    """(model, config, validation set) of a runner checkpoint ``<cell>.pt`` with ``<cell>.json``."""
+    """(model, config, validation set) of a runner checkpoint ``<cell>.pt`` with ``<cell>.json``.
+
+    Raises FileNotFoundError when the config beside it is missing, ValueError naming the file when
+    either cannot be read (weights through ``torch.load(weights_only=True)``) or the weights do not
+    fit the model the config describes."""
     import torch
 
     from dcnbench.models.build import build_model
@@ -320,11 +362,28 @@ def load_checkpoint(path: Path):
     cfg_path = path.with_suffix(".json")
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: the checkpoint's config is missing")
-    config = json.loads(cfg_path.read_text())
-    _, val_set, num_classes = build_data(config["task"], config["data"])
-    model_cfg = {k: v for k, v in config["model"].items() if k != "weights"}
-    model = build_model({**model_cfg, "task": MODEL_TASK[config["task"]], "num_classes": num_classes})
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        config = json.loads(cfg_path.read_text())
+        task, data, model_cfg, model_task = config["task"], config["data"], config["model"], MODEL_TASK[config["task"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{cfg_path}: not a runner checkpoint config ({type(err).__name__}: {err})") from err
+    _, val_set, num_classes = build_data(task, data)
+    model = build_model({**{k: v for k, v in model_cfg.items() if k != "weights"}, "task": model_task,
+                         "num_classes": num_classes})
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # missing file, permissions: the system's message names the path
+        raise
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint: torch.load(weights_only=True) refuses "
+                         "it (not a PyTorch file, or it pickles objects other than tensors)") from err
+    except Exception as err:  # a truncated archive, an empty file, ...
+        raise ValueError(f"{path}: torch.load cannot read it ({type(err).__name__}: {str(err)[:200]})") from err
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: the weights do not fit the model of {cfg_path.name} "
+                         f"({str(err)[:300]})") from err
     model.eval()
     return model, config, val_set
 
@@ -342,21 +401,21 @@ def _raw(val_set, index: int) -> dict:
 
 
 def figure5_from_checkpoint(path: Path, out_dir: Path | None = None, images: int = 24, layers: int = 3) -> list[Path]:
-    """Figure 5 for a trained model: its top ``layers`` deformable layers, units picked on the
-    validation images with the smallest and the largest object (and the most background)."""
+    """Figure 5 for a trained model: its top ``layers`` deformable layers, units picked on the first
+    ``images`` validation images: on the smallest and on the largest object a unit of the top layer
+    sits on, and on the background of the image with the most of it."""
     model, config, val_set = load_checkpoint(path)
     n = min(images, len(val_set))
     samples = [_raw(val_set, i) for i in range(n)]
-    best = {}
+    top = capture_deform_levels(model, _batch(config, val_set[0]))[-1]
+    stride = tuple(_grid_stride(top.out_size, np.asarray(samples[0]["image"]).shape[:2]).astype(int))
+    best = {"background": (int(np.argmin([np.mean(np.asarray(s["mask"]) > 0) for s in samples])), 0.0)}
     for i, s in enumerate(samples):
-        if len(s["areas"]):
-            a = np.asarray(s["areas"], float)
-            if "small object" not in best or a.min() < best["small object"][1]:
-                best["small object"] = (i, a.min())
-            if "large object" not in best or a.max() > best["large object"][1]:
-                best["large object"] = (i, a.max())
-    bg = int(np.argmin([np.mean(np.asarray(s["mask"]) > 0) for s in samples]))
-    best["background"] = (bg, 0)
+        for area, _ in _objects_under_units(s, stride):
+            if "small object" not in best or area < best["small object"][1]:
+                best["small object"] = (i, area)
+            if "large object" not in best or area > best["large object"][1]:
+                best["large object"] = (i, area)
     panels = []
     used = []
     for label in ("background", "small object", "large object"):
@@ -367,7 +426,7 @@ def figure5_from_checkpoint(path: Path, out_dir: Path | None = None, images: int
         levels = levels[-layers:]
         image = np.asarray(samples[i]["image"])
         size = image.shape[:2]
-        point = pick_units(samples[i]).get(label)
+        point = pick_units(samples[i], stride).get(label)
         if point is None:
             continue
         unit = unit_at(levels[-1], point, size)

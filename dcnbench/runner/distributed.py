@@ -13,6 +13,7 @@ workers and exits non-zero as soon as one worker fails.
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import timedelta
 
@@ -36,9 +37,20 @@ def init_from_env() -> bool:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    timeout = timedelta(seconds=float(os.environ.get("DCNBENCH_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s()))
     return True
+
+
+def timeout_s() -> float:
+    """Seconds a collective may wait: ``DCNBENCH_DIST_TIMEOUT_S`` (a positive number), default 1800."""
+    raw = os.environ.get("DCNBENCH_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise ValueError(f"DCNBENCH_DIST_TIMEOUT_S must be a positive number of seconds, got {raw!r}")
+    return seconds
 
 
 def shutdown() -> None:
