@@ -62,3 +62,34 @@ def test_global_batches_and_evaluation_shards_do_not_depend_on_the_process_count
     assert runs[3] == runs[1]
     assert all(len(batch) == 6 and len({i for i, _ in batch}) == 6 for batch in runs[1])
     assert runs[1][0] != runs[1][1]  # a new shuffle and new draws every pass (one batch per pass here)
+
+
+BUFFERS = """
+import sys, torch
+from dcnbench.runner import distributed as dist
+
+dist.init_from_env()
+bn = torch.nn.BatchNorm1d(3)
+bn.running_mean.fill_(float(dist.rank() + 1))
+bn.num_batches_tracked.fill_(10 + dist.rank())
+dist.broadcast_buffers(bn)
+with open(f"{sys.argv[1]}/rank{dist.rank()}.txt", "w") as f:
+    f.write(f"{bn.running_mean.tolist()} {int(bn.num_batches_tracked)}")
+dist.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_every_rank_evaluates_with_rank_0s_batchnorm_statistics(tmp_path):
+    """broadcast_buffers leaves rank 0's buffers (float and integer) on every rank: train() ends with
+    it, since each rank's last forward left its own BatchNorm statistics, so that every evaluation
+    shard is scored by the model the checkpoint saves."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "buffers.py"
+    script.write_text(BUFFERS)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(script), str(tmp_path)], capture_output=True, timeout=120, check=True)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "[1.0, 1.0, 1.0] 10"

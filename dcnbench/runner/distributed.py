@@ -117,6 +117,13 @@ def broadcast(obj):
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (e.g. BatchNorm running statistics) on every rank, in place."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def per_rank_batch(global_batch: int) -> int:
     """The per-rank share of a global batch; an error when ranks cannot share it evenly."""
     world = world_size()

@@ -164,6 +164,9 @@ def train(model: nn.Module, task: str, dataset: Dataset, cfg: dict, seed: int, l
             log.write(f"iter {iteration:6d}  loss {mean_loss.item():.4f}  lr {cfg['lr'] * factor:.2e}  "
                       f"{time.perf_counter() - start:.1f} s\n")
             log.flush()
+    # DDP hands rank 0's buffers to every rank at the start of each forward, so the last forward left
+    # each rank its own BatchNorm statistics: evaluate every shard with rank 0's (the checkpoint's).
+    dist.broadcast_buffers(model)
 
 
 @torch.no_grad()
