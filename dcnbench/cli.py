@@ -112,9 +112,13 @@ def ablate(table, tasks, variants, tier, seeds, jobs, out, data_root, weights, n
     from dcnbench.errors import InvalidSetting
 
     try:  # before any run or launch
-        ablation_cells(table, tier, list(tasks), seeds, data_root, weights, variants=list(variants))
+        cells = ablation_cells(table, tier, list(tasks), seeds, data_root, weights, variants=list(variants))
     except InvalidSetting as exc:
         raise _usage_error(exc) from exc
+    uneven = sorted({c.config["train"]["batch_size"] for c in cells if nproc and c.config["train"]["batch_size"] % nproc})
+    if uneven:
+        raise click.BadParameter(f"{nproc} processes cannot share a global batch of {uneven[0]} images evenly "
+                                 f"(tier {tier})", param_hint="--nproc")
     if nproc:
         raise SystemExit(_relaunch_under_torchrun(click.get_current_context(), nproc))
     try:

@@ -297,3 +297,15 @@ def test_deeplab_is_scored_against_the_label_file_at_its_resolution():
     metrics = train.evaluate(Painted(), "deeplab", [item(4, 8, 2), item(4, 8, 3), item(4, 4, 2)], 1,
                              {"batch_size": 3})
     assert metrics["miou"] == pytest.approx(100.0)
+
+
+def test_ablate_cli_refuses_a_process_count_that_does_not_divide_the_batch(tmp_path):
+    """--nproc 3 with the smoke tier's global batch of 4: a usage error before torchrun is launched."""
+    from click.testing import CliRunner
+
+    from dcnbench.cli import main
+
+    result = CliRunner().invoke(main, ["ablate", "--table", "1", "--tier", "smoke", "--nproc", "3",
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--nproc" in result.output and "global batch of 4" in result.output
+    assert not (tmp_path / "out").exists()
