@@ -244,7 +244,7 @@ def runtime(params_only, device, scale, repeats, models, weights, threads, resul
               help="Where table<N>_<tier>.md goes.")
 def table(number, tier, fmt, results, with_figures, out) -> None:
     """Table N of the paper beside ours (mean ± std over seeds, differences to the baseline);
-    writes results/tables/table<N>_<tier>.md."""
+    writes <out>/table<N>_<tier>.md."""
     from pathlib import Path
 
     from dcnbench.report.tables import format_rendered, render_table, to_rich, write_markdown
