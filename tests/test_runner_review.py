@@ -309,3 +309,41 @@ def test_ablate_cli_refuses_a_process_count_that_does_not_divide_the_batch(tmp_p
                                        "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "--nproc" in result.output and "global batch of 4" in result.output
     assert not (tmp_path / "out").exists()
+
+
+LONG_SWEEP = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from dcnbench.runner.ablate import ablation_cells
+    from dcnbench.runner.sweep import run_sweep
+
+    cell = ablation_cells(1, "smoke", ["deeplab"])[0]
+    cell.config["train"]["iters"] = 10**6  # runs until stopped
+    out = Path(sys.argv[1])
+    run_sweep([cell], out / "t.csv", out / "logs", out / "ckpt", jobs=1)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigint_to_the_sweep_process_alone_stops_the_runs_in_flight(tmp_path):
+    """SIGINT to the sweep's process only (``kill -INT PID``, ``timeout -s INT``): the workers, which did
+    not get it, are stopped at once instead of the sweep waiting for their runs to finish."""
+    proc = subprocess.Popen([sys.executable, "-c", LONG_SWEEP, str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        log = tmp_path / "logs" / "deeplab__none__seed0.log"
+        deadline = time.time() + 120
+        while time.time() < deadline and "iter" not in (log.read_text() if log.exists() else ""):
+            time.sleep(0.2)
+        workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert workers, "the worker is training"
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -124,6 +124,10 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
                 if broken:
                     pool.shutdown()
                     pool = worker_pool(jobs)
+    except BaseException:  # Ctrl-C or SIGINT to this process alone: stop the runs in flight (rerun next time)
+        for worker in list(pool._processes.values()):  # shutdown() alone would wait for them to finish
+            worker.terminate()
+        raise
     finally:
         pool.shutdown(cancel_futures=True)
     return SweepReport(ran=len(todo) - len(failed), skipped=len(cells) - len(todo), failed=failed)
