@@ -16,6 +16,18 @@ def _usage_error(exc: ValueError) -> click.BadParameter:
     return click.BadParameter(str(exc), param_hint=[f"--{f.replace('_', '-')}" for f in exc.fields])
 
 
+def _require_checkout() -> None:
+    """The commands that read ``experiments/`` and the committed ``results/`` need the repository's
+    checkout beside the package (an editable install); a wheel has neither."""
+    from dcnbench.report.paper import RESULTS_DIR
+    from dcnbench.runner.experiment import EXPERIMENTS_DIR
+
+    if not (EXPERIMENTS_DIR.is_dir() and (RESULTS_DIR / "paper").is_dir()):
+        raise click.ClickException(f"this command reads {EXPERIMENTS_DIR} and {RESULTS_DIR / 'paper'}, which this "
+                                   "installation lacks: install dcnbench editable from a clone of its repository "
+                                   "(pip install -e .)")
+
+
 def _parsed_by(parse):
     """A Click callback returning ``parse(value)``; its ValueError becomes a usage error naming the option."""
     def callback(ctx: click.Context, param: click.Parameter, value):
@@ -108,6 +120,7 @@ def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memor
               "(launches torchrun: one per GPU with NCCL, else gloo on the CPU; --jobs is then unused).")
 def ablate(table, tasks, variants, tier, seeds, jobs, out, data_root, weights, nproc) -> None:
     """Rerun an ablation of the paper: one CSV row per finished run, resumable."""
+    _require_checkout()
     from dcnbench.runner.ablate import ablation_cells, run_ablation
     from dcnbench.errors import InvalidSetting
 
@@ -219,6 +232,7 @@ def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction,
               help="Where table4_params.csv and table4_runtime_<device>[_scale<s>].csv go (rows there are resumed).")
 def runtime(params_only, device, scale, repeats, models, weights, threads, results_dir) -> None:
     """Table 4: parameter counts and plain vs deformable runtime of the paper's ResNet-101 networks."""
+    _require_checkout()
     from dcnbench.runtime import main as runtime_main
 
     if device == "cuda" and not params_only:
@@ -245,6 +259,7 @@ def runtime(params_only, device, scale, repeats, models, weights, threads, resul
 def table(number, tier, fmt, results, with_figures, out) -> None:
     """Table N of the paper beside ours (mean ± std over seeds, differences to the baseline);
     writes <out>/table<N>_<tier>.md."""
+    _require_checkout()
     from pathlib import Path
 
     from dcnbench.report.tables import format_rendered, render_table, to_rich, write_markdown
@@ -284,6 +299,7 @@ def table(number, tier, fmt, results, with_figures, out) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="results/figures", show_default=True)
 def figures(tier, tables, checkpoint, roi_checkpoint, results_dir, out) -> None:
     """Figures 5 and 6 from trained checkpoints, and one plot per ablation table (PNG and PDF)."""
+    _require_checkout()
     from pathlib import Path
 
     from dcnbench.report import figures as fg
@@ -321,6 +337,7 @@ def figures(tier, tables, checkpoint, roi_checkpoint, results_dir, out) -> None:
 def check(smoke, tables, jobs, update_reference, seeds, record_findings) -> None:
     """Regression gate: smoke numbers within the reference's tolerance, committed cpu-tier CSVs
     parse and render, recorded findings still hold. Non-zero exit with a diff otherwise."""
+    _require_checkout()
     from dcnbench.report import check as gate
 
     if update_reference:

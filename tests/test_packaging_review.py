@@ -83,3 +83,20 @@ def test_every_third_party_import_is_a_declared_dependency():
 def test_pytest_runs_with_a_per_test_timeout(request):
     """pytest-timeout (a dev dependency) is configured, so a hung test fails instead of stalling CI."""
     assert float(request.config.getini("timeout") or 0) > 0
+
+
+@pytest.mark.parametrize("args", [["ablate", "--table", "1", "--tier", "smoke"], ["table", "1"], ["figures"],
+                                  ["check", "--no-smoke"], ["runtime", "--params-only"]])
+def test_commands_that_read_the_checkout_say_so_without_one(args, tmp_path, monkeypatch):
+    """From a wheel (no experiments/ or results/ beside the package) these commands stop with one
+    clear error instead of a FileNotFoundError traceback, or `check` passing with nothing checked."""
+    from click.testing import CliRunner
+
+    import dcnbench.report.paper as paper
+    import dcnbench.runner.experiment as experiment
+    from dcnbench.cli import main
+
+    monkeypatch.setattr(experiment, "EXPERIMENTS_DIR", tmp_path / "experiments")
+    monkeypatch.setattr(paper, "RESULTS_DIR", tmp_path / "results")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "install dcnbench editable from a clone" in result.output, result.output
