@@ -41,7 +41,12 @@ def _parsed_by(parse):
 def _shapes(specs: tuple[str, ...]) -> dict | None:
     from dcnbench.bench.ops import parse_shape
 
-    return dict(map(parse_shape, specs)) or None
+    parsed = [parse_shape(spec) for spec in specs]
+    names = [name for name, _ in parsed]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"each shape needs its own name, {', '.join(repeated)} is given twice")
+    return dict(parsed) or None
 
 
 def _threads(spec: str) -> list[int]:
@@ -97,8 +102,11 @@ def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memor
 
     if tf32 and not device.startswith("cuda"):
         raise click.BadParameter("TF32 applies to CUDA devices only (add --device cuda)", param_hint="--tf32")
-    path = run_ops_benchmark(shapes, threads, device, out, repeats,
-                             with_reference=with_reference, with_roi=not no_roi, with_memory=not no_memory, tf32=tf32)
+    try:
+        path = run_ops_benchmark(shapes, threads, device, out, repeats, with_reference=with_reference,
+                                 with_roi=not no_roi, with_memory=not no_memory, tf32=tf32)
+    except KeyboardInterrupt:  # run_ops_benchmark has said which passes it kept
+        raise SystemExit(130) from None
     click.echo(f"wrote {path}")
 
 
@@ -254,8 +262,9 @@ def runtime(params_only, device, scale, repeats, models, weights, threads, resul
                    "table4_params.csv beside it, default: the paper-size results/table4_runtime_<device>.csv].")
 @click.option("--figures", "with_figures", is_flag=True,
               help="Also plot the table: table<N>_<tier>.png and .pdf beside the markdown in --out.")
-@click.option("--out", type=click.Path(file_okay=False), default="results/tables", show_default=True,
-              help="Where table<N>_<tier>.md goes.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Where table<N>_<tier>.md goes [default: results/tables; with --results, beside that CSV, "
+                   "so that rendering another CSV never replaces the committed tables].")
 def table(number, tier, fmt, results, with_figures, out) -> None:
     """Table N of the paper beside ours (mean ± std over seeds, differences to the baseline);
     writes <out>/table<N>_<tier>.md."""
@@ -263,6 +272,8 @@ def table(number, tier, fmt, results, with_figures, out) -> None:
     from pathlib import Path
 
     from dcnbench.report.tables import format_rendered, render_table, to_rich, write_markdown
+
+    out = out or (Path(results).parent if results else "results/tables")
 
     try:
         rendered = render_table(int(number), tier, Path(results) if results else None)

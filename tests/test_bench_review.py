@@ -68,6 +68,7 @@ def test_shape_names_keep_their_meaning():
     (["--threads", "1,1"], "Invalid value for '--threads': expected distinct thread counts, got '1,1'"),
     (["--shapes", "tiny=1,2,4,4,2"], "Invalid value for '--shapes': 'tiny' is the built-in shape"),
     (["--shapes", "small-b64=1,2,4,4,2"], "Invalid value for '--shapes': 'small-b64' names the memory case"),
+    (["--shapes", "x=1,2,4,4,2", "--shapes", "x=1,2,6,6,2"], "each shape needs its own name, x is given twice"),
 ])
 def test_more_bad_bench_options_are_usage_errors(tmp_path, args, error):
     tiny = ["--shapes", "x=1,2,4,4,2"] if args[0] == "--threads" else ["--threads", "1"]  # quick if accepted
@@ -191,3 +192,15 @@ def test_table4_of_a_scaled_csv_never_replaces_the_paper_size_markdown(tmp_path)
     assert result.exit_code == 0, result.output
     assert [p.name for p in out.iterdir()] == ["table4_cpu_scale0.25.md"]
     assert "0.0500 (×1.250)" in (out / "table4_cpu_scale0.25.md").read_text()
+
+
+def test_bench_ops_interrupted_exits_130(tmp_path, monkeypatch):
+    """Ctrl-C: the passes kept are reported by the benchmark itself; the command exits 130, not 1."""
+    import dcnbench.bench.ops as bench_ops
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_ops, "run_ops_benchmark", interrupted)
+    result = CliRunner().invoke(main, ["bench", "ops", "--out", str(tmp_path), "--shapes", "x=1,2,4,4,2"])
+    assert result.exit_code == 130

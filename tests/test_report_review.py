@@ -149,3 +149,18 @@ def test_figures_and_table_cli_report_a_malformed_default_csv_without_a_tracebac
     monkeypatch.setattr(tables, "results_csv", lambda n, tier, root=None: bad)
     result = CliRunner().invoke(main, ["table", "1", "--tier", "smoke", "--out", str(tmp_path / "t")])
     assert result.exit_code == 1 and "expected 1/smoke" in result.output and "--results" not in result.output
+
+
+def test_table_of_a_named_csv_is_written_beside_it_not_over_the_committed_tables(tmp_path):
+    """`table N --results X` without --out writes X's folder/table<N>_<tier>.md; results/tables/ is
+    left as committed."""
+    from dcnbench.cli import main
+
+    committed = RESULTS_DIR / "tables" / "table1_cpu.md"
+    before = committed.read_bytes()
+    path = tmp_path / "mine.csv"
+    _write_results(path, 1, "cpu", T1)
+    result = CliRunner().invoke(main, ["table", "1", "--format", "csv", "--results", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "61.0 ± 1.0" in (tmp_path / "table1_cpu.md").read_text()
+    assert committed.read_bytes() == before
