@@ -98,10 +98,14 @@ def bench() -> None:
 def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memory, tf32, out) -> None:
     """Time deform_conv2d and deformable (PS) RoI pooling against torchvision and F.conv2d / roi_align;
     writes <out>/ops_<device>.csv."""
-    from dcnbench.bench.ops import run_ops_benchmark
+    from dcnbench.bench.ops import MEMORY_SHAPE, run_ops_benchmark
 
     if tf32 and not device.startswith("cuda"):
         raise click.BadParameter("TF32 applies to CUDA devices only (add --device cuda)", param_hint="--tf32")
+    if shapes and MEMORY_SHAPE[0] in shapes and not no_memory and not device.startswith("cuda"):
+        raise click.BadParameter(f"{MEMORY_SHAPE[0]} is the memory case, which a CPU run measures in fresh processes "
+                                 "under that name: add --no-memory or give the shape another name",
+                                 param_hint="--shapes")
     try:
         path = run_ops_benchmark(shapes, threads, device, out, repeats, with_reference=with_reference,
                                  with_roi=not no_roi, with_memory=not no_memory, tf32=tf32)

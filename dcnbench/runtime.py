@@ -269,8 +269,8 @@ def run_runtime(
     done = {_row_key(r): r for r in rows}
     result = []
     for spec in specs:
-        keys = {v: (spec.name, v, dev.type, f"{float(scale):g}", str(repeats), backend, str(torch.get_num_threads()))
-                for v in VARIANTS}
+        keys = {v: _row_key({"model": spec.name, "variant": v, "device": dev.type, "scale": scale, "repeats": repeats,
+                             "backend": backend, "threads": torch.get_num_threads()}) for v in VARIANTS}
         if all(k in done for k in keys.values()):
             log(f"{spec.name}: already measured, skipped")
             result += [done[k] for k in keys.values()]

@@ -91,6 +91,8 @@ def test_voc_07_plus_12_from_one_years_folder_is_refused(tmp_path):
     assert len(VOCDetection(voc, "2007-trainval")) == 1
     with pytest.raises(DatasetNotFoundError, match="'2007-trainval' and '2012-trainval'"):
         VOCDetection(voc, ("2007-trainval", "2012-trainval"))
+    (voc / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
+    assert len(VOCDetection(voc, ("trainval", "test"))) == 2  # sets without a year: one folder is right
 
 
 def test_wide_label_pngs_are_read_or_refused_never_wrapped(tmp_path):

@@ -119,3 +119,14 @@ def test_figures_cli_names_the_option_of_an_unusable_checkpoint(tmp_path):
         result = CliRunner().invoke(main, base + [option, _checkpoint(tmp_path, state)])
         assert result.exit_code == 2, result.output
         assert f"Invalid value for {option}" in result.output and message in result.output, result.output
+
+
+def test_grid_stride_of_maps_of_few_cells():
+    """ceil(n / p) cells: a 33 px image gives 3 cells at stride 16 and 20 px 2 cells (the ratio of sizes,
+    11 and 10, rounded to a power of two, said 8); identical grids have stride 1."""
+    from dcnbench.report.figures import _grid_stride
+
+    assert _grid_stride((3, 2), (33, 20)).tolist() == [16.0, 16.0]
+    assert _grid_stride((33, 20), (3, 2)).tolist() == [1 / 16, 1 / 16]
+    assert _grid_stride((7, 8), (100, 128)).tolist() == [16.0, 16.0]
+    assert _grid_stride((38, 50), (38, 50)).tolist() == [1.0, 1.0]

@@ -210,7 +210,6 @@ def test_object_area_map_and_categories():
     assert tercile_thresholds([10, 20, 30, 40, 50, 60, 70, 80, 90]) == pytest.approx((36.6666667, 63.333333))
 
 
-
 def test_area_map_is_sampled_at_the_receptive_field_centres():
     """Cell (r, c) of a stride-4 map reads pixel (4r, 4c) (clamped to the image), not the middle of
     its 4x4 footprint: an object covering pixels 4..5 is under cell 1's filter centre only."""
@@ -253,13 +252,13 @@ def test_filter_centre_of_a_resnet_output_cell_is_stride_times_its_index():
 def test_dilation_by_object_and_stats_table():
     eff = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])  # (1, 1, 4): four cells
     area = torch.tensor([[[10.0, 50.0, 90.0, 0.0]]])
-    df = dilation_by_object(eff, area, 1, thresholds=(20.0, 60.0))
+    df = dilation_by_object(eff, area, thresholds=(20.0, 60.0), stride=1)
     assert df.loc["small", "mean"] == 1 and df.loc["medium", "mean"] == 2
     assert df.loc["large", "mean"] == 3 and df.loc["background", "mean"] == 4
     assert df["count"].tolist() == [1, 1, 1, 1]
     stats = DilationStats()
-    stats.update("res5a", eff, area, 1, object_areas=[10.0, 50.0, 90.0])
-    stats.update("res5a", eff + 2, area, 1, object_areas=[10.0, 50.0, 90.0])
+    stats.update("res5a", eff, area, object_areas=[10.0, 50.0, 90.0], stride=1)
+    stats.update("res5a", eff + 2, area, object_areas=[10.0, 50.0, 90.0], stride=1)
     long = stats.summary()
     row = long[(long.layer == "res5a") & (long.category == "small")].iloc[0]
     assert row["mean"] == 2.0 and row["std"] == 1.0 and row["count"] == 2

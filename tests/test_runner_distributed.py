@@ -186,8 +186,8 @@ def test_dilation_stats_gathered_from_shards_summarise_like_one_pass():
     whole, halves = DilationStats(), [DilationStats(), DilationStats()]
     for i, half in enumerate(halves):
         for j in (2 * i, 2 * i + 1):
-            whole.update("res5a", eff[j:j + 1], area[j:j + 1], 2, objects[i])  # 12 px maps, 6 cells: stride 2
-            half.update("res5a", eff[j:j + 1], area[j:j + 1], 2, objects[i])
+            whole.update("res5a", eff[j:j + 1], area[j:j + 1], objects[i], stride=2)  # 12 px maps, 6 cells: stride 2
+            half.update("res5a", eff[j:j + 1], area[j:j + 1], objects[i], stride=2)
     merged = DilationStats.merged(halves).summary()
     expected = whole.summary()
     assert merged[["category", "count"]].equals(expected[["category", "count"]])

@@ -140,7 +140,7 @@ def roi_args(**overrides):
          r"rois must hold finite box coordinates, got \[0.0, 0.0, 0.0, nan, 4.0\] in row 0"),
         (dict(rois=[torch.zeros(0, 4), torch.tensor([[1.0, -float("inf"), 4.0, 4.0]])]), ValueError,
          r"rois must hold finite box coordinates, got \[1.0, 1.0, -inf, 4.0, 4.0\] in row 0"),
-        (dict(input=torch.randn(2, 18, 0, 8)), ValueError, r"input must have a non-empty feature map, got shape \(2, 18, 0, 8\)"),
+        (dict(input=torch.randn(2, 18, 0, 8)), ValueError, r"input must have a non-empty feature map \(height and width >= 1\), got shape \(2, 18, 0, 8\)"),
         (dict(input=torch.randn(2, 18, 8, 0)), ValueError, r"input must have a non-empty feature map"),
         (dict(sampling_ratio=2.5), TypeError, r"sampling_ratio must be an int, got 2.5"),
         (dict(sampling_ratio=True), TypeError, r"sampling_ratio must be an int, got True"),
@@ -198,6 +198,9 @@ def test_numpy_and_tensor_integers_are_accepted_as_sizes():
     assert torch.equal(deform_ps_roi_pool(**{**roi, "output_size": np.int64(3), "sampling_ratio": np.int64(2)}),
                        deform_ps_roi_pool(**{**roi, "sampling_ratio": 2}))
     assert DeformConv2d(4, 4, np.int64(3), padding=np.int64(1)).kernel_size == (3, 3)
+    assert DeformConv2d(np.int64(4), np.int32(4), 3, padding=1)(torch.randn(1, 4, 5, 5)).shape == (1, 4, 5, 5)
+    with pytest.raises(TypeError, match=r"padding must be an int or a pair of ints, got tensor\(\[1\]\)"):
+        deform_conv2d(**{**args, "padding": torch.tensor([1])})  # one element, but not 0-d
 
 
 @pytest.mark.parametrize(

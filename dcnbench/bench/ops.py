@@ -19,7 +19,6 @@ Cases (issue 3):
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as _dt
 import json
 import os
@@ -79,9 +78,9 @@ def _positive_ints(text: str) -> list[int]:
 def parse_shape(spec: str) -> tuple[str, tuple[int, int, int, int, int, int]]:
     """``"name=N,C,H,W,O[,dilation]"`` -> (name, (N, C, H, W, O, dilation)); ValueError otherwise.
 
-    A built-in name (res5, mid, small, tiny) keeps its own dims: issue 3's targets are judged by name,
-    so a smaller shape under that name would be judged as if it were the built-in one. The memory
-    case's name is taken."""
+    A built-in name (res5, mid, small, tiny, and the memory case's small-b64) keeps its own dims: issue
+    3's targets are judged by name, so a smaller shape under that name would be judged as if it were
+    the built-in one."""
     name, _, dims = spec.partition("=")
     name = name.strip()
     values = _positive_ints(dims)
@@ -89,10 +88,9 @@ def parse_shape(spec: str) -> tuple[str, tuple[int, int, int, int, int, int]]:
         values.append(1)
     if not name or len(values) != 6:
         raise ValueError(f"expected NAME=N,C,H,W,O[,DIL] with positive integers, got {spec!r}")
-    if name == MEMORY_SHAPE[0]:
-        raise ValueError(f"{name!r} names the memory case; give shape {spec!r} another name")
-    if name in CONV_SHAPES and tuple(values) != CONV_SHAPES[name]:
-        builtin = ",".join(map(str, CONV_SHAPES[name]))
+    reserved = {**CONV_SHAPES, MEMORY_SHAPE[0]: MEMORY_SHAPE[1]}
+    if name in reserved and tuple(values) != reserved[name]:
+        builtin = ",".join(map(str, reserved[name]))
         raise ValueError(f"{name!r} is the built-in shape {name}={builtin}; give shape {spec!r} another name")
     return name, tuple(values)  # type: ignore[return-value]
 
@@ -321,21 +319,25 @@ def memory_case(impl: str, threads: int, dims) -> dict[str, float]:
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     """Write ``rows`` (columns ``FIELDS``) to ``path`` atomically: a temporary file beside it, renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    from dcnbench.runtime import write_csv
+
+    write_csv(path, rows, FIELDS)
 
 
 @contextlib.contextmanager
 def _keeping_finished_rows(path: Path, rows: list[dict], console):
-    """On Ctrl-C, say where the finished rows are (``write_rows`` after each pass), then re-raise."""
+    """Yields ``save()``, which writes ``rows`` (``write_rows``; called after each pass). On Ctrl-C, say
+    how many rows were saved and where, then re-raise."""
+    saved = [0]
+
+    def save() -> None:
+        write_rows(path, rows)
+        saved[0] = len(rows)
+
     try:
-        yield
+        yield save
     except KeyboardInterrupt:
-        kept = f"the {len(rows)} rows measured are in {path}" if rows else f"{path} was not written"
+        kept = f"the {saved[0]} rows measured are in {path}" if saved[0] else f"{path} was not written"
         console.print(f"interrupted: {kept}; a rerun measures every case again")
         raise
 
@@ -397,7 +399,7 @@ def run_ops_benchmark(
         n_cases = len(shapes) + (2 if with_roi else 0)
         total = len(threads) * n_cases * len(PASSES) * repeats
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as progress, _keeping_finished_rows(path, rows, console):
+                      console=console) as progress, _keeping_finished_rows(path, rows, console) as save:
             task = progress.add_task("ops benchmark", total=total)
             for t in threads:
                 torch.set_num_threads(t)
@@ -424,7 +426,7 @@ def run_ops_benchmark(
                                 "speedup_vs_torchvision": f"{tv_ms / ms:.2f}" if tv_ms else "",
                                 "peak_rss_mb": "", "repeats": n, "loadavg": load, **meta,
                             })
-                        write_rows(path, rows)
+                        save()
                 if with_memory and not device.startswith("cuda"):
                     name, dims = MEMORY_SHAPE
                     progress.update(task, description=f"{t} thr  memory {name} (fresh processes)")
@@ -439,7 +441,7 @@ def run_ops_benchmark(
                             "ratio_to_baseline": f"{res['ms'] / conv['ms']:.3f}", "speedup_vs_torchvision": "",
                             "peak_rss_mb": f"{res['peak_rss_mb']:.0f}", "repeats": 1, "loadavg": _loadavg(), **meta,
                         })
-                    write_rows(path, rows)
+                    save()
 
     from .report import render_table
 

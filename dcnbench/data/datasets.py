@@ -286,15 +286,15 @@ class VOCDetection(Dataset):
             image_sets = (image_sets,)
         self.items: list[tuple[Path, str]] = []
         voc_dirs = []
-        first_set: dict[Path, str] = {}  # folder -> the first image set read from it
+        first_year: dict[Path, tuple[str | None, str]] = {}  # folder -> (year, image set) first read from it
         for image_set in image_sets:
             year, split = image_set.split("-", 1) if "-" in image_set else (None, image_set)
             voc = _find_voc_dir(self.root, year, "Annotations")
             list_file = None if voc is None else voc / "ImageSets" / "Main" / f"{split}.txt"
             if voc is None or not list_file.is_file():
                 raise DatasetNotFoundError(f"{self.root}: image set {image_set!r} not found. {_VOC_DET_LAYOUT}")
-            other = first_set.setdefault(voc, image_set)
-            if other.split("-", 1)[0] != image_set.split("-", 1)[0]:  # e.g. 07+12 with root = a VOC2007 folder
+            other_year, other = first_year.setdefault(voc, (year, image_set))
+            if other_year != year:  # e.g. 07+12 with root = a VOC2007 folder
                 raise DatasetNotFoundError(f"{self.root}: image sets {other!r} and {image_set!r} (different years) "
                                            f"would both be read from {voc}. {_VOC_DET_LAYOUT}")
             voc_dirs.append(voc)

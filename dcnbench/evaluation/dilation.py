@@ -91,7 +91,7 @@ def object_area_map(boxes: Tensor, image_size: tuple[int, int], areas: Tensor | 
     return out
 
 
-def area_map_at(area_map: Tensor, size: tuple[int, int], stride: int) -> Tensor:
+def area_map_at(area_map: Tensor, size: tuple[int, int], *, stride: int) -> Tensor:
     """Sample an (..., H, W) area map at the filter centres of an (h, w) output grid of ``stride``
     image pixels per cell: cell (i, j) is centred on pixel (stride * i, stride * j) (the receptive
     field's centre in a network whose strided layers pad by (k - 1) / 2, as ResNet's), clamped to the
@@ -146,9 +146,10 @@ def _stats(values: np.ndarray, cats: np.ndarray):
 def dilation_by_object(
     eff: Tensor,
     area_map: Tensor,
-    stride: int,
     thresholds: str | tuple[float, float] = "terciles",
     object_areas: Sequence[float] | Tensor | None = None,
+    *,
+    stride: int,
 ):
     """pandas DataFrame indexed small/medium/large/background with mean, std, count of ``eff``.
 
@@ -158,7 +159,7 @@ def dilation_by_object(
     ``thresholds``: ``"terciles"`` of ``object_areas`` (default: the distinct non-zero areas in
     ``area_map``), ``"paper"`` (96², 224²) or a pair.
     """
-    amap = area_map_at(area_map, tuple(eff.shape[-2:]), stride)
+    amap = area_map_at(area_map, tuple(eff.shape[-2:]), stride=stride)
     amap = amap.expand(eff.shape) if amap.dim() == 2 else amap
     if object_areas is None and thresholds in (None, "terciles"):
         object_areas = torch.unique(area_map[area_map > 0])
@@ -174,7 +175,7 @@ class DilationStats:
     >>> with record_offsets(model) as rec:
     ...     model(images)
     >>> for name, (offset, dilation, kernel) in rec.items():
-    ...     stats.update(name, effective_dilation(offset, dilation, kernel), area_maps, 16, object_areas)
+    ...     stats.update(name, effective_dilation(offset, dilation, kernel), area_maps, object_areas, stride=16)
     >>> stats.table()      # rows = layers, columns small / medium / large / background: "mean ± std"
     """
 
@@ -183,11 +184,11 @@ class DilationStats:
         self._area: dict[str, list[np.ndarray]] = {}
         self._objects: dict[str, list[np.ndarray]] = {}
 
-    def update(self, layer: str, eff: Tensor, area_maps: Tensor, stride: int,
-               object_areas: Sequence[float] | Tensor | None = None) -> None:
+    def update(self, layer: str, eff: Tensor, area_maps: Tensor,
+               object_areas: Sequence[float] | Tensor | None = None, *, stride: int) -> None:
         """``eff`` (N, h, w) at ``stride`` image pixels per cell; ``area_maps`` (N, H, W)
         image-resolution; ``object_areas``: the batch's objects."""
-        amap = area_map_at(area_maps, tuple(eff.shape[-2:]), stride)
+        amap = area_map_at(area_maps, tuple(eff.shape[-2:]), stride=stride)
         amap = amap.expand(eff.shape) if amap.dim() == 2 else amap
         self._eff.setdefault(layer, []).append(eff.detach().double().cpu().numpy().ravel())
         self._area.setdefault(layer, []).append(amap.double().cpu().numpy().ravel())

@@ -192,6 +192,22 @@ def _body_keys(backbone: ResNetBackbone) -> list[str]:
     ]
 
 
+def load_weights_file(path) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` (user files are untrusted); a file it
+    cannot read raises a ValueError naming it (a missing one the system's own error)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # missing file, permissions: the system's own message names the path
+        raise
+    except pickle.UnpicklingError as err:  # not a pickle, or objects weights_only refuses
+        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint: torch.load(weights_only=True) refuses "
+                         f"it (not a PyTorch file, or it pickles objects other than tensors and plain containers: "
+                         f"a whole model? save its state_dict() instead)") from err
+    except Exception as err:  # a truncated archive, an empty file, ...
+        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint: torch.load cannot read it "
+                         f"({type(err).__name__}: {str(err)[:200]})") from err
+
+
 def load_backbone_weights(model: nn.Module, path: str) -> None:
     """Load an ImageNet ResNet state dict (torchvision key names) into ``model``'s backbone.
 
@@ -207,17 +223,7 @@ def load_backbone_weights(model: nn.Module, path: str) -> None:
     backbone = model if isinstance(model, ResNetBackbone) else getattr(model, "backbone", None)
     if not isinstance(backbone, ResNetBackbone):
         raise TypeError(f"expected a ResNetBackbone or a model with .backbone, got {type(model).__name__}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # missing file, permissions: the system's own message names the path
-        raise
-    except pickle.UnpicklingError as err:  # not a pickle, or objects weights_only refuses
-        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint: torch.load(weights_only=True) refuses "
-                         f"it (not a PyTorch file, or it pickles objects other than tensors and plain containers: "
-                         f"a whole model? save its state_dict() instead)") from err
-    except Exception as err:  # a truncated archive, an empty file, ...
-        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint: torch.load cannot read it "
-                         f"({type(err).__name__}: {str(err)[:200]})") from err
+    state = load_weights_file(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]

@@ -13,7 +13,7 @@ from torch import Tensor
 def integer(value: object) -> int | None:
     """``value`` as a Python int when it is an integer (int, numpy integer, integer 0-d tensor), not a
     bool; else None."""
-    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+    if isinstance(value, bool) or (isinstance(value, Tensor) and (value.dtype == torch.bool or value.dim() != 0)):
         return None
     try:
         return operator.index(value)
@@ -77,9 +77,10 @@ def output_size(input: Tensor, kernel_size: tuple[int, int], stride: tuple[int, 
 
 
 def check_counts(**counts: object) -> None:
-    """Each keyword argument is an int >= 1 (a module's channel and group counts)."""
+    """Each keyword argument is an integer >= 1 (a module's channel and group counts; numpy integers
+    too, as for the sizes)."""
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int):
+        if integer(value) is None:
             raise TypeError(f"{name} must be an int, got {value!r}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -111,6 +112,12 @@ def check_module_input(input: Tensor, in_channels: int, kernel_size: tuple[int, 
     """A conv module's input: a 4-D floating tensor with ``in_channels`` channels and a non-empty output."""
     require_channels(input, "input", in_channels, "in_channels")
     output_size(input, kernel_size, stride, padding, dilation)
+
+
+def require_nonempty_map(input: Tensor) -> None:
+    """A 4-D input whose feature map has height and width >= 1 (the kernels read its pixels)."""
+    if 0 in input.shape[-2:]:
+        raise ValueError(f"input must have a non-empty feature map (height and width >= 1), got shape {tuple(input.shape)}")
 
 
 def check_deform_conv2d(
@@ -155,8 +162,7 @@ def check_deform_conv2d(
         raise ValueError(f"bias must have shape ({out_c},), got {tuple(bias.shape)}")
 
     ho, wo = output_size(input, (kh, kw), stride, padding, dilation)
-    if 0 in input.shape[-2:]:  # padding alone would give an output that samples nothing
-        raise ValueError(f"input must have a non-empty feature map (height and width >= 1), got shape {tuple(input.shape)}")
+    require_nonempty_map(input)  # with padding alone the output would be non-empty and sample nothing
     taps = kh * kw
     if offset.shape[0] != n or offset.shape[2:] != (ho, wo) or offset.shape[1] % (2 * taps) != 0 or offset.shape[1] == 0:
         raise ValueError(
@@ -237,8 +243,7 @@ def check_roi_pool(
 ) -> int:
     """Validate a deformable (PS) RoI pooling call; returns the number of output channels."""
     require_tensor(input, "input", 4)
-    if input.shape[2] < 1 or input.shape[3] < 1:
-        raise ValueError(f"input must have a non-empty feature map, got shape {tuple(input.shape)}")
+    require_nonempty_map(input)
     check_pool_settings(output_size, spatial_scale, sampling_ratio, gamma)
     ph, pw = output_size
     c = input.shape[1]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,10 +83,17 @@ def bilinear(field: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def _grid_stride(src: tuple[int, int], dst: tuple[int, int]) -> np.ndarray:
     """(y, x) pixels of grid ``dst`` per cell of grid ``src``, two maps of one network (e.g. the image
-    and a stride-16 feature map: 1/16 one way, 16 the other). Strides are powers of two; the sizes
-    give them only roughly (a stride-16 map of a 100 px image has ceil(100/16) = 7 cells), so the
-    ratio of sizes is rounded to the nearest power of two."""
-    return np.array([2.0 ** round(math.log2(d / s)) for s, d in zip(src, dst)])
+    and a stride-16 feature map: 1/16 one way, 16 the other). Strides are powers of two, and a
+    stride-``p`` map of ``n`` pixels has ceil(n / p) cells (ResNet's strided layers pad by (k - 1) / 2):
+    the stride is the smallest power of two that gives the smaller grid's size (a 100 px image at
+    stride 16: 7 cells; 33 px: 3 cells), else the nearest power of two to the ratio of sizes."""
+    def stride(small: int, large: int) -> float:
+        for k in range(int(math.log2(max(large, 1))) + 2):
+            if math.ceil(large / 2**k) == small:
+                return 2.0**k
+        return 2.0 ** round(math.log2(large / small))
+
+    return np.array([stride(s, d) if d >= s else 1 / stride(d, s) for s, d in zip(src, dst)])
 
 
 def _rescale(points: np.ndarray, src: tuple[int, int], dst: tuple[int, int]) -> np.ndarray:
@@ -353,8 +359,7 @@ def load_checkpoint(path: Path):
     Raises FileNotFoundError when the config beside it is missing, ValueError naming the file when
     either cannot be read (weights through ``torch.load(weights_only=True)``) or the weights do not
     fit the model the config describes."""
-    import torch
-
+    from dcnbench.models.backbone import load_weights_file
     from dcnbench.models.build import build_model
     from dcnbench.runner.train import MODEL_TASK, build_data
 
@@ -370,15 +375,7 @@ def load_checkpoint(path: Path):
     _, val_set, num_classes = build_data(task, data)
     model = build_model({**{k: v for k, v in model_cfg.items() if k != "weights"}, "task": model_task,
                          "num_classes": num_classes})
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # missing file, permissions: the system's message names the path
-        raise
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint: torch.load(weights_only=True) refuses "
-                         "it (not a PyTorch file, or it pickles objects other than tensors)") from err
-    except Exception as err:  # a truncated archive, an empty file, ...
-        raise ValueError(f"{path}: torch.load cannot read it ({type(err).__name__}: {str(err)[:200]})") from err
+    state = load_weights_file(path)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:

@@ -41,8 +41,8 @@ def dilation_stats(model: nn.Module, loader: DataLoader, device: torch.device | 
             for name, (offset, dilation, kernel) in records.items():
                 layer = res5_layer_name(name, num_blocks)
                 if layer is not None:
-                    stats.update(layer, effective_dilation(offset, dilation, kernel), area_maps,
-                                 model.backbone.output_stride, object_areas)
+                    stats.update(layer, effective_dilation(offset, dilation, kernel), area_maps, object_areas,
+                                 stride=model.backbone.output_stride)
     return stats
 
 

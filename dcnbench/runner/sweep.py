@@ -125,7 +125,7 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
                     pool.shutdown()
                     pool = worker_pool(jobs)
     except BaseException:  # Ctrl-C or SIGINT to this process alone: stop the runs in flight (rerun next time)
-        for worker in list(pool._processes.values()):  # shutdown() alone would wait for them to finish
+        for worker in list((pool._processes or {}).values()):  # shutdown() alone would wait for them
             worker.terminate()
         raise
     finally:
