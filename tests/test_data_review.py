@@ -119,3 +119,19 @@ def test_detection_evaluator_rejects_inconsistent_entries_and_repeated_images():
     with pytest.raises(ValueError, match=r"image_id'\] = 7 was already evaluated"):
         ev.update([good], [{**gt, "image_id": torch.tensor(7)}])
     assert len(ev.gts) == 1 and ev.compute()["mAP@0.5"] == 1.0
+
+
+def test_detection_images_keep_the_longer_side_at_most_1000_px():
+    """The cited detectors' scale: shorter side 600, longer side at most 1000 (a 1:2 image becomes
+    500 x 1000, not 600 x 1200); the paper tier sets the cap explicitly, segmentation has none."""
+    from dcnbench.data.transforms import paper_transforms
+    from dcnbench.runner.experiment import expand_cells, load_experiment
+
+    image, target = torch.zeros(3, 300, 600), {"boxes": torch.tensor([[0.0, 0.0, 600.0, 300.0]])}
+    out, tgt = paper_transforms("detection", train=False, normalize=False)(image, target)
+    assert out.shape[-2:] == (500, 1000) and tgt["boxes"].tolist() == [[0.0, 0.0, 1000.0, 500.0]]
+    assert paper_transforms("detection", False, False, shorter_side=600)(image, {})[0].shape[-2:] == (600, 1200)
+    assert paper_transforms("detection", False, False, 600, max_side=1000)(image, {})[0].shape[-2:] == (500, 1000)
+    assert paper_transforms("voc_seg", False, False)(image, {})[0].shape[-2:] == (360, 720)
+    cells = expand_cells(load_experiment(1), "paper", ["rfcn", "deeplab"])
+    assert {c.task: c.config["data"].get("max_side") for c in cells} == {"rfcn": 1000, "deeplab": None}

@@ -563,6 +563,7 @@ def build_dataset(
     train: bool,
     normalize: bool = True,
     shorter_side: int | None = None,
+    max_side: int | None = None,
 ) -> Dataset:
     """A dataset with the paper's transforms (:func:`dcnbench.data.transforms.paper_transforms`).
 
@@ -570,7 +571,7 @@ def build_dataset(
     ``07test`` or image sets joined by ``+`` such as ``2007-trainval+2012-trainval``),
     ``cityscapes``, ``coco`` (``train2017``/``val2017``), ``synth_seg`` (a ``--task seg`` folder),
     ``synth_det`` (a ``--task det`` COCO folder).  Synthetic data keeps its native size unless
-    ``shorter_side`` says otherwise.  Evaluation sets (``train=False``) keep VOC's difficult and COCO's
+    ``shorter_side`` says otherwise; ``max_side`` caps the longer side.  Evaluation sets (``train=False``) keep VOC's difficult and COCO's
     crowd objects, flagged, for the evaluator to ignore; training sets drop them.
     """
     from .transforms import paper_transforms
@@ -581,7 +582,7 @@ def build_dataset(
         kind, side = _PAPER_KIND[name], shorter_side
     else:
         raise ValueError(f"unknown dataset {name!r}")
-    tf = paper_transforms(kind, train=train, normalize=normalize, shorter_side=side)
+    tf = paper_transforms(kind, train=train, normalize=normalize, shorter_side=side, max_side=max_side)
     if name in ("voc_seg", "synth_seg"):
         return VOCSegmentation(root, split, tf)
     if name == "cityscapes":

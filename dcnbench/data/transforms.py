@@ -22,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "PAPER_MAX_SIDE",
     "PAPER_SHORTER_SIDE",
     "Compose",
     "Normalize",
@@ -36,6 +37,7 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAPER_SHORTER_SIDE = {"voc_seg": 360, "cityscapes": 1024, "detection": 600}
+PAPER_MAX_SIDE = {"detection": 1000}  # the cited detectors' cap on the longer side (Faster R-CNN, R-FCN)
 
 Transform = Callable[[Tensor, dict], tuple[Tensor, dict]]
 
@@ -128,18 +130,23 @@ class Normalize:
         return (image - self.mean.to(image)) / self.std.to(image), target
 
 
-def paper_transforms(kind: str, train: bool, normalize: bool = True, shorter_side: int | None = None) -> Compose:
+def paper_transforms(kind: str, train: bool, normalize: bool = True, shorter_side: int | None = None,
+                     max_side: int | None = None) -> Compose:
     """The paper's preprocessing: resize to the shorter side, flip in training, optional normalisation.
 
     ``kind`` is ``"voc_seg"`` (360 px), ``"cityscapes"`` (1024 px) or ``"detection"`` (600 px);
-    ``shorter_side`` overrides the size (``0`` keeps the native size, e.g. for synthetic data).
+    ``shorter_side`` overrides the size (``0`` keeps the native size, e.g. for synthetic data); at the
+    paper's size detection images keep their longer side at most 1000 px (``PAPER_MAX_SIDE``), as in
+    the cited detectors; ``max_side`` sets that cap explicitly.
     """
     if kind not in PAPER_SHORTER_SIDE:
         raise ValueError(f"kind must be one of {sorted(PAPER_SHORTER_SIDE)}")
     side = PAPER_SHORTER_SIDE[kind] if shorter_side is None else shorter_side
     steps: list[Transform] = []
     if side:
-        steps.append(ResizeShorterSide(side))
+        if max_side is None and shorter_side is None:
+            max_side = PAPER_MAX_SIDE.get(kind)
+        steps.append(ResizeShorterSide(side, max_side))
     if train:
         steps.append(RandomHorizontalFlip(0.5))
     if normalize:

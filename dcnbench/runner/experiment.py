@@ -33,7 +33,7 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 # The keys each section may hold (what dcnbench/runner/train.py reads; the model's go to build_model).
 SECTION_KEYS = {
     "data": {"source", "size", "num_train", "num_val", "classes", "min_object", "max_object", "seed", "root",
-             "shorter_side"},
+             "shorter_side", "max_side"},
     "model": (MODEL_KEYS - {"task", "num_classes"}) | {"weights"},
     "train": {"iters", "batch_size", "lr", "momentum", "weight_decay", "warmup_iters"},
     "eval": {"batch_size", "area_ranges", "effective_dilation", "voc07_metric"},

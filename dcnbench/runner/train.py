@@ -72,9 +72,9 @@ def build_data(task: str, data: dict) -> tuple[Dataset, Dataset, int]:
     if not data.get("root"):
         raise ValueError(f"data.source {source!r} needs the dataset root: pass --data-root")
     train_split, val_split = REAL_SPLITS[source]
-    side = data.get("shorter_side")
-    train = build_dataset(source, data["root"], train_split, train=True, shorter_side=side)
-    val = build_dataset(source, data["root"], val_split, train=False, shorter_side=side)
+    sizes = {"shorter_side": data.get("shorter_side"), "max_side": data.get("max_side")}
+    train = build_dataset(source, data["root"], train_split, train=True, **sizes)
+    val = build_dataset(source, data["root"], val_split, train=False, **sizes)
     return train, val, train.num_classes  # C, as every loader counts it (heads predict C+1)
 
 
