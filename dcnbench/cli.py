@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 
@@ -14,6 +16,18 @@ def main() -> None:
 def _usage_error(exc: ValueError) -> click.BadParameter:
     """A library error whose ``fields`` name the settings at fault, as a usage error naming their options."""
     return click.BadParameter(str(exc), param_hint=[f"--{f.replace('_', '-')}" for f in exc.fields])
+
+
+@contextlib.contextmanager
+def _exit_130_on_interrupt(message: str | None = None):
+    """Ctrl-C: print ``message`` (what was kept, how to resume; None: the command said it) and exit
+    130, the shell's code for an interrupt, instead of Click's "Aborted!" and 1."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if message:
+            click.echo(f"\ninterrupted: {message}", err=True)
+        raise SystemExit(130) from None
 
 
 def _require_checkout() -> None:
@@ -106,11 +120,9 @@ def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memor
         raise click.BadParameter(f"{MEMORY_SHAPE[0]} is the memory case, which a CPU run measures in fresh processes "
                                  "under that name: add --no-memory or give the shape another name",
                                  param_hint="--shapes")
-    try:
+    with _exit_130_on_interrupt():  # run_ops_benchmark says which passes it kept
         path = run_ops_benchmark(shapes, threads, device, out, repeats, with_reference=with_reference,
                                  with_roi=not no_roi, with_memory=not no_memory, tf32=tf32)
-    except KeyboardInterrupt:  # run_ops_benchmark has said which passes it kept
-        raise SystemExit(130) from None
     click.echo(f"wrote {path}")
 
 
@@ -146,12 +158,9 @@ def ablate(table, tasks, variants, tier, seeds, jobs, out, data_root, weights, n
                                  f"(tier {tier})", param_hint="--nproc")
     if nproc:
         raise SystemExit(_relaunch_under_torchrun(click.get_current_context(), nproc))
-    try:
+    with _exit_130_on_interrupt(f"the finished runs are in {out}/table{table}_{tier}.csv; the same command "
+                                "resumes with the others"):
         failed = run_ablation(table, tier, list(tasks), seeds, jobs, out, data_root, weights, variants=list(variants))
-    except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: the finished runs are in {out}/table{table}_{tier}.csv; the same command "
-                   "resumes with the others", err=True)
-        raise SystemExit(130) from None
     if failed:
         raise SystemExit(1)
 
@@ -253,7 +262,8 @@ def runtime(params_only, device, scale, repeats, models, weights, threads, resul
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--device") from exc
 
-    runtime_main(params_only, device, scale, repeats, list(models) or None, weights, results_dir, threads)
+    with _exit_130_on_interrupt():  # runtime_main says which models it kept
+        runtime_main(params_only, device, scale, repeats, list(models) or None, weights, results_dir, threads)
 
 
 @main.command("table")

@@ -384,14 +384,14 @@ def check_weights(weights: str) -> None:
 
 
 @contextlib.contextmanager
-def _exit_130_keeping(out_csv: Path):
-    """Ctrl-C: say that the models measured so far are in ``out_csv`` and that a rerun resumes; exit 130."""
+def _saying_what_is_kept(out_csv: Path):
+    """Ctrl-C: say that the models measured so far are in ``out_csv`` and that a rerun resumes, then re-raise."""
     try:
         yield
     except KeyboardInterrupt:
         kept = f"the models measured so far are in {out_csv}" if out_csv.is_file() else f"{out_csv} was not written"
         print(f"\ninterrupted: {kept}; the same command resumes with the others", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise
 
 
 def _ratio(x: float) -> str:
@@ -434,7 +434,7 @@ def main(params_only: bool, device: str, scale: float, repeats: int, models: lis
     if threads:
         torch.set_num_threads(threads)
     out_csv = runtime_csv(out_dir, device, scale)
-    with _exit_130_keeping(out_csv), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    with _saying_what_is_kept(out_csv), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                               TimeElapsedColumn(), console=console, transient=True) as progress:
         bars: dict[str, TaskID] = {}
 

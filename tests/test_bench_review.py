@@ -136,21 +136,15 @@ def test_runtime_resume_does_not_reuse_rows_of_another_thread_count(tmp_path, st
     assert sorted(r["threads"] for r in read(out)) == ["1", "1", "2", "2"]
 
 
-def test_interrupted_runtime_exits_130_keeping_the_models_measured(tmp_path, stub_timing, capsys):
-    from dcnbench.runtime import main as runtime_main
-
+def test_interrupted_runtime_exits_130_keeping_the_models_measured(tmp_path, stub_timing):
     stub_timing.interrupt_at = 1  # the second model
-    try:
-        runtime_main(False, "cpu", 0.05, 2, ["DeepLab@V", "R-FCN"], None, str(tmp_path), None)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    except KeyboardInterrupt:  # not caught: no message, and the shell sees no 130
-        code = "KeyboardInterrupt"
+    result = CliRunner().invoke(main, ["runtime", "--scale", "0.05", "--repeats", "2", "--model", "DeepLab@V",
+                                       "--model", "R-FCN", "--results-dir", str(tmp_path)])
+    code = "KeyboardInterrupt" if isinstance(result.exception, KeyboardInterrupt) else result.exit_code
     assert code == 130
     out_csv = tmp_path / "table4_runtime_cpu_scale0.05.csv"
     assert [(r["model"], r["variant"]) for r in read(out_csv)] == [("DeepLab@V", "plain"), ("DeepLab@V", "deformable")]
-    assert f"interrupted: the models measured so far are in {out_csv}" in capsys.readouterr().err
+    assert f"interrupted: the models measured so far are in {out_csv}" in result.output
 
 
 def test_runtime_bad_weights_is_a_usage_error_before_anything_runs(tmp_path):

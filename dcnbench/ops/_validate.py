@@ -221,10 +221,7 @@ def check_pool_settings(output_size: tuple[int, int], spatial_scale: float, samp
     spatial_scale > 0 and a finite gamma."""
     if min(output_size) < 1:
         raise ValueError(f"output_size must be positive, got {output_size}")
-    if integer(sampling_ratio) is None:
-        raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
-    if sampling_ratio < 1:
-        raise ValueError(f"sampling_ratio must be >= 1, got {sampling_ratio}")
+    check_counts(sampling_ratio=sampling_ratio)
     if not (spatial_scale > 0 and math.isfinite(spatial_scale)):
         raise ValueError(f"spatial_scale must be finite and > 0, got {spatial_scale}")
     if not math.isfinite(gamma):
