@@ -3,14 +3,15 @@
 1. Table 4's DeepLab@V twins: time per forward (queued and synced) against their GPU kernels'
    time, the host calls that take the most time, and one res5 layer's time per call
    (nn.Conv2d, DeformConv2d and its parts, torchvision's op).
-2. Host split of a small layer (16x32x24x24, batch-1-like sizes are launch-bound): forward alone,
+2. The same twins' Python host time by function (cProfile), which torch.profiler does not show.
+3. Host split of a small layer (16x32x24x24, batch-1-like sizes are launch-bound): forward alone,
    backward alone (retain_graph), forward+backward, against torchvision's op.
-3. The ten largest GPU kernels of deform_conv2d and (PS) RoI pooling forward+backward, per
+4. The ten largest GPU kernels of deform_conv2d and (PS) RoI pooling forward+backward, per
    iteration, from torch.profiler (full float32 in cuDNN and cuBLAS alike).
-4. The cost of ``--fmad=false`` (the backend's NVRTC option, for the CPU's rounding): GPU time of
+5. The cost of ``--fmad=false`` (the backend's NVRTC option, for the CPU's rounding): GPU time of
    the dcn_* kernels per forward+backward compiled with it and with NVRTC's default, alternated.
 
-Usage: PYTHONPATH=. python scripts/profile_cuda.py [deeplab_v] [host] [kernels] [fmad]
+Usage: PYTHONPATH=. python scripts/profile_cuda.py [deeplab_v] [python] [host] [kernels] [fmad]
 """
 
 from __future__ import annotations
@@ -107,17 +108,23 @@ def per_call_synced_us(fn, n: int = 50) -> float:
     return sorted(times)[n // 2] * 1e6
 
 
+def deeplab_v_twins(g: torch.Generator) -> tuple[dict, torch.Tensor]:
+    """Table 4's DeepLab@V twins on the GPU and one preprocessed 375x500 image (360x480)."""
+    from dcnbench.runtime import build_twins, preprocess, resized_hw
+
+    twins = {name: model.cuda() for name, model in build_twins("deeplab", {}).items()}
+    raw = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=g)
+    return twins, preprocess(raw, resized_hw((375, 500), 360), torch.device("cuda"))
+
+
 def deeplab_v_split(g: torch.Generator) -> None:
     """Table 4's DeepLab@V twins at the paper's size, in inference mode: time per forward queued
     back to back (one sync at the end: the larger of host and GPU time) and synced (as Table 4),
     the GPU kernels' time, the host calls that take the most time per forward (CPU self time),
     then one res5 layer's time per call, queued (23x30 maps)."""
     from dcnbench.ops import DeformConv2d
-    from dcnbench.runtime import build_twins, preprocess, resized_hw
 
-    twins = {name: model.cuda() for name, model in build_twins("deeplab", {}).items()}
-    raw = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=g)
-    x = preprocess(raw, resized_hw((375, 500), 360), torch.device("cuda"))
+    twins, x = deeplab_v_twins(g)
     conv = torch.nn.Conv2d(512, 512, 3, padding=2, dilation=2, bias=False).cuda()
     layer = DeformConv2d.from_conv(conv)
     feat = torch.randn(1, 512, 23, 30, generator=g).cuda()
@@ -150,6 +157,39 @@ def deeplab_v_split(g: torch.Generator) -> None:
         print("res5 layer (1,512,23,30)->512, dil 2, inference (us per call):")
         for name, fn in rows.items():
             print(f"  {name:42s} {per_call_us(fn):8.1f}")
+
+
+def python_hotspots(g: torch.Generator, forwards: int = 20) -> None:
+    """Where the DeepLab@V twins' host time goes in Python (torch.profiler sees only aten calls):
+    cProfile of ``forwards`` synced inference forwards of each twin, the 15 functions with the most
+    own time, in ms per forward (cProfile's own overhead inflates Python-heavy lines)."""
+    import cProfile
+    import pstats
+
+    twins, x = deeplab_v_twins(g)
+    with torch.inference_mode(), use_backend("cuda"):
+        for name, model in twins.items():
+            for _ in range(5):
+                model.forward_raw(x)
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            start = time.perf_counter()
+            prof.enable()
+            for _ in range(forwards):
+                model.forward_raw(x)
+                torch.cuda.synchronize()
+            prof.disable()
+            wall = (time.perf_counter() - start) / forwards * 1e3
+            stats = pstats.Stats(prof).stats  # {(file, line, function): (calls, ncalls, tottime, cumtime, callers)}
+            print(f"DeepLab@V {name}, cProfile: {wall:.2f} ms per forward (profiled)")
+            by_own = sorted(stats.items(), key=lambda item: -item[1][2])[:15]
+            ops = sorted((item for item in stats.items() if "dcnbench/ops" in item[0][0]), key=lambda item: -item[1][3])
+            for title, rows in (("most own time", by_own), ("dcnbench.ops, most cumulative time", ops[:10])):
+                print(f"  {title}, per forward:")
+                for (file, line, function), (_, calls, own, cumulative, _) in rows:
+                    where = f"{file.rsplit('/', 1)[-1]}:{line}({function})"
+                    print(f"    {own / forwards * 1e3:7.3f} ms own {cumulative / forwards * 1e3:7.3f} ms cum "
+                          f"x{calls // forwards:<4d} {where[:90]}")
 
 
 def fmad_cost(g: torch.Generator) -> None:
@@ -192,7 +232,8 @@ def fmad_cost(g: torch.Generator) -> None:
         backend._function.cache_clear()
 
 
-SECTIONS = {"deeplab_v": deeplab_v_split, "host": host_split, "kernels": kernel_table, "fmad": fmad_cost}
+SECTIONS = {"deeplab_v": deeplab_v_split, "python": python_hotspots, "host": host_split, "kernels": kernel_table,
+            "fmad": fmad_cost}
 
 
 def main(sections: list[str]) -> None:
