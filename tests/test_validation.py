@@ -123,6 +123,9 @@ def roi_args(**overrides):
         (dict(rois=torch.tensor([[2, 0.0, 0.0, 4.0, 4.0]])), ValueError, r"rois\[:, 0\] must hold integer batch indices in \[0, 1\].*got 2"),
         (dict(rois=torch.tensor([[-1, 0.0, 0.0, 4.0, 4.0]])), ValueError, r"batch indices .* got -1"),
         (dict(rois=torch.tensor([[0.5, 0.0, 0.0, 4.0, 4.0]])), ValueError, r"batch indices .* got 0.5"),
+        (dict(rois=torch.tensor([[0, 0.0, 0.0, 4.0, 4.0], [float("nan"), 0.0, 0.0, 4.0, 4.0]])), ValueError,
+         r"batch indices .* got nan"),
+        (dict(rois=torch.tensor([[float("inf"), 0.0, 0.0, 4.0, 4.0]])), ValueError, r"batch indices .* got inf"),
         (dict(rois=[torch.randn(2, 5)]), ValueError, r"rois\[0\] must be a \(Ki, 4\) tensor"),
         (dict(rois=[torch.zeros(1, 4)] * 3), ValueError,
          r"rois as a list must hold one \(Ki, 4\) tensor per image: got 3 for input of batch 2 "
@@ -224,3 +227,13 @@ def test_roi_pool_module_bad_arguments(build, error, pattern):
         warnings.simplefilter("error")
         with pytest.raises(error, match=pattern):
             build()
+
+
+def test_roi_checks_accept_every_finite_box_and_integer_index():
+    """The checks reduce rois to per-column minima and maxima: boxes near float32's largest value
+    and indices at the batch's ends are valid (no sum that could overflow, no off-by-one)."""
+    from dcnbench.ops._validate import check_roi_pool
+
+    big = torch.finfo(torch.float32).max
+    rois = torch.tensor([[0, -big, -big, big, big], [1, 0.0, 0.0, 4.0, 4.0], [1, 1.5, 2.5, 3.5, 4.5]])
+    assert check_roi_pool(torch.randn(2, 18, 8, 8), rois, None, (3, 3), 1.0, 2, 0.1, False) == 18
