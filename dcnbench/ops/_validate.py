@@ -215,24 +215,6 @@ def rois_to_tensor(rois: Tensor | Sequence[Tensor], input: Tensor) -> Tensor:
     raise TypeError(f"rois must be a (K, 5) tensor or a list of (Ki, 4) tensors, got {type(rois).__name__}")
 
 
-def _check_roi_values(rois: Tensor, batch: int) -> None:
-    """Integer batch indices in [0, batch) and finite boxes, with one host sync and few kernel
-    launches (host-bound on a GPU at Table 4's sizes): the per-column minima and maxima of the rois
-    and of the indices' fractional parts, into which NaN and inf propagate."""
-    idx = rois[:, 0]
-    low, high = torch.aminmax(torch.cat([rois, (idx - idx.trunc()).unsqueeze(1)], dim=1), dim=0)
-    (idx_min, *box_min, frac_min), (idx_max, *box_max, frac_max) = torch.stack([low, high]).tolist()
-    if not (idx_min >= 0 and idx_max < batch and frac_min == 0 and frac_max == 0):  # False for NaN too
-        bad_index = (idx < 0) | (idx >= batch) | (idx != idx.floor())
-        raise ValueError(
-            f"rois[:, 0] must hold integer batch indices in [0, {batch - 1}] for input of batch {batch}, "
-            f"got {idx[bad_index][0].item()}"
-        )
-    if not all(math.isfinite(v) for v in box_min + box_max):
-        row = int((~torch.isfinite(rois[:, 1:]).all(dim=1)).nonzero()[0, 0])
-        raise ValueError(f"rois must hold finite box coordinates, got {rois[row].tolist()} in row {row}")
-
-
 def check_pool_settings(output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int,
                         gamma: float) -> None:
     """RoI pooling's settings: bins >= 1 per side, an int sampling_ratio >= 1, a finite
@@ -273,7 +255,17 @@ def check_roi_pool(
         out_c = c
     k = rois.shape[0]
     if k > 0:
-        _check_roi_values(rois, input.shape[0])
+        idx = rois[:, 0]
+        bad_index = (idx < 0) | (idx >= input.shape[0]) | (idx != idx.floor())
+        bad_box = ~torch.isfinite(rois[:, 1:]).all(dim=1)
+        if bool((bad_index | bad_box).any()):  # one host sync for both checks
+            if bool(bad_index.any()):
+                raise ValueError(
+                    f"rois[:, 0] must hold integer batch indices in [0, {input.shape[0] - 1}] for input of batch "
+                    f"{input.shape[0]}, got {idx[bad_index][0].item()}"
+                )
+            row = int(bad_box.nonzero()[0, 0])
+            raise ValueError(f"rois must hold finite box coordinates, got {rois[row].tolist()} in row {row}")
     if offset is not None:
         require_tensor(offset, "offset", 4)
         require_like(offset, input, "offset", "input")
