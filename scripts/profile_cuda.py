@@ -3,7 +3,8 @@
 1. Table 4's DeepLab@V twins: time per forward (queued and synced) against their GPU kernels'
    time, the host calls that take the most time, and one res5 layer's time per call
    (nn.Conv2d, DeformConv2d and its parts, torchvision's op).
-2. The same twins' Python host time by function (cProfile), which torch.profiler does not show.
+2. The same twins' Python host time by function (cProfile), which torch.profiler does not show;
+   host time per call of the res5 layer and its parts (its GEMM in several forms, the launch).
 3. Host split of a small layer (16x32x24x24, batch-1-like sizes are launch-bound): forward alone,
    backward alone (retain_graph), forward+backward, against torchvision's op.
 4. The ten largest GPU kernels of deform_conv2d and (PS) RoI pooling forward+backward, per
@@ -11,7 +12,7 @@
 5. The cost of ``--fmad=false`` (the backend's NVRTC option, for the CPU's rounding): GPU time of
    the dcn_* kernels per forward+backward compiled with it and with NVRTC's default, alternated.
 
-Usage: PYTHONPATH=. python scripts/profile_cuda.py [deeplab_v] [python] [host] [kernels] [fmad]
+Usage: PYTHONPATH=. python scripts/profile_cuda.py [deeplab_v] [python] [launch] [host] [kernels] [fmad]
 """
 
 from __future__ import annotations
@@ -192,6 +193,56 @@ def python_hotspots(g: torch.Generator, forwards: int = 20) -> None:
                           f"x{calls // forwards:<4d} {where[:90]}")
 
 
+def host_us(fn, n: int = 50, repeats: int = 5) -> float:
+    """Host time of one call in us: ``n`` calls queued on an idle GPU without a sync (too few to
+    fill the launch queue), median of ``repeats``."""
+    times = []
+    for _ in range(repeats):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - start) / n * 1e6)
+        torch.cuda.synchronize()
+    return sorted(times)[repeats // 2]
+
+
+def launch_costs(g: torch.Generator) -> None:
+    """Host time per call (us) of DeepLab@V's res5 layer (1,512,23,30)->512, dilation 2, and of its
+    parts, in inference mode: the layer's GEMM (512x4608 @ 4608x690) in the forms torch offers,
+    the im2col launch through cupy, the op given offsets, the modules, against nn.Conv2d."""
+    from dcnbench.ops import DeformConv2d
+    from dcnbench.ops import cuda as backend
+
+    conv = torch.nn.Conv2d(512, 512, 3, padding=2, dilation=2, bias=False).cuda()
+    layer = DeformConv2d.from_conv(conv)
+    feat = torch.randn(1, 512, 23, 30, generator=g).cuda()
+    offset = torch.zeros(1, 18, 23, 30, device="cuda")
+    w = layer.weight.reshape(512, 4608)
+    columns = torch.randn(1, 1, 4608, 690, generator=g).cuda()
+    out = torch.empty(1, 1, 512, 690, device="cuda")
+    geometry = backend._conv_geometry(feat, offset, layer.weight, (1, 1), (2, 2), (2, 2))
+    rows = {
+        "GEMM torch.matmul (1,O,K)@(1,1,K,L), out= (as now)":
+            lambda: torch.matmul(w[None], columns, out=out),
+        "GEMM torch.mm, out=": lambda: torch.mm(w, columns[0, 0], out=out[0, 0]),
+        "GEMM torch.mm": lambda: torch.mm(w, columns[0, 0]),
+        "GEMM torch.bmm, out=": lambda: torch.bmm(w[None], columns[0], out=out[0]),
+        "im2col launch (cupy)": lambda: backend._im2col(backend._cupy_launch, geometry, feat, offset, None),
+        "deform_conv2d op (given offsets)": lambda: deform_conv2d(feat, offset, layer.weight, None, 1, 2, 2),
+        "DeformConv2d (offset conv + op)": lambda: layer(feat),
+        "nn.Conv2d": lambda: conv(feat),
+        "torchvision deform_conv2d (given offsets)":
+            lambda: torchvision.ops.deform_conv2d(feat, offset, conv.weight, None, 1, 2, 2),
+    }
+    print("host time per call (us, queued on an idle GPU), res5 layer (1,512,23,30)->512, dil 2, inference:")
+    with torch.inference_mode(), use_backend("cuda"):
+        for name, fn in rows.items():
+            print(f"  {name:52s} {host_us(fn):8.1f}")
+
+
 def fmad_cost(g: torch.Generator) -> None:
     """GPU time of the dcn_* kernels (ms per forward+backward, torch.profiler) of res5 at batch 8
     and of R-FCN's PS RoI pooling, with the kernels compiled with --fmad=false (as the backend
@@ -232,8 +283,8 @@ def fmad_cost(g: torch.Generator) -> None:
         backend._function.cache_clear()
 
 
-SECTIONS = {"deeplab_v": deeplab_v_split, "python": python_hotspots, "host": host_split, "kernels": kernel_table,
-            "fmad": fmad_cost}
+SECTIONS = {"deeplab_v": deeplab_v_split, "python": python_hotspots, "launch": launch_costs, "host": host_split,
+            "kernels": kernel_table, "fmad": fmad_cost}
 
 
 def main(sections: list[str]) -> None:
