@@ -17,6 +17,7 @@ Usage: PYTHONPATH=. python scripts/profile_cuda.py [deeplab_v] [python] [launch]
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 
@@ -30,15 +31,21 @@ from dcnbench.ops import deform_conv2d, deform_ps_roi_pool, deform_roi_pool, use
 from dcnbench.ops.cuda import set_float32_mode
 
 
-def per_call_us(fn, n: int = 300) -> float:
+def per_call_us(fn, n: int = 300, *, host_only: bool = False) -> float:
+    """Time of one call in us over ``n`` calls queued back to back after warm-up: until the device
+    is idle again (the larger of host and GPU time), or with ``host_only`` until the last call
+    returns (the host's time, when ``n`` is too small to fill the launch queue)."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(n):
         fn()
+    if not host_only:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e6
+    return elapsed / n * 1e6
 
 
 def conv_inputs(g: torch.Generator, n: int, c: int, h: int, w: int, o: int):
@@ -194,19 +201,8 @@ def python_hotspots(g: torch.Generator, forwards: int = 20) -> None:
 
 
 def host_us(fn, n: int = 50, repeats: int = 5) -> float:
-    """Host time of one call in us: ``n`` calls queued on an idle GPU without a sync (too few to
-    fill the launch queue), median of ``repeats``."""
-    times = []
-    for _ in range(repeats):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - start) / n * 1e6)
-        torch.cuda.synchronize()
-    return sorted(times)[repeats // 2]
+    """Host time of one call in us: ``n`` calls queued on an idle GPU, median of ``repeats``."""
+    return statistics.median(per_call_us(fn, n, host_only=True) for _ in range(repeats))
 
 
 def launch_costs(g: torch.Generator) -> None:
