@@ -230,8 +230,8 @@ def test_roi_pool_module_bad_arguments(build, error, pattern):
 
 
 def test_roi_checks_accept_every_finite_box_and_integer_index():
-    """The checks reduce rois to per-column minima and maxima: boxes near float32's largest value
-    and indices at the batch's ends are valid (no sum that could overflow, no off-by-one)."""
+    """Finite boxes of any magnitude (up to float32's largest value) and integer batch indices at
+    both ends of the batch (0 and N-1) pass the value checks."""
     from dcnbench.ops._validate import check_roi_pool
 
     big = torch.finfo(torch.float32).max
