@@ -65,6 +65,30 @@ def test_training_losses_are_finite_and_reach_offsets(task):
     assert len(grads) == 3 and all(g is not None for g in grads)
 
 
+@pytest.mark.parametrize("freeze_at,fixed", [(0, []), (1, ["conv1"]), (2, ["conv1", "layer1"])])
+def test_freeze_at_fixes_exactly_the_stem_and_the_stages_before_it(freeze_at, fixed):
+    """freeze_at=2 (paper tier, the released code's FIXED_PARAMS) fixes conv1 and res2 and nothing
+    else: a training step gives them no gradient and the optimizer never sees them, while res3-res5,
+    the offsets and the head train."""
+    from dcnbench.ops import offset_param_groups
+
+    model = tiny("deeplab", placement="res5a-c", frozen_bn=True, freeze_at=freeze_at).train()
+    with use_backend("reference"):
+        model.loss(model(torch.randn(2, 3, SIZE, SIZE)), torch.randint(0, 4, (2, SIZE, SIZE))).backward()
+    optimized = {id(p) for g in offset_param_groups(model, lr=1.0) for p in g["params"]}
+    for name, param in model.named_parameters():
+        is_fixed = name.split(".")[1] in fixed
+        assert param.requires_grad != is_fixed and (param.grad is None) == is_fixed, name
+        assert (id(param) in optimized) != is_fixed, name
+
+
+def test_freeze_at_beyond_res5_or_with_trained_batchnorm_is_refused():
+    with pytest.raises(ValueError, match=r"freeze_at must be in 0..5 \(stem, res2, ..., res5\), got 6"):
+        ResNetBackbone(blocks=(1, 1, 1, 1), width=8, freeze_at=6)
+    with pytest.raises(ValueError, match=r"freeze_at=2 needs frozen_bn=True"):
+        ResNetBackbone(blocks=(1, 1, 1, 1), width=8, frozen_bn=False, freeze_at=2)
+
+
 def test_deeplab_loss_ignores_255():
     model = tiny("deeplab", placement="none")
     logits = torch.randn(1, 4, 8, 8)

@@ -95,6 +95,7 @@ def test_boxes_keep_float32_precision_under_bfloat16_autocast(task):
     ("pool_size", 0, "a positive integer"),
     ("nms_thresh", 3, r"a number in \[0, 1\]"),
     ("placement", None, "a Table 1 row name or a list of block names"),
+    ("freeze_at", -1, "an integer >= 0"),
 ])
 def test_build_model_names_a_bad_config_value(key, value, message):
     with pytest.raises(ValueError, match=rf"config '{key}' must be {message}, got {re.escape(repr(value))}"):

@@ -347,3 +347,13 @@ def test_sigint_to_the_sweep_process_alone_stops_the_runs_in_flight(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_paper_tier_fixes_conv1_and_res2_as_the_released_code():
+    """The paper tier fine-tunes with conv1 and res2 fixed (the released code's FIXED_PARAMS); the
+    CPU tiers train every stage."""
+    from dcnbench.runner.experiment import expand_cells, load_experiment
+
+    for table in (1, 3):
+        assert all(c.config["model"]["freeze_at"] == 2 for c in expand_cells(load_experiment(table), "paper", None))
+        assert not any(c.config["model"].get("freeze_at") for c in expand_cells(load_experiment(table), "cpu", None))

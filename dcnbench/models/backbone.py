@@ -69,6 +69,8 @@ class ResNetBackbone(nn.Module):
         placement: a Table 1 row name (``PLACEMENTS``) or an explicit list of block names.
         offset_groups: offset groups of each deformable conv (paper section 2.1: 1).
         frozen_bn: FrozenBatchNorm2d (paper tier, fine-tuning from ImageNet) or BatchNorm2d.
+        freeze_at: how many of (stem, res2, res3, res4, res5) keep their weights fixed in training
+            (0: none; 2: conv1 and res2, as the released code fine-tunes ImageNet weights).
     """
 
     def __init__(
@@ -82,10 +84,16 @@ class ResNetBackbone(nn.Module):
         placement: str | Sequence[str] = "none",
         offset_groups: int = 1,
         frozen_bn: bool = True,
+        freeze_at: int = 0,
     ) -> None:
         super().__init__()
         if len(blocks) != 4 or min(blocks) < 1:
             raise ValueError(f"blocks must be 4 positive counts (res2..res5), got {blocks!r}")
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"freeze_at must be in 0..5 (stem, res2, ..., res5), got {freeze_at}")
+        if freeze_at and not frozen_bn:
+            raise ValueError(f"freeze_at={freeze_at} needs frozen_bn=True: a fixed stage's BatchNorm2d would still "
+                             "update its running statistics in training")
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
         norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
@@ -109,6 +117,9 @@ class ResNetBackbone(nn.Module):
             self.reduce = nn.Identity()
             self.out_channels = inplanes
         self.deformable_blocks = self._make_deformable(placement, offset_groups)
+        stages = [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
+        for stage in stages[:freeze_at]:
+            stage.requires_grad_(False)
 
     @staticmethod
     def _make_stage(inplanes: int, planes: int, n: int, stride: int, dilation: int, norm) -> tuple[nn.Sequential, int]:

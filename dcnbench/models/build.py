@@ -14,6 +14,7 @@ placement              Table 1 row: "none", "res5c", "res5b-c", "res5a-c" (defau
 offset_groups          offset groups of the deformable convs (1)
 deformable_roi_pool    Faster R-CNN / R-FCN: deformable (PS) RoI pooling (False)
 frozen_bn              FrozenBatchNorm2d (default for ResNet-50/101/152) or BatchNorm2d (scaled)
+freeze_at              stages with fixed weights, counting the stem as 1 (0; paper tier: 2, conv1 and res2)
 feature_channels       1×1 reduction after res5 (1024; 256 for Faster R-CNN; scaled: × width/64)
 rpn_conv_channels      RPN 3×3 conv width (512; scaled: × width/64; 0 drops the conv)
 anchor_sizes           (128, 256, 512); scaled: (16, 32, 64, 128)
@@ -47,7 +48,7 @@ from .rpn import ClassAwareRPN
 TASKS = ("deeplab", "rpn", "faster_rcnn", "rfcn")
 KNOWN_KEYS = {
     "task", "num_classes", "backbone", "blocks", "width", "output_stride", "res4_dilation", "dilation", "placement",
-    "offset_groups", "deformable_roi_pool", "frozen_bn", "feature_channels", "rpn_conv_channels", "anchor_sizes",
+    "offset_groups", "deformable_roi_pool", "frozen_bn", "freeze_at", "feature_channels", "rpn_conv_channels", "anchor_sizes",
     "aspect_ratios", "rpn_batch_size", "rpn_ignore_cross_boundary", "rpn_pre_nms_top_n", "rpn_post_nms_top_n",
     "roi_batch_size", "fc_channels", "pool_size", "sampling_ratio", "score_thresh", "nms_thresh", "detections_per_img",
 }
@@ -55,7 +56,7 @@ KNOWN_KEYS = {
 
 _POSITIVE_INTS = ("num_classes", "width", "dilation", "res4_dilation", "offset_groups", "rpn_batch_size",
                   "roi_batch_size", "fc_channels", "pool_size", "sampling_ratio", "detections_per_img")
-_NON_NEGATIVE_INTS = ("feature_channels", "rpn_conv_channels")  # 0 drops the layer
+_NON_NEGATIVE_INTS = ("feature_channels", "rpn_conv_channels", "freeze_at")  # 0 drops the layer / freezes none
 _POSITIVE_NUMBER_LISTS = ("anchor_sizes", "aspect_ratios")
 _TRAIN_TEST_PAIRS = ("rpn_pre_nms_top_n", "rpn_post_nms_top_n")
 _FRACTIONS = ("score_thresh", "nms_thresh")
@@ -110,6 +111,7 @@ def build_backbone(cfg: dict[str, Any]) -> ResNetBackbone:
         res4_dilation=cfg.get("res4_dilation", 2),
         out_channels=cfg.get("feature_channels", default_channels * width // 64),
         placement=cfg.get("placement", "res5a-c"), offset_groups=cfg.get("offset_groups", 1), frozen_bn=frozen,
+        freeze_at=cfg.get("freeze_at", 0),
     )
 
 

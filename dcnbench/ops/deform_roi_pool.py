@@ -160,7 +160,8 @@ def offset_param_groups(model: nn.Module, lr: float, **group_options) -> list[di
     branch at ``lr * module.offset_lr_mult`` (paper: 1 for convs, 0.01 for the RoI-pooling fc).
 
     Deformable modules are those with ``offset_parameters()`` and ``offset_lr_mult``; extra keyword
-    options (e.g. weight_decay) go into every group.
+    options (e.g. weight_decay) go into every group. Fixed parameters (``requires_grad`` False)
+    are left out.
     """
     by_mult: dict[float, list[nn.Parameter]] = {}
     offset_ids: set[int] = set()
@@ -168,8 +169,8 @@ def offset_param_groups(model: nn.Module, lr: float, **group_options) -> list[di
         if hasattr(module, "offset_parameters") and hasattr(module, "offset_lr_mult"):
             params = [p for p in module.offset_parameters() if id(p) not in offset_ids]
             offset_ids.update(id(p) for p in params)
-            by_mult.setdefault(float(module.offset_lr_mult), []).extend(params)
-    base = [p for p in model.parameters() if id(p) not in offset_ids]
+            by_mult.setdefault(float(module.offset_lr_mult), []).extend(p for p in params if p.requires_grad)
+    base = [p for p in model.parameters() if p.requires_grad and id(p) not in offset_ids]
     groups = [{"params": base, "lr": lr, **group_options}]
     groups += [{"params": ps, "lr": lr * mult, **group_options} for mult, ps in sorted(by_mult.items()) if ps]
     return groups
