@@ -89,6 +89,39 @@ def test_freeze_at_beyond_res5_or_with_trained_batchnorm_is_refused():
         ResNetBackbone(blocks=(1, 1, 1, 1), width=8, frozen_bn=False, freeze_at=2)
 
 
+@pytest.mark.parametrize("stride,size", [(16, (40, 60)), (16, (33, 49)), (8, (17, 30)), (16, (1, 1))])
+def test_deeplab_upsampling_puts_each_cell_on_its_receptive_field_centre(stride, size):
+    """Cell (i, j) of the score map is the logit at pixel (stride*i, stride*j), where the backbone
+    centres its filter (test_metrics: the centre of output cell i is pixel 16 i); pixels between
+    cells interpolate bilinearly, pixels past the last cell take its value."""
+    from dcnbench.models.deeplab import upsample_cells
+
+    h, w = (-(-n // stride) for n in size)  # the backbone's map: ceil(size / stride) cells
+    scores = torch.randn(2, 3, h, w, dtype=torch.float64)
+    up = upsample_cells(scores, size, stride)
+    assert up.shape == (2, 3, *size)
+    cells = up[..., ::stride, ::stride]
+    assert torch.equal(cells, scores[..., :cells.shape[-2], :cells.shape[-1]])
+    if h > 1 and w > 1 and size[0] > stride // 2 and size[1] > stride // 2:
+        midway = up[..., stride // 2, stride // 2]
+        assert torch.allclose(midway, scores[..., :2, :2].mean((-2, -1)))
+    past_rows, past_cols = up[..., (h - 1) * stride + 1:, ::stride], up[..., ::stride, (w - 1) * stride + 1:]
+    assert torch.equal(past_rows, scores[..., -1:, :].expand_as(past_rows))
+    assert torch.equal(past_cols, scores[..., :, -1:].expand_as(past_cols))
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_deeplab_output_at_a_cell_centre_is_its_score(output_stride):
+    """The model's logits at pixel (s*i, s*j) are exactly the 1x1 score conv's output at cell (i, j)."""
+    model = tiny("deeplab", placement="none", output_stride=output_stride).eval()
+    images = torch.randn(1, 3, SIZE, SIZE + 16)
+    with torch.no_grad():
+        scores = model.score(model.backbone(images)[1])
+        logits = model(images)
+    s = output_stride
+    assert torch.allclose(logits[..., ::s, ::s], scores[..., :-(-SIZE // s), :-(-(SIZE + 16) // s)], atol=1e-6)
+
+
 def test_deeplab_loss_ignores_255():
     model = tiny("deeplab", placement="none")
     logits = torch.randn(1, 4, 8, 8)

@@ -1,5 +1,6 @@
 """DeepLab as in paper section 2.3: a 1×1 conv to C+1 score maps on the feature extraction
-network's output, bilinear upsampling to the input size, per-pixel softmax."""
+network's output, bilinear upsampling to the input size (each cell on its receptive field's centre),
+per-pixel softmax."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class DeepLab(nn.Module):
         """Logits at the batch's size (a list of differently sized images is padded, see ``to_batch``)."""
         images, _ = to_batch(images)
         _, feature = self.backbone(images)
-        return F.interpolate(self.score(feature), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return upsample_cells(self.score(feature), images.shape[-2:], self.backbone.output_stride)
 
     def forward(self, images: Tensor, targets=None) -> Tensor:
         return self.forward_raw(images)
@@ -44,3 +45,18 @@ class DeepLab(nn.Module):
     def postprocess(logits: Tensor) -> Tensor:
         """Per-pixel softmax and arg-max: (N, H, W) labels."""
         return logits.softmax(1).argmax(1)
+
+
+def upsample_cells(scores: Tensor, size: tuple[int, int], stride: int) -> Tensor:
+    """Bilinear upsampling of (N, K, h, w) cell scores to (N, K, *size) pixels that puts cell (i, j)
+    on pixel (stride*i, stride*j), the centre of its receptive field; pixels past the last cell take
+    its value. (``F.interpolate(..., align_corners=False)`` to ``size`` would put the cell at
+    stride*i + (stride - 1)/2, 7.5 px off at stride 16.)"""
+    height, width = size
+    rows, cols = (-(-(n - 1) // stride) + 1 for n in (height, width))  # cells reaching the last pixel
+    pad_rows, pad_cols = max(0, rows - scores.shape[-2]), max(0, cols - scores.shape[-1])
+    if pad_rows or pad_cols:
+        scores = F.pad(scores, (0, pad_cols, 0, pad_rows), mode="replicate")
+    h, w = scores.shape[-2:]
+    up = F.interpolate(scores, size=((h - 1) * stride + 1, (w - 1) * stride + 1), mode="bilinear", align_corners=True)
+    return up[..., :height, :width]
