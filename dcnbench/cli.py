@@ -6,6 +6,8 @@ import contextlib
 
 import click
 
+from dcnbench.report.paper import RESULTS_DIR  # the checkout's results/, where table, figures and check read
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dcnbench")
@@ -136,7 +138,7 @@ def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memor
               help="smoke: minutes; cpu: the CPU-scale reproduction; paper: ResNet-101 on the real datasets.")
 @click.option("--seeds", type=click.IntRange(1), help="Seeds per cell (default: the tier's).")
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Cells run in parallel processes.")
-@click.option("--out", type=click.Path(file_okay=False), default="results/ablate", show_default=True,
+@click.option("--out", type=click.Path(file_okay=False), default=str(RESULTS_DIR / "ablate"), show_default=True,
               help="Output folder: table<N>_<tier>.csv, logs/ and checkpoints/ go here.")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False), help="Root of the real datasets (paper tier).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="ImageNet ResNet-101 state dict (paper tier).")
@@ -249,7 +251,7 @@ def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction,
               help="Only these Table 4 rows (repeatable; default all).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="ImageNet ResNet-101 state dict (optional).")
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's].")
-@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True,
+@click.option("--results-dir", type=click.Path(file_okay=False), default=str(RESULTS_DIR), show_default=True,
               help="Where table4_params.csv and table4_runtime_<device>[_scale<s>].csv go (rows there are resumed).")
 def runtime(params_only, device, scale, repeats, models, weights, threads, results_dir) -> None:
     """Table 4: parameter counts and plain vs deformable runtime of the paper's ResNet-101 networks."""
@@ -277,8 +279,8 @@ def runtime(params_only, device, scale, repeats, models, weights, threads, resul
 @click.option("--figures", "with_figures", is_flag=True,
               help="Also plot the table: table<N>_<tier>.png and .pdf beside the markdown in --out.")
 @click.option("--out", type=click.Path(file_okay=False),
-              help="Where table<N>_<tier>.md goes [default: results/tables; with --results, beside that CSV, "
-                   "so that rendering another CSV never replaces the committed tables].")
+              help="Where table<N>_<tier>.md goes [default: the checkout's results/tables; with --results, beside "
+                   "that CSV, so that rendering another CSV never replaces the committed tables].")
 def table(number, tier, fmt, results, with_figures, out) -> None:
     """Table N of the paper beside ours (mean ± std over seeds, differences to the baseline);
     writes <out>/table<N>_<tier>.md."""
@@ -287,7 +289,7 @@ def table(number, tier, fmt, results, with_figures, out) -> None:
 
     from dcnbench.report.tables import format_rendered, render_table, to_rich, write_markdown
 
-    out = out or (Path(results).parent if results else "results/tables")
+    out = out or (Path(results).parent if results else RESULTS_DIR / "tables")
 
     try:
         rendered = render_table(int(number), tier, Path(results) if results else None)
@@ -320,8 +322,9 @@ def table(number, tier, fmt, results, with_figures, out) -> None:
 @click.option("--roi-checkpoint", type=click.Path(dir_okay=False, exists=True),
               help="Trained model with deformable RoI pooling for Figure 6 [default: from Table 3's runs there].")
 @click.option("--results-dir", type=click.Path(exists=True, file_okay=False),
-              help="An `ablate --out` folder: table<N>_<tier>.csv and checkpoints/ [default: results/ablate].")
-@click.option("--out", type=click.Path(file_okay=False), default="results/figures", show_default=True)
+              help="An `ablate --out` folder: table<N>_<tier>.csv and checkpoints/ [default: the checkout's "
+                   "results/ablate].")
+@click.option("--out", type=click.Path(file_okay=False), default=str(RESULTS_DIR / "figures"), show_default=True)
 def figures(tier, tables, checkpoint, roi_checkpoint, results_dir, out) -> None:
     """Figures 5 and 6 from trained checkpoints, and one plot per ablation table (PNG and PDF)."""
     _require_checkout()
