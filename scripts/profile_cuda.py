@@ -11,8 +11,9 @@
    iteration, from torch.profiler (full float32 in cuDNN and cuBLAS alike).
 5. The cost of ``--fmad=false`` (the backend's NVRTC option, for the CPU's rounding): GPU time of
    the dcn_* kernels per forward+backward compiled with it and with NVRTC's default, alternated.
+6. The deterministic backward's cost against the atomic one (same cases, wall and GPU time).
 
-Usage: PYTHONPATH=. python scripts/profile_cuda.py [deeplab_v] [python] [launch] [host] [kernels] [fmad]
+Usage: PYTHONPATH=. python scripts/profile_cuda.py [deeplab_v] [python] [launch] [host] [kernels] [fmad] [deterministic]
 """
 
 from __future__ import annotations
@@ -239,6 +240,43 @@ def launch_costs(g: torch.Generator) -> None:
             print(f"  {name:52s} {host_us(fn):8.1f}")
 
 
+def backward_cases(g: torch.Generator) -> dict:
+    """Forward+backward of res5 at batch 8 (deform_conv2d) and of R-FCN's PS RoI pooling (300 RoIs)."""
+    x, offset, weight, grad = conv_inputs(g, 8, 512, 38, 63, 512)
+    rois = _rfcn_rois(300, 38, 63, 1 / 16, g).cuda()
+    feats = torch.randn(1, 49 * 21, 38, 63, generator=g).cuda().requires_grad_()
+    ps_offset = (0.5 * torch.randn(300, 42, 7, 7, generator=g)).cuda().requires_grad_()
+    ps_grad = torch.randn(300, 21, 7, 7, generator=g).cuda()
+    return {
+        "deform_conv2d res5 batch 8": lambda: deform_conv2d(x, offset, weight, None, 1, 2, 2).backward(grad),
+        "deform_ps_roi_pool R-FCN":
+            lambda: deform_ps_roi_pool(feats, rois, ps_offset, 7, 1 / 16, 4, 0.1).backward(ps_grad),
+    }
+
+
+def deterministic_cost(g: torch.Generator) -> None:
+    """The deterministic backward (no float atomics: sorted scatter-adds) against the atomic one:
+    ms per forward+backward, wall (synced) and GPU time of every kernel, alternated twice. Needs
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment (cuBLAS's deterministic mode)."""
+    cases = backward_cases(g)
+    print("forward+backward (ms, wall / GPU kernels), atomic vs deterministic backward:")
+    try:
+        for deterministic in (False, True, False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            for name, fn in cases.items():
+                with use_backend("cuda"):
+                    wall = per_call_us(fn, 20) / 1e3
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(10):
+                            fn()
+                        torch.cuda.synchronize()
+                gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 10 / 1e3
+                mode = "deterministic" if deterministic else "atomic"
+                print(f"  {mode:13s} {name:28s} {wall:7.3f} / {gpu:7.3f}")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def fmad_cost(g: torch.Generator) -> None:
     """GPU time of the dcn_* kernels (ms per forward+backward, torch.profiler) of res5 at batch 8
     and of R-FCN's PS RoI pooling, with the kernels compiled with --fmad=false (as the backend
@@ -246,16 +284,7 @@ def fmad_cost(g: torch.Generator) -> None:
     from dcnbench.ops import cuda as backend
 
     strict = backend.nvrtc_options
-    x, offset, weight, grad = conv_inputs(g, 8, 512, 38, 63, 512)
-    rois = _rfcn_rois(300, 38, 63, 1 / 16, g).cuda()
-    feats = torch.randn(1, 49 * 21, 38, 63, generator=g).cuda().requires_grad_()
-    ps_offset = (0.5 * torch.randn(300, 42, 7, 7, generator=g)).cuda().requires_grad_()
-    ps_grad = torch.randn(300, 21, 7, 7, generator=g).cuda()
-    cases = {
-        "deform_conv2d res5 batch 8": lambda: deform_conv2d(x, offset, weight, None, 1, 2, 2).backward(grad),
-        "deform_ps_roi_pool R-FCN":
-            lambda: deform_ps_roi_pool(feats, rois, ps_offset, 7, 1 / 16, 4, 0.1).backward(ps_grad),
-    }
+    cases = backward_cases(g)
     print("dcn_* kernels' GPU time per forward+backward (ms), by NVRTC's --fmad:")
     try:
         for fmad in ("false", "true", "false", "true"):
@@ -280,7 +309,7 @@ def fmad_cost(g: torch.Generator) -> None:
 
 
 SECTIONS = {"deeplab_v": deeplab_v_split, "python": python_hotspots, "launch": launch_costs, "host": host_split,
-            "kernels": kernel_table, "fmad": fmad_cost}
+            "kernels": kernel_table, "fmad": fmad_cost, "deterministic": deterministic_cost}
 
 
 def main(sections: list[str]) -> None:
