@@ -11,7 +11,8 @@
    iteration, from torch.profiler (full float32 in cuDNN and cuBLAS alike).
 5. The cost of ``--fmad=false`` (the backend's NVRTC option, for the CPU's rounding): GPU time of
    the dcn_* kernels per forward+backward compiled with it and with NVRTC's default, alternated.
-6. The deterministic backward's cost against the atomic one (same cases, wall and GPU time).
+6. The deterministic backward's cost against the atomic one (those cases and three more conv
+   shapes, wall and GPU time).
 
 Usage: PYTHONPATH=. python scripts/profile_cuda.py [deeplab_v] [python] [launch] [host] [kernels] [fmad] [deterministic]
 """
@@ -240,15 +241,20 @@ def launch_costs(g: torch.Generator) -> None:
             print(f"  {name:52s} {host_us(fn):8.1f}")
 
 
+def conv_backward(g: torch.Generator, n: int, c: int, h: int, w: int, o: int, dilation: int = 2):
+    """A forward+backward call of deform_conv2d, 3x3, on (n, c, h, w) -> o channels."""
+    x, offset, weight, grad = conv_inputs(g, n, c, h, w, o)
+    return lambda: deform_conv2d(x, offset, weight, None, 1, dilation, dilation).backward(grad)
+
+
 def backward_cases(g: torch.Generator) -> dict:
     """Forward+backward of res5 at batch 8 (deform_conv2d) and of R-FCN's PS RoI pooling (300 RoIs)."""
-    x, offset, weight, grad = conv_inputs(g, 8, 512, 38, 63, 512)
     rois = _rfcn_rois(300, 38, 63, 1 / 16, g).cuda()
     feats = torch.randn(1, 49 * 21, 38, 63, generator=g).cuda().requires_grad_()
     ps_offset = (0.5 * torch.randn(300, 42, 7, 7, generator=g)).cuda().requires_grad_()
     ps_grad = torch.randn(300, 21, 7, 7, generator=g).cuda()
     return {
-        "deform_conv2d res5 batch 8": lambda: deform_conv2d(x, offset, weight, None, 1, 2, 2).backward(grad),
+        "deform_conv2d res5 batch 8": conv_backward(g, 8, 512, 38, 63, 512),
         "deform_ps_roi_pool R-FCN":
             lambda: deform_ps_roi_pool(feats, rois, ps_offset, 7, 1 / 16, 4, 0.1).backward(ps_grad),
     }
@@ -258,7 +264,9 @@ def deterministic_cost(g: torch.Generator) -> None:
     """The deterministic backward (no float atomics: sorted scatter-adds) against the atomic one:
     ms per forward+backward, wall (synced) and GPU time of every kernel, alternated twice. Needs
     CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment (cuBLAS's deterministic mode)."""
-    cases = backward_cases(g)
+    cases = {**backward_cases(g), "deform_conv2d res5 batch 1": conv_backward(g, 1, 512, 38, 63, 512),
+             "deform_conv2d mid batch 8": conv_backward(g, 8, 256, 64, 64, 256, 1),
+             "deform_conv2d small batch 64": conv_backward(g, 64, 64, 48, 48, 64)}
     print("forward+backward (ms, wall / GPU kernels), atomic vs deterministic backward:")
     try:
         for deterministic in (False, True, False, True):
