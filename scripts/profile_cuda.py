@@ -77,6 +77,24 @@ def host_split(g: torch.Generator) -> None:
         print(f"  {name:32s} {per_call_us(fn):8.1f}")
 
 
+def rfcn_inputs(g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """R-FCN's PS RoI pooling at Table 4's size: 7x7x21 score maps of 38x63, 300 RoIs, (C+1) + 1
+    offset groups of 7x7 parts, and an output gradient."""
+    rois = _rfcn_rois(300, 38, 63, 1 / 16, g).cuda()
+    feats = torch.randn(1, 49 * 21, 38, 63, generator=g).cuda().requires_grad_()
+    ps_offset = (0.5 * torch.randn(300, 42, 7, 7, generator=g)).cuda().requires_grad_()
+    return feats, rois, ps_offset, torch.randn(300, 21, 7, 7, generator=g).cuda()
+
+
+def kernel_events(fn, iterations: int = 10):
+    """torch.profiler's per-kernel averages (CUDA activity) over ``iterations`` calls of ``fn``."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages()
+
+
 def kernel_table(g: torch.Generator) -> None:
     cases = {}
     for name, dims in {"res5 (1,512,38,63)": (1, 512, 38, 63, 512), "res5 batch 8": (8, 512, 38, 63, 512)}.items():
@@ -85,20 +103,14 @@ def kernel_table(g: torch.Generator) -> None:
             lambda x=x, offset=offset, weight=weight, grad=grad:
             deform_conv2d(x, offset, weight, None, 1, 2, 2).backward(grad))
         cases[f"F.conv2d {name}"] = lambda x=x, weight=weight, grad=grad: F.conv2d(x, weight, None, 1, 2, 2).backward(grad)
-    rois = _rfcn_rois(300, 38, 63, 1 / 16, g).cuda()
-    feats = torch.randn(1, 49 * 21, 38, 63, generator=g).cuda().requires_grad_()
-    ps_offset = (0.5 * torch.randn(300, 42, 7, 7, generator=g)).cuda().requires_grad_()
-    ps_grad = torch.randn(300, 21, 7, 7, generator=g).cuda()
+    feats, rois, ps_offset, ps_grad = rfcn_inputs(g)
     cases["deform_ps_roi_pool R-FCN"] = lambda: deform_ps_roi_pool(feats, rois, ps_offset, 7, 1 / 16, 4, 0.1).backward(ps_grad)
     cases["ps_roi_align R-FCN"] = lambda: torchvision.ops.ps_roi_align(feats, rois, 7, 1 / 16, 4).backward(ps_grad)
     for name, fn in cases.items():
         with use_backend("cuda"):
             wall = per_call_us(fn, 20) / 1e3
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    fn()
-                torch.cuda.synchronize()
-        kernels = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+            events = kernel_events(fn)
+        kernels = sorted((e for e in events if e.self_device_time_total > 0),
                          key=lambda e: -e.self_device_time_total)[:10]
         print(f"{name}: {wall:.3f} ms per forward+backward (wall)")
         for e in kernels:
@@ -249,10 +261,7 @@ def conv_backward(g: torch.Generator, n: int, c: int, h: int, w: int, o: int, di
 
 def backward_cases(g: torch.Generator) -> dict:
     """Forward+backward of res5 at batch 8 (deform_conv2d) and of R-FCN's PS RoI pooling (300 RoIs)."""
-    rois = _rfcn_rois(300, 38, 63, 1 / 16, g).cuda()
-    feats = torch.randn(1, 49 * 21, 38, 63, generator=g).cuda().requires_grad_()
-    ps_offset = (0.5 * torch.randn(300, 42, 7, 7, generator=g)).cuda().requires_grad_()
-    ps_grad = torch.randn(300, 21, 7, 7, generator=g).cuda()
+    feats, rois, ps_offset, ps_grad = rfcn_inputs(g)
     return {
         "deform_conv2d res5 batch 8": conv_backward(g, 8, 512, 38, 63, 512),
         "deform_ps_roi_pool R-FCN":
@@ -274,11 +283,7 @@ def deterministic_cost(g: torch.Generator) -> None:
             for name, fn in cases.items():
                 with use_backend("cuda"):
                     wall = per_call_us(fn, 20) / 1e3
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        for _ in range(10):
-                            fn()
-                        torch.cuda.synchronize()
-                gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 10 / 1e3
+                    gpu = sum(e.self_device_time_total for e in kernel_events(fn)) / 10 / 1e3
                 mode = "deterministic" if deterministic else "atomic"
                 print(f"  {mode:13s} {name:28s} {wall:7.3f} / {gpu:7.3f}")
     finally:
@@ -304,11 +309,7 @@ def fmad_cost(g: torch.Generator) -> None:
                 with use_backend("cuda"):
                     fn()  # compiles (or loads cupy's cached build) and warms up
                     torch.cuda.synchronize()
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        for _ in range(10):
-                            fn()
-                        torch.cuda.synchronize()
-                ms = sum(e.self_device_time_total for e in prof.key_averages() if "dcn_" in e.key) / 10 / 1e3
+                    ms = sum(e.self_device_time_total for e in kernel_events(fn) if "dcn_" in e.key) / 10 / 1e3
                 print(f"  --fmad={fmad:5s} {name:28s} {ms:7.3f}")
     finally:
         backend.nvrtc_options = strict
