@@ -230,3 +230,21 @@ def test_non_finite_offsets_skip_their_samples(cpu_backend, op, ps, value):
     got, got_gi, got_go, grad_out = grads(op, input, rois, bad, kw)
     want, want_gi, want_go, _ = grads(op, input, rois, far, kw, grad_out)
     assert torch.equal(got, want) and torch.equal(got_gi, want_gi) and torch.equal(got_go, want_go)
+
+
+def test_meta_tensors_give_shapes():
+    """Shapes propagate on the meta device (no data; the value checks of the boxes are skipped):
+    both poolings, with and without offsets, rois as a tensor or per-image lists, and the modules."""
+    from dcnbench.ops import DeformPSRoIPool, DeformRoIPool
+
+    x, rois = torch.empty(2, 18, 8, 8, device="meta"), torch.empty(5, 5, device="meta")
+    offset = torch.empty(5, 2, 3, 3, device="meta")
+    for op, channels in ((deform_roi_pool, 18), (deform_ps_roi_pool, 2)):
+        for o in (None, offset):
+            out = op(x, rois, o, 3, 1.0, 2)
+            assert out.shape == (5, channels, 3, 3) and out.device.type == "meta"
+    boxes = [torch.empty(2, 4, device="meta"), torch.empty(3, 4, device="meta")]
+    assert deform_roi_pool(x, boxes, None, 3, 1.0, 2).shape == (5, 18, 3, 3)
+    assert DeformRoIPool(18, 3).to("meta")(x, rois).shape == (5, 18, 3, 3)
+    ps = DeformPSRoIPool(4, 2, 3).to("meta")
+    assert ps(x, torch.empty(2, 4, 8, 8, device="meta"), rois).shape == (5, 2, 3, 3)

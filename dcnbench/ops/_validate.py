@@ -254,7 +254,7 @@ def check_roi_pool(
     else:
         out_c = c
     k = rois.shape[0]
-    if k > 0:
+    if k > 0 and rois.device.type != "meta":  # meta tensors carry shapes only: nothing to check
         idx = rois[:, 0]
         bad_index = (idx < 0) | (idx >= input.shape[0]) | (idx != idx.floor())
         bad_box = ~torch.isfinite(rois[:, 1:]).all(dim=1)
