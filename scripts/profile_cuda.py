@@ -15,10 +15,12 @@
    shapes, wall and GPU time).
 
 Usage: PYTHONPATH=. python scripts/profile_cuda.py [deeplab_v] [python] [launch] [host] [kernels] [fmad] [deterministic]
+       (deterministic needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment; scripts/device_check.sh sets it)
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -273,6 +275,10 @@ def deterministic_cost(g: torch.Generator) -> None:
     """The deterministic backward (no float atomics: sorted scatter-adds) against the atomic one:
     ms per forward+backward, wall (synced) and GPU time of every kernel, alternated twice. Needs
     CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment (cuBLAS's deterministic mode)."""
+    if not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+        print("deterministic: skipped (cuBLAS's deterministic mode needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set "
+              "before Python starts)")
+        return
     cases = {**backward_cases(g), "deform_conv2d res5 batch 1": conv_backward(g, 1, 512, 38, 63, 512),
              "deform_conv2d mid batch 8": conv_backward(g, 8, 256, 64, 64, 256, 1),
              "deform_conv2d small batch 64": conv_backward(g, 64, 64, 48, 48, 64)}

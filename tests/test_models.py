@@ -1,5 +1,7 @@
 """The paper's networks: output shapes, deformable placement, zero-offset twins, weights, param counts."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -87,6 +89,16 @@ def test_freeze_at_beyond_res5_or_with_trained_batchnorm_is_refused():
         ResNetBackbone(blocks=(1, 1, 1, 1), width=8, freeze_at=6)
     with pytest.raises(ValueError, match=r"freeze_at=2 needs frozen_bn=True"):
         ResNetBackbone(blocks=(1, 1, 1, 1), width=8, frozen_bn=False, freeze_at=2)
+
+
+@pytest.mark.parametrize("freeze_at,placement,blocks", [(5, "res5c", "['res5c']"),
+                                                         (4, "res5+res4b20-22", "['res4b20', 'res4b21', 'res4b22']")])
+def test_freeze_at_refuses_to_fix_a_deformable_block(freeze_at, placement, blocks):
+    """A deformable block in a fixed stage would keep its zero offsets forever: a plain conv in disguise."""
+    with pytest.raises(ValueError, match=rf"freeze_at={freeze_at} fixes the stages of the deformable blocks "
+                                         rf"{re.escape(blocks)}"):
+        ResNetBackbone(blocks=DEPTHS[101], width=8, placement=placement, freeze_at=freeze_at)
+    ResNetBackbone(blocks=(1, 1, 1, 3), width=8, placement="res5a-c", freeze_at=4)  # res5 trains: fine
 
 
 @pytest.mark.parametrize("stride,size", [(16, (40, 60)), (16, (33, 49)), (8, (17, 30)), (16, (1, 1))])

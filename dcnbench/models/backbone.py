@@ -117,6 +117,10 @@ class ResNetBackbone(nn.Module):
             self.reduce = nn.Identity()
             self.out_channels = inplanes
         self.deformable_blocks = self._make_deformable(placement, offset_groups)
+        fixed = [name for name in self.deformable_blocks if int(name[3]) - 1 < freeze_at]  # resK is stage K - 1
+        if fixed:
+            raise ValueError(f"freeze_at={freeze_at} fixes the stages of the deformable blocks {fixed}: their "
+                             "zero-initialised offsets would never train (lower freeze_at or change placement)")
         stages = [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
         for stage in stages[:freeze_at]:
             stage.requires_grad_(False)

@@ -51,7 +51,9 @@ def upsample_cells(scores: Tensor, size: tuple[int, int], stride: int) -> Tensor
     """Bilinear upsampling of (N, K, h, w) cell scores to (N, K, *size) pixels that puts cell (i, j)
     on pixel (stride*i, stride*j), the centre of its receptive field; pixels past the last cell take
     its value. (``F.interpolate(..., align_corners=False)`` to ``size`` would put the cell at
-    stride*i + (stride - 1)/2, 7.5 px off at stride 16.)"""
+    stride*i + (stride - 1)/2, 7.5 px off at stride 16, and so does the released code's fixed
+    bilinear deconvolution, kernel 32, stride 16, cropped at offset 8; this follows our backbone,
+    whose cell centres a test measures at stride*i.)"""
     height, width = size
     rows, cols = (-(-(n - 1) // stride) + 1 for n in (height, width))  # cells reaching the last pixel
     pad_rows, pad_cols = max(0, rows - scores.shape[-2]), max(0, cols - scores.shape[-1])
