@@ -4,8 +4,10 @@
 #   bench    `dcnbench bench ops --device cuda` on the issue's shapes, full float32 and TF32
 #   large    the same on batched shapes where the kernels, not the host, set the time
 #   runtime  `dcnbench runtime --device cuda` (Table 4 at the paper's sizes, 45 rounds)
-#   profile  scripts/profile_cuda.py (DeepLab@V host vs GPU time, host split, largest kernels, the
-#            cost of --fmad=false)
+#   profile  scripts/profile_cuda.py, every section: DeepLab@V host vs GPU time and its Python host
+#            time, host time per call of the res5 layer's parts, host split, largest kernels, the cost
+#            of --fmad=false and of deterministic mode (estimated from separate runs of its sections at
+#            ~110 s of its 120 s limit on an H100 host; never timed as a whole)
 # Results land in $OUT (default /tmp/dcnbench-device): CSVs, gpu.txt and one log of every step
 # (device_check.log). Each step has its own time limit, together 540 s, so that the whole
 # check fits one 10-minute device call; a failing step does not stop the next. No install: the
