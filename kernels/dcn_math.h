@@ -26,24 +26,31 @@ template <typename T> DCN_HD T round_(T v) { return std::round(v); }
 template <typename T> DCN_HD T max_(T a, T b) { return a > b ? a : b; }
 template <typename T> DCN_HD T min_(T a, T b) { return a < b ? a : b; }
 
-// Four bilinear corners of a sample: flat index y*W + x into one H*W plane and weight;
-// a corner off the map gets weight 0 and index 0 (safe to read, contributes nothing).
-// dwdy/dwdx are the derivatives of each weight with respect to the sample's y and x.
+// Four bilinear corners of a sample: flat index y*W + x into one H*W plane and weight; a corner
+// off the map has index kOffMap (never read it: a NaN or inf there must not reach the result
+// through a zero weight) and weight 0. dwdy/dwdx are the derivatives of each weight with respect
+// to the sample's y and x. has_value is false where the value is 0 without reading any corner
+// (torchvision's rule at y == -1 or x == -1 exactly), although the derivatives read them.
+constexpr int kOffMap = -1;
+
 template <typename T>
 struct Corners {
   int index[4];
   T weight[4];
   T dwdy[4];
   T dwdx[4];
+  bool has_value;
 };
 
 // Deformable convolution sampling (torchvision's rule): zero padding per corner, the floor
 // corner weighted by 1 - frac. Order: (y0,x0), (y0,x0+1), (y0+1,x0), (y0+1,x0+1).
 // Returns false when every corner is off the map (y or x outside [-1, size)): value and
-// derivatives are zero. At y == -1 exactly the value is 0 but dw/dy is not (one-sided).
+// derivatives are zero. At y == -1 exactly the value is 0 (has_value false) but dw/dy is not
+// (one-sided).
 template <typename T>
 DCN_HD bool conv_corners(T y, T x, int height, int width, Corners<T>& c) {
   if (!(y >= T(-1) && y < T(height) && x >= T(-1) && x < T(width))) return false;
+  c.has_value = y > T(-1) && x > T(-1);
   const T fy = floor_(y), fx = floor_(x);
   const int y0 = int(fy), x0 = int(fx);
   const T ly = y - fy, lx = x - fx, hy = T(1) - ly, hx = T(1) - lx;
@@ -55,7 +62,7 @@ DCN_HD bool conv_corners(T y, T x, int height, int width, Corners<T>& c) {
   const T sx[4] = {T(-1), T(1), T(-1), T(1)};
   for (int k = 0; k < 4; ++k) {
     const bool inside = ys[k] >= 0 && ys[k] < height && xs[k] >= 0 && xs[k] < width;
-    c.index[k] = inside ? ys[k] * width + xs[k] : 0;
+    c.index[k] = inside ? ys[k] * width + xs[k] : kOffMap;
     c.weight[k] = inside ? wy[k] * wx[k] : T(0);
     c.dwdy[k] = inside ? sy[k] * wx[k] : T(0);
     c.dwdx[k] = inside ? sx[k] * wy[k] : T(0);
@@ -90,6 +97,7 @@ DCN_HD bool roi_corners(T y, T x, int height, int width, Corners<T>& c) {
   if (!(x >= T(-0.5) && x <= T(width) - T(0.5) && y >= T(-0.5) && y <= T(height) - T(0.5))) return false;
   x = min_(max_(x, T(0)), T(width - 1));
   y = min_(max_(y, T(0)), T(height - 1));
+  c.has_value = true;  // every corner on the map
   const T fy = floor_(y), fx = floor_(x);
   const int y0 = int(fy), x0 = int(fx), y1 = int(ceil_(y)), x1 = int(ceil_(x));
   const T ly = y - fy, lx = x - fx, hy = T(1) - ly, hx = T(1) - lx;

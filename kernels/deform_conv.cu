@@ -52,8 +52,10 @@ __global__ void dcn_im2col(const T* __restrict__ input, const T* __restrict__ of
       conv_sample<T, A>(off, k, l, L, kernel_w, out_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, y, x);
       A value = A(0);
       Corners<A> cs;
-      if (conv_corners<A>(y, x, int(height), int(width), cs)) {
-        for (int q = 0; q < 4; ++q) value += cs.weight[q] * load<A>(plane, cs.index[q]);
+      if (conv_corners<A>(y, x, int(height), int(width), cs) && cs.has_value) {
+        for (int q = 0; q < 4; ++q) {
+          if (cs.index[q] != kOffMap) value += cs.weight[q] * load<A>(plane, cs.index[q]);
+        }
       }
       if (mask != nullptr) value *= load<A>(mask, (bg * taps + k) * L + l);
       store(col, k * L, value);
@@ -126,6 +128,7 @@ __global__ void dcn_col2im_coord(const T* __restrict__ grad_columns, const T* __
         const A grad = load<A>(grad_columns, ((b * channels + c) * taps + k) * L + l);
         A value = A(0), dvdy = A(0), dvdx = A(0);
         for (int q = 0; q < 4; ++q) {
+          if (cs.index[q] == kOffMap) continue;
           const A v = load<A>(plane, cs.index[q]);
           value += cs.weight[q] * v;
           dvdy += cs.dwdy[q] * v;
@@ -133,7 +136,7 @@ __global__ void dcn_col2im_coord(const T* __restrict__ grad_columns, const T* __
         }
         grad_y += grad * dvdy;
         grad_x += grad * dvdx;
-        grad_m += grad * value;
+        if (cs.has_value) grad_m += grad * value;
       }
     }
     const A m = mask != nullptr ? load<A>(mask, idx) : A(1);

@@ -348,6 +348,39 @@ def test_emulated_non_finite_offsets_sample_nothing(emulated, position_sensitive
         torch.testing.assert_close(got, want, **_tol(dtype))
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("integer_offsets", [False, True], ids=["fractional", "integer"])
+def test_emulated_non_finite_features_reach_the_same_outputs_as_torchvision(emulated, integer_offsets,
+                                                                             deterministic):
+    """A NaN or inf pixel reaches exactly the outputs and gradients torchvision's op lets it reach
+    (corners off the map read nothing; the value at y == -1 or x == -1 exactly reads nothing)."""
+    import torchvision
+
+    dtype = torch.float64
+    x, off, w, b, stride, padding, dilation, m = _conv_case(dtype, integer_offsets=integer_offsets)
+    x[0, 1, 0, 0] = float("nan")
+    x[1, 2, 6, 7] = float("inf")
+    x[2, 0, 3, 0] = float("nan")
+    grad = torch.randn(x.shape[0], w.shape[0], off.shape[2], off.shape[3], dtype=dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, off, w, b, m)]
+    want = torchvision.ops.deform_conv2d(leaves[0], leaves[1], leaves[2], leaves[3], stride, padding, dilation,
+                                         mask=leaves[4])
+    wanted = torch.autograd.grad(want, leaves, grad)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        got = cuda._deform_conv2d_forward(emulated, x, off, w, b, stride, padding, dilation, m)
+        grads = cuda._deform_conv2d_backward(emulated, grad, x, off, w, b, stride, padding, dilation, m)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name, g, t in zip(("output", "input", "offset", "weight", "bias", "mask"), (got, *grads),
+                          (want.detach(), *wanted)):
+        assert torch.equal(g.isnan(), t.isnan()), f"{name}: NaN at other places than torchvision's"
+        assert torch.equal(g.isinf(), t.isinf()), f"{name}: inf at other places than torchvision's"
+        finite = t.isfinite()
+        torch.testing.assert_close(g[finite], t[finite], **_tol(dtype), msg=lambda s: f"{name}: {s}")
+
+
 def test_emulated_mixed_dtypes_follow_the_input(emulated):
     """Arguments in another dtype (as autocast may hand them over) are cast to the input's."""
     x, off, w, b, stride, padding, dilation, m = _conv_case(torch.float64)

@@ -251,3 +251,28 @@ def test_non_finite_offsets_sample_nothing(cpu_backend, value):
     assert torch.equal(got, want)
     for g, w in zip(got_grads, want_grads):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("integer_offsets", [False, True], ids=["fractional", "integer"])
+def test_non_finite_features_reach_the_same_outputs_as_torchvision(cpu_backend, value, integer_offsets):
+    """A NaN or infinite pixel reaches exactly the outputs and gradients that torchvision's op lets
+    it reach: those of sampling points with that pixel as an on-map corner (weight 0 included). A
+    corner off the map reads nothing, so a non-finite pixel on the border (where off-map corners
+    used to read pixel 0 at weight 0) does not spread to other outputs."""
+    *tensors, kw = make_inputs(2, 4, 5, 6, 3, 1, 2, (3, 3), 1, 1, 1, True, offset_scale=1.5)
+    x, offset, weight, bias, mask = tensors
+    if integer_offsets:
+        offset = offset.round()
+    x[0, 1, 0, 0] = value
+    x[1, 2, 4, 5] = value
+    x[1, 0, 2, 3] = value
+    ours, our_grads, grad_out = outputs_and_grads(deform_conv2d, x, offset, weight, bias, mask, kw)
+    theirs, their_grads, _ = outputs_and_grads(torchvision.ops.deform_conv2d, x, offset, weight, bias, mask, kw,
+                                               grad_out=grad_out)
+    for name, g, t in zip(("output", "input", "offset", "weight", "bias", "mask"), [ours] + our_grads,
+                          [theirs] + their_grads):
+        assert torch.equal(g.isnan(), t.isnan()), f"{name}: NaN at other places than torchvision's"
+        assert torch.equal(g.isinf(), t.isinf()), f"{name}: inf at other places than torchvision's"
+        finite = g.isfinite()
+        assert_relative(g[finite], t[finite], 1e-10)

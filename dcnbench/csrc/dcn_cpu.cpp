@@ -214,6 +214,12 @@ int64_t tile_pixels(const ConvShape& s, size_t elem, int64_t split, int64_t budg
   return tile < 64 ? tile : std::min(s.L, (tile + 15) / 16 * 16);
 }
 
+// Row of the channels-last input a corner reads: its pixel, or for a corner off the map
+// (dcn::kOffMap) the zero row after the H*W pixels (see input_buffer).
+inline int64_t corner_row(const ConvShape& s, int index) {
+  return index == dcn::kOffMap ? s.H * s.W : index;
+}
+
 // Sample rows [r0, r1) of a tile starting at output pixel l0 into col (tile rows of Ktot), keeping
 // each sampling point's corners in samples[(r * G + og) * taps + k].
 template <typename T>
@@ -238,17 +244,17 @@ void sample_rows(const ConvShape& s, const std::vector<std::vector<Segment>>& se
         sp.ok = dcn::conv_corners<T>(y, x, H, W, sp.c);
         for (const Segment& seg : segs[og]) {
           T* __restrict dst = row + col_pos(s, seg, k);
-          if (!sp.ok) {
+          if (!sp.ok || !sp.c.has_value) {
             std::fill(dst, dst + seg.len, T(0));
             continue;
           }
           const T m = sp.mask;
           const T w0 = m * sp.c.weight[0], w1 = m * sp.c.weight[1], w2 = m * sp.c.weight[2],
                   w3 = m * sp.c.weight[3];
-          const T* __restrict p0 = X + sp.c.index[0] * s.C + seg.c0;
-          const T* __restrict p1 = X + sp.c.index[1] * s.C + seg.c0;
-          const T* __restrict p2 = X + sp.c.index[2] * s.C + seg.c0;
-          const T* __restrict p3 = X + sp.c.index[3] * s.C + seg.c0;
+          const T* __restrict p0 = X + corner_row(s, sp.c.index[0]) * s.C + seg.c0;
+          const T* __restrict p1 = X + corner_row(s, sp.c.index[1]) * s.C + seg.c0;
+          const T* __restrict p2 = X + corner_row(s, sp.c.index[2]) * s.C + seg.c0;
+          const T* __restrict p3 = X + corner_row(s, sp.c.index[3]) * s.C + seg.c0;
 #pragma omp simd
           for (int64_t c = 0; c < seg.len; ++c) dst[c] = madd(w0, p0[c], madd(w1, p1[c], madd(w2, p2[c], w3 * p3[c])));
         }
@@ -306,6 +312,16 @@ Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes) {
       .view(sizes);
 }
 
+// A sample's channels-last input (to_channels_last fills the first H*W rows), with one more row
+// of zeros: the pixel a corner off the map reads (corner_row), so that the channel loops stay
+// branch-free and never read a real pixel at weight 0 (a NaN or inf there would spread).
+template <typename T>
+Tensor input_buffer(ScratchSlot slot, const ConvShape& s) {
+  Tensor buf = scratch<T>(slot, {s.H * s.W + 1, s.C});
+  buf[s.H * s.W].zero_();
+  return buf;
+}
+
 // Per-thread working set: channels-last input (and input gradient) of one sample, column tiles,
 // sampling points; `own_input` is false where the caller shares one input buffer between threads.
 template <typename T>
@@ -313,7 +329,7 @@ struct ConvWork {
   Tensor xbuf, gxbuf, col, dcol;
   Sample<T>* samples;
   ConvWork(const ConvShape& s, int64_t tile, bool backward, bool own_input) {
-    if (own_input) xbuf = scratch<T>(kInput, {s.H, s.W, s.C});
+    if (own_input) xbuf = input_buffer<T>(kInput, s);
     if (own_input && backward) gxbuf = scratch<T>(kInputGrad, {s.H, s.W, s.C});
     col = scratch<T>(kCol, {tile, s.Ktot});
     if (backward) dcol = scratch<T>(kColGrad, {tile, s.Ktot});
@@ -462,7 +478,7 @@ void conv_forward_impl(const ConvShape& s, const Tensor& input, const Tensor& of
     // Few samples: threads split each sample's tiles (one parallel region per sample).
     const int64_t tc = tile_chunks(s, tile);
     const int64_t per_chunk = (n_tiles + tc - 1) / tc;
-    Tensor xbuf = scratch<T>(kShared, {s.H, s.W, s.C});
+    Tensor xbuf = input_buffer<T>(kShared, s);
     const WeightGemm<T> gemm(s, wp, tile, s.N * per_chunk);
     for (int64_t n = 0; n < s.N; ++n) {
       to_channels_last<T>(input, n, xbuf);
@@ -538,10 +554,10 @@ void conv_backward_tiles(const ConvShape& s, const std::vector<std::vector<Segme
             T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
             for (const Segment& seg : segs[og]) {
               const T* __restrict d = drow + col_pos(s, seg, k);
-              const T* __restrict p0 = X + sp.c.index[0] * C + seg.c0;
-              const T* __restrict p1 = X + sp.c.index[1] * C + seg.c0;
-              const T* __restrict p2 = X + sp.c.index[2] * C + seg.c0;
-              const T* __restrict p3 = X + sp.c.index[3] * C + seg.c0;
+              const T* __restrict p0 = X + corner_row(s, sp.c.index[0]) * C + seg.c0;
+              const T* __restrict p1 = X + corner_row(s, sp.c.index[1]) * C + seg.c0;
+              const T* __restrict p2 = X + corner_row(s, sp.c.index[2]) * C + seg.c0;
+              const T* __restrict p3 = X + corner_row(s, sp.c.index[3]) * C + seg.c0;
               T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
               for (int64_t c = 0; c < seg.len; ++c) {
@@ -561,7 +577,8 @@ void conv_backward_tiles(const ConvShape& s, const std::vector<std::vector<Segme
             goff_n[(2 * ch) * s.L + l] = sp.mask * gy;
             goff_n[(2 * ch + 1) * s.L + l] = sp.mask * gx;
             if (gmask_n)
-              gmask_n[ch * s.L + l] = cr.weight[0] * s0 + cr.weight[1] * s1 + cr.weight[2] * s2 + cr.weight[3] * s3;
+              gmask_n[ch * s.L + l] =
+                  cr.has_value ? cr.weight[0] * s0 + cr.weight[1] * s1 + cr.weight[2] * s2 + cr.weight[3] * s3 : T(0);
           }
         }
       }
@@ -581,7 +598,7 @@ void conv_backward_tiles(const ConvShape& s, const std::vector<std::vector<Segme
               const T* __restrict d = drow + col_pos(s, seg, k) + (lo - seg.c0);
               for (int q = 0; q < 4; ++q) {
                 const T wq = sp.mask * sp.c.weight[q];
-                if (wq == T(0)) continue;
+                if (sp.c.index[q] == dcn::kOffMap || wq == T(0)) continue;
                 T* __restrict gq = GX + sp.c.index[q] * C + lo;
 #pragma omp simd
                 for (int64_t c = 0; c < len; ++c) gq[c] = madd(wq, d[c], gq[c]);
@@ -629,7 +646,7 @@ void conv_backward_impl(const ConvShape& s, const Tensor& grad_out, const Tensor
     // Few samples: threads split each sample's tiles; each chunk has its own input-gradient and
     // weight-gradient partials, summed in chunk order (reproducible at a thread count).
     const int64_t n_tiles = (s.L + tile - 1) / tile, per_chunk = (n_tiles + tc - 1) / tc;
-    Tensor xbuf = scratch<T>(kShared, {s.H, s.W, s.C});
+    Tensor xbuf = input_buffer<T>(kShared, s);
     Tensor gx_parts = scratch<T>(kSharedGrad, {tc, s.H, s.W, s.C});
     Tensor gw_parts = scratch<T>(kWeightGradParts, {tc, s.O, s.Kg}).zero_();
     for (int64_t n = 0; n < s.N; ++n) {

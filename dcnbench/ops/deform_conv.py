@@ -26,7 +26,8 @@ def deform_conv2d(
     """Deformable convolution; a drop-in for ``torchvision.ops.deform_conv2d``.
 
     Args:
-        input: (N, C, H, W).
+        input: (N, C, H, W). A NaN or inf pixel reaches only the outputs whose sampling points have
+            it as a corner, as torchvision's: corners off the map read nothing.
         offset: (N, 2*G*kh*kw, Ho, Wo); for offset group g and tap k = i*kw + j, channel
             2k of the group's block is the row offset dy and 2k+1 the column offset dx, in pixels.
             A point outside [-1, H) x [-1, W) (no corner on the map), or a NaN one, reads 0 with

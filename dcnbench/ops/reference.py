@@ -13,11 +13,12 @@ from torch import Tensor
 
 
 def _gather_corner(flat: Tensor, y: Tensor, x: Tensor, height: int, width: int) -> Tensor:
-    """flat (B, C, H*W), integer-valued y/x (B, L) -> (B, C, L); zero where the corner is off the map."""
+    """flat (B, C, H*W), integer-valued y/x (B, L) -> (B, C, L); zero where the corner is off the map
+    (selected, not multiplied: an off-map corner reads a clamped pixel, which may be NaN or inf)."""
     valid = (y >= 0) & (y < height) & (x >= 0) & (x < width)
     index = (y.clamp(0, height - 1) * width + x.clamp(0, width - 1)).long()
     values = flat.gather(2, index.unsqueeze(1).expand(-1, flat.shape[1], -1))
-    return values * valid.unsqueeze(1).to(flat.dtype)
+    return torch.where(valid.unsqueeze(1), values, 0.0)
 
 
 def bilinear_zero_padded(feature: Tensor, y: Tensor, x: Tensor) -> Tensor:
@@ -39,12 +40,29 @@ def bilinear_zero_padded(feature: Tensor, y: Tensor, x: Tensor) -> Tensor:
     x0 = x.detach().floor()
     ly = (y - y0).unsqueeze(1)
     lx = (x - x0).unsqueeze(1)
-    return (
+    value = (
         (1 - ly) * (1 - lx) * _gather_corner(flat, y0, x0, h, w)
         + (1 - ly) * lx * _gather_corner(flat, y0, x0 + 1, h, w)
         + ly * (1 - lx) * _gather_corner(flat, y0 + 1, x0, h, w)
         + ly * lx * _gather_corner(flat, y0 + 1, x0 + 1, h, w)
     )
+    # At y == -1 or x == -1 exactly the value is 0 without reading a corner (torchvision's rule:
+    # a NaN or inf on row/column 0 must not reach it through a zero weight), while the offset
+    # derivative still reads them (one-sided): keep the formula's gradient, not its value.
+    on_edge = ((y == -1) | (x == -1)).unsqueeze(1)
+    return torch.where(on_edge, _ZeroValueKeepGradient.apply(value), value)
+
+
+class _ZeroValueKeepGradient(torch.autograd.Function):
+    """Zeros in the forward pass; the incoming gradient passes through unchanged."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        return torch.zeros_like(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
 
 
 def deform_conv2d(
