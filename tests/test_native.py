@@ -119,6 +119,26 @@ def test_conv_many_tiles(monkeypatch, batch, threads, tile_min):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("threads,dtype,channels,size,groups", [(1, torch.float32, 3, 320, 1),
+                                                                 (2, torch.float64, 64, 30, 64)],
+                         ids=["1thread_320px", "2threads_64_offset_groups"])
+def test_conv_sampling_points_over_the_kept_scratch_size(threads, dtype, channels, size, groups):
+    """A sample run as one tile whose sampling points take more than the 64 MB a scratch slot keeps
+    (102,400 pixels x 9 taps x 76 bytes; 900 pixels x 576 taps x 136 bytes) runs and equals
+    F.conv2d at zero offsets: that buffer used to be freed before the sampling wrote it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(1, channels, size, size, dtype=dtype)
+        weight = torch.randn(4, channels, 3, 3, dtype=dtype)
+        offset = torch.zeros(1, 2 * groups * 9, size, size, dtype=dtype)
+        with use_backend("native"), torch.no_grad():
+            got = deform_conv2d(x, offset, weight, padding=1)
+        torch.testing.assert_close(got, torch.nn.functional.conv2d(x, weight, padding=1), **TOL[dtype])
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("batch,threads,tile_min", [(1, 1, 16), (1, 2, 8), (3, 2, 256)],
                          ids=["in_order_tiles", "split", "batch_parallel"])

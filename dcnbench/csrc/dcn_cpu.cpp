@@ -327,6 +327,7 @@ Tensor input_buffer(ScratchSlot slot, const ConvShape& s) {
 template <typename T>
 struct ConvWork {
   Tensor xbuf, gxbuf, col, dcol;
+  Tensor sample_buf;  // owns `samples` (a buffer over kScratchKeepBytes is not kept by its slot)
   Sample<T>* samples;
   ConvWork(const ConvShape& s, int64_t tile, bool backward, bool own_input) {
     if (own_input) xbuf = input_buffer<T>(kInput, s);
@@ -335,7 +336,8 @@ struct ConvWork {
     if (backward) dcol = scratch<T>(kColGrad, {tile, s.Ktot});
     static_assert(std::is_trivially_copyable_v<Sample<T>>, "samples live in raw scratch memory");
     const int64_t n = tile * s.G * s.taps;
-    samples = reinterpret_cast<Sample<T>*>(scratch_bytes(kSamples, n * int64_t(sizeof(Sample<T>))).data_ptr());
+    sample_buf = scratch_bytes(kSamples, n * int64_t(sizeof(Sample<T>)));
+    samples = reinterpret_cast<Sample<T>*>(sample_buf.data_ptr());
   }
 };
 
