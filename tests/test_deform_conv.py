@@ -276,3 +276,21 @@ def test_non_finite_features_reach_the_same_outputs_as_torchvision(cpu_backend, 
         assert torch.equal(g.isinf(), t.isinf()), f"{name}: inf at other places than torchvision's"
         finite = g.isfinite()
         assert_relative(g[finite], t[finite], 1e-10)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_mask_reaches_its_output_as_in_torchvision(cpu_backend, value):
+    """A NaN or inf mask value multiplies its sample's value, 0 where the point is off the map, so
+    the output is NaN or inf exactly where torchvision's is (the native kernel skipped such samples
+    and returned a finite output)."""
+    *tensors, kw = make_inputs(2, 4, 5, 6, 3, 1, 2, (3, 3), 1, 1, 1, True, offset_scale=1.5)
+    x, offset, weight, bias, mask = tensors
+    offset[0, 0, 1, 2] = 1e6  # tap 0 of output (1, 2) far off the map...
+    mask[0, 0, 1, 2] = value  # ...with a non-finite mask
+    mask[1, 13, 3, 3] = value  # and one on the map
+    ours = deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
+    theirs = torchvision.ops.deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
+    assert ours.isnan().any()
+    assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+    finite = theirs.isfinite()
+    assert_relative(ours[finite], theirs[finite], 1e-10)

@@ -416,6 +416,57 @@ def test_opcheck_custom_ops():
                           (inp, rois, None, [2, 2], 0.5, 2, 0.1, False, "native"))
 
 
+def _conv_and_roi_calls():
+    """(name, fn, args): a deform_conv2d call and a deformable PS RoI pooling call."""
+    x, rois, offset = roi_inputs(2, 2 * 4, 6, 7, 3, 2, 0.5, torch.float32, (2, 2))
+    tensors, kwargs = conv_inputs(2, 3, 6, 7, 4, 1, 1, (3, 3), 1, 1, 1, True, True, torch.float32)
+    conv = lambda i, o, w, b, m: deform_conv2d(i, o, w, b, mask=m, **kwargs)  # noqa: E731
+    roi = lambda i, r, o: deform_ps_roi_pool(i, r, o, output_size=2, spatial_scale=0.5,  # noqa: E731
+                                             sampling_ratio=2)
+    return [("conv", conv, tensors), ("roi", roi, [x, rois, offset])]
+
+
+def test_fake_tensors_and_make_fx_propagate_shapes(cpu_backend):
+    """Under FakeTensorMode and make_fx (fake and symbolic) the ops give their output shapes: the
+    kernels are reached through the custom ops' fake implementations and the RoI value checks,
+    which need values, are skipped (the native kernels used to be called on data-less tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    for name, fn, args in _conv_and_roi_calls():
+        want = fn(*args).shape
+        with FakeTensorMode() as mode:
+            assert fn(*[mode.from_tensor(t) for t in args]).shape == want, name
+        for tracing_mode in ("fake", "symbolic"):
+            graph = make_fx(fn, tracing_mode=tracing_mode)(*args)
+            torch.testing.assert_close(graph(*args), fn(*args), msg=lambda m: f"{name} {tracing_mode}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_replays_the_call(cpu_backend):
+    """torch.jit.trace records the call (the native kernels as their custom op) and replays it."""
+    for name, fn, args in _conv_and_roi_calls():
+        traced = torch.jit.trace(fn, tuple(args), check_trace=False)
+        torch.testing.assert_close(traced(*args), fn(*args), msg=lambda m: f"{name}: {m}")
+
+
+def test_torch_func_transforms_run_the_reference(cpu_backend):
+    """torch.func.vmap and torch.func.grad work (inside a transform the reference runs, whatever
+    the backend) and equal the batched call and autograd's gradient."""
+    from dcnbench.ops import backend_for
+
+    _, conv, (x, offset, weight, bias, mask) = _conv_and_roi_calls()[0]
+    per_sample = torch.func.vmap(lambda i, o, m: conv(i[None], o[None], weight, bias, m[None])[0])(x, offset, mask)
+    torch.testing.assert_close(per_sample, conv(x, offset, weight, bias, mask))
+    seen = []
+    grad_offset = torch.func.grad(lambda o: (seen.append(backend_for(o)), conv(x, o, weight, bias, mask).sum())[1])(
+        offset)
+    assert seen == ["reference"]
+    leaf = offset.clone().requires_grad_()
+    conv(x, leaf, weight, bias, mask).sum().backward()
+    torch.testing.assert_close(grad_offset, leaf.grad)
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_forward_in_inference_mode_with_worker_threads(batch):
     """Workers write into the caller's output tensors; inference mode must reach them (it did not)."""

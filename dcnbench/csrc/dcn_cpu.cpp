@@ -244,8 +244,8 @@ void sample_rows(const ConvShape& s, const std::vector<std::vector<Segment>>& se
         sp.ok = dcn::conv_corners<T>(y, x, H, W, sp.c);
         for (const Segment& seg : segs[og]) {
           T* __restrict dst = row + col_pos(s, seg, k);
-          if (!sp.ok || !sp.c.has_value) {
-            std::fill(dst, dst + seg.len, T(0));
+          if (!sp.ok || !sp.c.has_value) {  // value 0, times the mask (NaN * 0 is NaN, as torchvision's)
+            std::fill(dst, dst + seg.len, sp.mask * T(0));
             continue;
           }
           const T m = sp.mask;

@@ -228,6 +228,23 @@ def check_pool_settings(output_size: tuple[int, int], spatial_scale: float, samp
         raise ValueError(f"gamma must be finite, got {gamma}")
 
 
+def has_values(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s values can be read (for value checks): not on the meta device and not a
+    fake tensor (``FakeTensorMode``, ``make_fx``), which carry shapes only. Under ``torch.compile``
+    the checks stay (they run in eager code between the compiled graphs)."""
+    if torch.compiler.is_compiling():
+        return True
+    if tensor.device.type == "meta":
+        return False
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None and not _is_fake(tensor)
+
+
+def _is_fake(tensor: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
+
+
 def check_roi_pool(
     input: Tensor,
     rois: Tensor,
@@ -254,7 +271,7 @@ def check_roi_pool(
     else:
         out_c = c
     k = rois.shape[0]
-    if k > 0 and rois.device.type != "meta":  # meta tensors carry shapes only: nothing to check
+    if k > 0 and has_values(rois):
         idx = rois[:, 0]
         bad_index = (idx < 0) | (idx >= input.shape[0]) | (idx != idx.floor())
         bad_box = ~torch.isfinite(rois[:, 1:]).all(dim=1)

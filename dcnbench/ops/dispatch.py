@@ -66,7 +66,11 @@ def _forced() -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force backend ``name`` (or automatic choice with None) for calls in this thread."""
+    """Force backend ``name`` (or automatic choice with None) for calls in this thread.
+
+    ``torch.compile`` fixes the backend when it compiles a graph: an already compiled function keeps
+    it under a later ``use_backend`` (``torch.compiler.reset()`` recompiles). Inside a ``torch.func``
+    transform the reference runs whatever is forced."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     previous = getattr(_local, "forced", None)
@@ -84,7 +88,10 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def backend_for(tensor: Tensor) -> str:
-    """The backend a call on ``tensor`` runs on now."""
+    """The backend a call on ``tensor`` runs on now: the reference inside a ``torch.func``
+    transform (vmap, grad, jacrev: they need PyTorch's own ops), else the device's choice."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None:
+        return "reference"
     return _backend_for_device(tensor.device.type)
 
 
@@ -331,11 +338,18 @@ def records_graph(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def through_custom_op() -> bool:
+    """Whether calls must go through the registered custom ops (their fake kernels, autograd
+    formulas and dispatcher entry) rather than call the kernels: under ``torch.compile``,
+    ``torch.jit.trace`` or a dispatch mode (``FakeTensorMode``, ``make_fx``, logging modes)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
+
+
 def deform_conv2d_kernels(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
                           stride: list[int], padding: list[int], dilation: list[int], backend: str) -> Tensor:
     """Deformable convolution on kernel backend ``backend`` (contiguous tensors), with autograd."""
     args = (input, offset, weight, bias, mask, stride, padding, dilation, backend)
-    if torch.compiler.is_compiling():
+    if through_custom_op():
         return deform_conv2d_op(*args)
     if not records_graph(input, offset, weight, bias, mask):
         return _deform_conv2d_forward_kernels(*args)
@@ -347,7 +361,7 @@ def deform_roi_pool_kernels(input: Tensor, rois: Tensor, offset: Tensor | None, 
                             backend: str) -> Tensor:
     """Deformable (PS) RoI pooling on kernel backend ``backend`` (contiguous tensors), with autograd."""
     args = (input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive, backend)
-    if torch.compiler.is_compiling():
+    if through_custom_op():
         return deform_roi_pool_op(*args)
     if not records_graph(input, offset):
         return _roi_pool_forward_kernels(*args)

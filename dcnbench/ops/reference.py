@@ -56,9 +56,15 @@ def bilinear_zero_padded(feature: Tensor, y: Tensor, x: Tensor) -> Tensor:
 class _ZeroValueKeepGradient(torch.autograd.Function):
     """Zeros in the forward pass; the incoming gradient passes through unchanged."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, t: Tensor) -> Tensor:
+    def forward(t: Tensor) -> Tensor:
         return torch.zeros_like(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
