@@ -137,6 +137,31 @@ def test_duplicates_difficult_and_missing_classes():
     assert ev.compute()["mAP@0.5"] == pytest.approx(0.5)
 
 
+def test_crowd_regions_follow_cocoeval_in_voc_style_ap():
+    """VOC-style AP treats COCO crowd boxes as COCOeval does: a detection inside a crowd region
+    (intersection over the detection's area >= threshold) counts neither way, and a crowd box
+    never takes a detection from an ordinary box it overlaps a little less (both cases scored
+    0.5 and 0.0 when crowd boxes were matched by IoU like difficult ones)."""
+    crowd = torch.tensor([False, True])
+    cases = [
+        # a hit, and a higher-scored detection inside the crowd region (IoU with it only 0.005)
+        ([[10, 10, 50, 50], [100, 100, 110, 110]], [0.5, 0.9], [[10, 10, 50, 50], [60, 60, 200, 200]]),
+        # a detection with IoU 0.907 with its object and 0.911 with a crowd box around it
+        ([[0, 0, 105, 105]], [0.9], [[0, 0, 100, 100], [0, 0, 110, 110]]),
+    ]
+    for det_boxes, scores, gt_boxes in cases:
+        ev = DetectionEvaluator(1)
+        ev.update([_pred(det_boxes, scores, [1] * len(scores))], [_gt(gt_boxes, [1, 1], iscrowd=crowd)])
+        out = ev.compute()
+        assert out["mAP@0.5"] == pytest.approx(1.0)
+        assert out["coco_mAP@0.5"] == pytest.approx(1.0)
+    # Outside every crowd region a detection that matches nothing stays a false positive.
+    ev = DetectionEvaluator(1, coco=False)
+    ev.update([_pred([[300, 300, 310, 310], [10, 10, 50, 50]], [0.9, 0.5], [1, 1])],
+              [_gt([[10, 10, 50, 50], [60, 60, 200, 200]], [1, 1], iscrowd=crowd)])
+    assert ev.compute()["mAP@0.5"] == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("width,shift,threshold", [(30.0, 10.0, 0.5), (34.0, 6.0, 0.7)])
 def test_shifted_box_drops_exactly_at_the_iou_threshold(width, shift, threshold):
     # IoU of a box shifted by d along its width w: (w - d) / (w + d): exactly 0.5 at 30/10, 0.7 at 34/6.

@@ -9,7 +9,9 @@ Conventions: boxes are continuous xyxy pixel coordinates (pixel i spans [i, i+1)
 "+1" term; IoU is computed in float64 and a match needs ``IoU >= threshold`` (as the VOC devkit
 and COCOeval do).  VOC-style AP follows the VOC devkit: detections sorted by score, each matched
 to the ground truth box of highest IoU, a second hit on a matched box is a false positive, hits on
-difficult (or crowd) boxes count neither way; AP is the area under the monotone precision/recall
+difficult boxes count neither way; crowd boxes (COCO) are left out of that matching and, as in
+COCOeval, a detection that matched nothing else but lies in a crowd region (its intersection with
+the crowd box covers ``threshold`` of the detection's area) counts neither way; AP is the area under the monotone precision/recall
 curve (``use_07_metric=True``: the 11-point VOC 2007 variant).  Classes without ground truth are
 left out of the mean.  For COCOeval, difficult boxes are passed as crowd (ignore) regions, the
 IoU thresholds are rounded to two decimals (so 0.7 is exactly 0.7), and ``area`` is the target's
@@ -51,6 +53,18 @@ def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def box_coverage_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(A, B) fraction of each box of ``a`` that lies inside each box of ``b`` (COCO's IoU
+    with a crowd box: intersection over the detection's area), float64."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None]
+    return np.where(area_a > 0, inter / np.where(area_a > 0, area_a, 1.0), 0.0)
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
@@ -179,15 +193,15 @@ class DetectionEvaluator:
         """(C,) VOC-style AP per class (NaN where a class has no non-difficult ground truth)."""
         aps = np.full(self.num_classes, np.nan)
         for c in range(1, self.num_classes + 1):
-            gt_boxes, gt_ignore, matched = [], [], []
+            gt_boxes, gt_difficult, crowd_boxes, matched = [], [], [], []
             npos = 0
             for gt in self.gts:
-                sel = gt["labels"] == c
+                sel = (gt["labels"] == c) & ~gt["iscrowd"]
                 gt_boxes.append(gt["boxes"][sel])
-                ign = gt["difficult"][sel] | gt["iscrowd"][sel]
-                gt_ignore.append(ign)
+                gt_difficult.append(gt["difficult"][sel])
+                crowd_boxes.append(gt["boxes"][(gt["labels"] == c) & gt["iscrowd"]])
                 matched.append(np.zeros(int(sel.sum()), dtype=bool))
-                npos += int((~ign).sum())
+                npos += int((~gt["difficult"][sel]).sum())
             img_idx, scores, boxes = [], [], []
             for i, det in enumerate(self.dets):
                 sel = det["labels"] == c
@@ -204,21 +218,19 @@ class DetectionEvaluator:
             fp = np.zeros(len(order))
             for rank, d in enumerate(order):
                 i = img_idx[d]
-                if len(gt_boxes[i]) == 0:
-                    fp[rank] = 1
+                if len(gt_boxes[i]):
+                    ious = box_iou_np(boxes[d], gt_boxes[i])[0]
+                    j = int(np.argmax(ious))
+                    if ious[j] >= iou_threshold:
+                        if gt_difficult[i][j]:
+                            continue
+                        if not matched[i][j]:
+                            tp[rank] = 1
+                            matched[i][j] = True
+                            continue
+                if len(crowd_boxes[i]) and box_coverage_np(boxes[d], crowd_boxes[i]).max() >= iou_threshold:
                     continue
-                ious = box_iou_np(boxes[d], gt_boxes[i])[0]
-                j = int(np.argmax(ious))
-                if ious[j] >= iou_threshold:
-                    if gt_ignore[i][j]:
-                        continue
-                    if not matched[i][j]:
-                        tp[rank] = 1
-                        matched[i][j] = True
-                    else:
-                        fp[rank] = 1
-                else:
-                    fp[rank] = 1
+                fp[rank] = 1
             ctp, cfp = np.cumsum(tp), np.cumsum(fp)
             recall = ctp / npos
             precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
