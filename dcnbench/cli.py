@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 
 import click
 
@@ -13,6 +15,27 @@ from dcnbench.report.paper import RESULTS_DIR  # the checkout's results/, where 
 @click.version_option(package_name="dcnbench")
 def main() -> None:
     """Deformable ConvNets (Dai et al., 2017): fast deformable ops and the paper's ablations."""
+
+
+class OutputDir(click.Path):
+    """A folder the command writes into (created when it first writes): a usage error naming the
+    option, before anything runs, when it could not be created (a file in the way, no permission)."""
+
+    name = "directory"
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False)
+
+    def convert(self, value, param, ctx):
+        path = Path(super().convert(value, param, ctx))
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            self.fail(f"cannot create folder {str(path)!r}: {str(existing)!r} is a file", param, ctx)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            self.fail(f"cannot create folder {str(path)!r}: {str(existing)!r} is not writable", param, ctx)
+        return str(path)
 
 
 def _usage_error(exc: ValueError) -> click.BadParameter:
@@ -110,7 +133,7 @@ def bench() -> None:
 @click.option("--no-roi", is_flag=True, help="Skip the RoI pooling cases.")
 @click.option("--no-memory", is_flag=True, help="Skip the batch-64 peak-RSS case.")
 @click.option("--tf32", is_flag=True, help="CUDA: cuDNN and cuBLAS in TF32 (default: both in full float32).")
-@click.option("--out", type=click.Path(file_okay=False), default="results/bench", show_default=True)
+@click.option("--out", type=OutputDir(), default="results/bench", show_default=True)
 def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memory, tf32, out) -> None:
     """Time deform_conv2d and deformable (PS) RoI pooling against torchvision and F.conv2d / roi_align;
     writes <out>/ops_<device>.csv."""
@@ -138,7 +161,7 @@ def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memor
               help="smoke: minutes; cpu: the CPU-scale reproduction; paper: ResNet-101 on the real datasets.")
 @click.option("--seeds", type=click.IntRange(1), help="Seeds per cell (default: the tier's).")
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True, help="Cells run in parallel processes.")
-@click.option("--out", type=click.Path(file_okay=False), default=str(RESULTS_DIR / "ablate"), show_default=True,
+@click.option("--out", type=OutputDir(), default=str(RESULTS_DIR / "ablate"), show_default=True,
               help="Output folder: table<N>_<tier>.csv, logs/ and checkpoints/ go here.")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False), help="Root of the real datasets (paper tier).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="ImageNet ResNet-101 state dict (paper tier).")
@@ -147,11 +170,12 @@ def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memor
 def ablate(table, tasks, variants, tier, seeds, jobs, out, data_root, weights, nproc) -> None:
     """Rerun an ablation of the paper: one CSV row per finished run, resumable."""
     _require_checkout()
-    from dcnbench.runner.ablate import ablation_cells, run_ablation
+    from dcnbench.runner.ablate import ablation_cells, check_results_csv, run_ablation
     from dcnbench.errors import InvalidSetting
 
     try:  # before any run or launch
         cells = ablation_cells(table, tier, list(tasks), seeds, data_root, weights, variants=list(variants))
+        check_results_csv(out, table, tier)
     except InvalidSetting as exc:
         raise _usage_error(exc) from exc
     uneven = sorted({c.config["train"]["batch_size"] for c in cells if nproc and c.config["train"]["batch_size"] % nproc})
@@ -202,7 +226,7 @@ def data() -> None:
 @click.option("--num", type=click.IntRange(1), default=2000, show_default=True, help="Number of images.")
 @click.option("--size", type=click.IntRange(8), default=128, show_default=True, help="Image side in pixels.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Same seed, byte-identical files.")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
+@click.option("--out", type=OutputDir(), required=True,
               help="Output folder (only it is written): new, empty, or holding this same dataset (else refused).")
 @click.option("--classes", type=click.IntRange(1, 10), default=6, show_default=True, help="Number of shape classes.")
 @click.option("--min-size", type=click.FloatRange(0, min_open=True),
@@ -251,7 +275,7 @@ def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction,
               help="Only these Table 4 rows (repeatable; default all).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="ImageNet ResNet-101 state dict (optional).")
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's].")
-@click.option("--results-dir", type=click.Path(file_okay=False), default=str(RESULTS_DIR), show_default=True,
+@click.option("--results-dir", type=OutputDir(), default=str(RESULTS_DIR), show_default=True,
               help="Where table4_params.csv and table4_runtime_<device>[_scale<s>].csv go (rows there are resumed).")
 def runtime(params_only, device, scale, repeats, models, weights, threads, results_dir) -> None:
     """Table 4: parameter counts and plain vs deformable runtime of the paper's ResNet-101 networks."""
@@ -278,7 +302,7 @@ def runtime(params_only, device, scale, repeats, models, weights, threads, resul
                    "table4_params.csv beside it, default: the paper-size results/table4_runtime_<device>.csv].")
 @click.option("--figures", "with_figures", is_flag=True,
               help="Also plot the table: table<N>_<tier>.png and .pdf beside the markdown in --out.")
-@click.option("--out", type=click.Path(file_okay=False),
+@click.option("--out", type=OutputDir(),
               help="Where table<N>_<tier>.md goes [default: the checkout's results/tables; with --results, beside "
                    "that CSV, so that rendering another CSV never replaces the committed tables].")
 def table(number, tier, fmt, results, with_figures, out) -> None:
@@ -324,7 +348,7 @@ def table(number, tier, fmt, results, with_figures, out) -> None:
 @click.option("--results-dir", type=click.Path(exists=True, file_okay=False),
               help="An `ablate --out` folder: table<N>_<tier>.csv and checkpoints/ [default: the checkout's "
                    "results/ablate].")
-@click.option("--out", type=click.Path(file_okay=False), default=str(RESULTS_DIR / "figures"), show_default=True)
+@click.option("--out", type=OutputDir(), default=str(RESULTS_DIR / "figures"), show_default=True)
 def figures(tier, tables, checkpoint, roi_checkpoint, results_dir, out) -> None:
     """Figures 5 and 6 from trained checkpoints, and one plot per ablation table (PNG and PDF)."""
     _require_checkout()

@@ -92,3 +92,24 @@ def test_bench_ops_bad_options_are_usage_errors(tmp_path, monkeypatch, args, err
     result = CliRunner().invoke(main, ["bench", "ops", "--out", str(tmp_path / "out"), *args])
     assert result.exit_code == 2 and error in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_terminal_tables_put_roi_pooling_under_its_own_header(monkeypatch):
+    """The console shows RoI pooling in a table of its own (torchvision / native times and speed-ups),
+    not under the conv table's "conv2d / native" and "ratio" columns."""
+    from rich.console import Console
+
+    from dcnbench.bench.report import CONV_HEADER, ROI_HEADER, render_tables
+
+    monkeypatch.chdir(ROOT)
+    rows = read_rows(CPU_CSV)
+    conv, roi = render_tables(rows)
+    assert [c.header for c in conv.columns] == CONV_HEADER
+    assert [c.header for c in roi.columns] == ROI_HEADER
+    console = Console(file=open("/dev/null", "w"), width=200, record=True)
+    console.print(roi)
+    shown = console.export_text()
+    ps = next(r for r in rows if r["op"] == "deform_ps_roi_pool" and r["implementation"] == "dcnbench-native"
+              and r["pass"] == "forward")
+    assert f"{float(ps['speedup_vs_torchvision']):.2f}×" in shown
+    assert not any("roi" in str(cell) for column in conv.columns for cell in column.cells)

@@ -82,3 +82,63 @@ def test_identical_run_of_another_table_is_reused_not_rerun(tmp_path):
         assert row["miou"] == source["miou"] and row["date"] == source["date"]
         assert row["table"] == "3" and row["config_hash"] == by_variant[t3_variant].config_hash
     assert all(not t3_rows[v]["reused_from"] for v in ("atrous-4", "atrous-6", "atrous-8"))
+
+
+def test_two_sweeps_into_one_folder_write_each_run_once(tmp_path):
+    """A run another sweep into the same folder wrote meanwhile is not appended again (the file
+    stays one row per run, which the tables require)."""
+    from dcnbench.runner.results import append_row
+
+    row = {"table": 1, "tier": "smoke", "task": "deeplab", "variant": "none", "seed": 0, "mIoU": 0.5,
+           "config_hash": "abc", "device": "cpu"}
+    path = tmp_path / "table1_smoke.csv"
+    assert append_row(path, row)
+    assert not append_row(path, {**row, "mIoU": 0.6})  # the same run, finished by a second sweep
+    assert append_row(path, {**row, "seed": 1})
+    assert append_row(path, {**row, "device": "cpu x2"})  # another process count: another run
+    assert [(r["seed"], r["mIoU"], r["device"]) for r in read_rows(path)] == [
+        ("0", "0.5", "cpu"), ("1", "0.5", "cpu"), ("0", "0.5", "cpu x2")]
+
+
+def test_ablate_refuses_a_results_csv_of_another_table(tmp_path):
+    """ablate does not append Table 1 rows to a file holding Table 3 rows: a usage error naming --out."""
+    from dcnbench.runner.results import append_row
+
+    append_row(tmp_path / "table1_smoke.csv", {"table": 3, "tier": "smoke", "task": "deeplab", "variant": "d2",
+                                               "seed": 0, "config_hash": "x"})
+    result = CliRunner().invoke(main, ["ablate", "--table", "1", "--tier", "smoke", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--out" in result.output and "table 3, tier smoke, not of table 1, tier smoke" in result.output
+    assert len(read_rows(tmp_path / "table1_smoke.csv")) == 1
+
+
+def test_ablate_checks_data_root_and_weights_before_running(tmp_path):
+    """The paper tier without --data-root, and weights that do not fit the tier's backbone, are usage
+    errors naming the option before any run starts (each cell used to fail on its own)."""
+    import torch
+    import torchvision
+
+    result = CliRunner().invoke(main, ["ablate", "--table", "1", "--tier", "paper", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "--data-root" in result.output and "real datasets" in result.output
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    result = CliRunner().invoke(main, ["ablate", "--table", "1", "--tier", "smoke", "--task", "deeplab",
+                                       "--weights", str(weights), "--out", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "--weights" in result.output and "do not fit tier smoke" in result.output
+    assert not (tmp_path / "w" / "table1_smoke.csv").exists()
+
+
+def test_output_folder_that_cannot_be_created_is_a_usage_error(tmp_path):
+    """An --out below a file names the option (exit 2), for every command that writes a folder."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    bad = str(blocker / "sub")
+    for args in (["ablate", "--table", "1", "--tier", "smoke", "--out", bad],
+                 ["data", "synth", "--num", "2", "--size", "32", "--out", bad],
+                 ["runtime", "--params-only", "--results-dir", bad],
+                 ["bench", "ops", "--out", bad],
+                 ["figures", "--out", bad]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        option = "--results-dir" if "--results-dir" in args else "--out"
+        assert option in result.output and "cannot create folder" in result.output, result.output

@@ -443,7 +443,8 @@ def run_ops_benchmark(
                         })
                     save()
 
-    from .report import render_table
+    from .report import render_tables
 
-    console.print(render_table(rows))
+    for table in render_tables(rows):
+        console.print(table)
     return path

@@ -189,19 +189,26 @@ def render_markdown(rows: list[dict], csv_name: str = "results/bench/ops_cpu.csv
     return "\n".join(parts) + "\n"
 
 
-def render_table(rows: list[dict]):
-    """A rich table of the conv and RoI summaries (for the terminal)."""
+def render_tables(rows: list[dict]) -> list:
+    """Rich tables of the conv and (when measured) RoI summaries, for the terminal: each under its
+    own header, as in the markdown."""
     from rich.table import Table
 
-    table = Table(title="dcnbench ops benchmark (ms; ratio = native / baseline; speed-up = torchvision / native)")
-    for h in CONV_HEADER:
-        table.add_column(h)
-    for row in _conv_summary(rows):
-        table.add_row(*row)
-    for row in _roi_summary(rows):
-        table.add_row(row[0], row[1], "", "", "", row[4], row[5], "", "")
-        table.add_row("", "", row[2], row[3], "", "", "", "", "")
-    return table
+    def table(title: str, header: list[str], body: list[list[str]]) -> Table:
+        t = Table(title=title)
+        for h in header:
+            t.add_column(h)
+        for row in body:
+            t.add_row(*row)
+        return t
+
+    tables = [table("deform_conv2d (ms; ratio = native / F.conv2d; speed-up = torchvision / native)", CONV_HEADER,
+                    _conv_summary(rows))]
+    roi = _roi_summary(rows)
+    if roi:
+        tables.append(table("deformable (PS) RoI pooling (ms; speed-up = torchvision's roi_align / native)",
+                            ROI_HEADER, roi))
+    return tables
 
 
 def update_readme(readme: Path | str, csv_path: Path | str) -> None:

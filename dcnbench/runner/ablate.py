@@ -11,6 +11,7 @@ from dcnbench.errors import InvalidSetting
 
 from . import distributed as dist
 from .experiment import Cell, expand_cells, load_experiment
+from .results import read_rows
 from .sweep import run_sweep, summarize
 
 
@@ -18,18 +19,52 @@ def ablation_cells(table: int, tier: str, tasks: list[str] | None = None, seeds:
                    data_root: str | None = None, weights: str | None = None,
                    variants: list[str] | None = None) -> list[Cell]:
     """The table's cells at ``tier``; ``data_root`` goes into the config of every cell that reads a real
-    dataset (InvalidSetting when none does: it would be ignored), ``weights`` into every cell's."""
+    dataset (InvalidSetting when none does: it would be ignored, and when one needs it and there is
+    none), ``weights`` into every cell's (InvalidSetting unless they load into the cells' backbone),
+    all before any run starts."""
     cells = expand_cells(load_experiment(table), tier, tasks or None, seeds, variants or None)
     real = [c.config["data"].get("source", "synthetic") != "synthetic" for c in cells]
     if data_root and not any(real):
         raise InvalidSetting(f"tier {tier} trains on the synthetic benchmark, which --data-root does not change; "
                              "the paper tier reads the real datasets", "data_root")
+    if not data_root and any(r and not c.config["data"].get("root") for c, r in zip(cells, real)):
+        raise InvalidSetting(f"tier {tier} reads the real datasets (VOC, Cityscapes, COCO): give their root "
+                             "(README, Real datasets)", "data_root")
+    if weights:
+        _check_weights(cells, weights, tier)
     for cell, reads_root in zip(cells, real):
         if data_root and reads_root:
             cell.config["data"]["root"] = str(Path(data_root).resolve())
         if weights:
             cell.config["model"]["weights"] = str(Path(weights).resolve())
     return cells
+
+
+def check_results_csv(out: str, table: int, tier: str) -> None:
+    """InvalidSetting (naming --out) when ``<out>/table<N>_<tier>.csv`` holds a row of another table
+    or tier: the sweep would append to it, and the tables refuse such a file."""
+    path = Path(out) / f"table{table}_{tier}.csv"
+    for line, row in enumerate(read_rows(path), 2):
+        if (row.get("table"), row.get("tier")) != (str(table), tier):
+            raise InvalidSetting(f"{path} line {line} is a row of table {row.get('table')}, tier {row.get('tier')}, "
+                                 f"not of table {table}, tier {tier}: move that file or choose another folder", "out")
+
+
+def _check_weights(cells: list[Cell], weights: str, tier: str) -> None:
+    """InvalidSetting unless ``weights`` load into the backbone of the first cell's model (a tier's
+    cells share the backbone's depth and widths; offset convs are new layers either way)."""
+    from dcnbench.models.backbone import load_backbone_weights
+    from dcnbench.models.build import build_model
+
+    from .train import MODEL_TASK
+
+    cell = cells[0]
+    model_cfg = {k: v for k, v in cell.config["model"].items() if k != "weights"}
+    try:
+        load_backbone_weights(build_model({**model_cfg, "task": MODEL_TASK[cell.config["task"]], "num_classes": 2}),
+                              weights)
+    except (ValueError, TypeError) as exc:
+        raise InvalidSetting(f"the weights do not fit tier {tier}'s backbone: {exc}", "weights") from exc
 
 
 def run_ablation(table: int, tier: str, tasks: list[str], seeds: int | None, jobs: int, out: str,

@@ -109,15 +109,20 @@ def _folder_lock(folder: Path):
         os.close(fd)  # releases the lock
 
 
-def append_row(path: Path, row: dict) -> None:
+def append_row(path: Path, row: dict) -> bool:
     """Add ``row`` atomically: rewrite to ``<name>.tmp``, fsync, ``os.replace``, under a lock on the
-    folder (other processes appending to the same CSV wait, and their rows are kept).
+    folder (other processes appending to the same CSV wait, and their rows are kept). A row whose
+    run is already there (same :func:`run_key`: another sweep into the folder finished it first) is
+    not added again; returns whether the row was added.
 
     Columns are the union of the existing ones and the row's, key first, provenance last.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with _folder_lock(path.parent):
-        rows = read_rows(path) + [{k: _format(v) for k, v in row.items()}]
+        existing = read_rows(path)
+        if run_key(row) in {run_key(r) for r in existing}:
+            return False
+        rows = existing + [{k: _format(v) for k, v in row.items()}]
         metric_cols: list[str] = []
         for r in rows:
             metric_cols += [c for c in r if c not in KEY_COLUMNS + PROVENANCE_COLUMNS and c not in metric_cols]
@@ -131,6 +136,7 @@ def append_row(path: Path, row: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    return True
 
 
 def _format(value) -> str:
@@ -143,6 +149,11 @@ def processes(row: dict) -> int:
     """How many processes ran a row's run: N of a ``device`` such as ``cuda:0 x8``, else 1."""
     _, sep, count = (row.get("device") or "").rpartition(" x")
     return int(count) if sep and count.isdigit() else 1
+
+
+def run_key(row: dict) -> tuple[str, str, int, str, int]:
+    """(task, variant, seed, config_hash, process count): rows with the same key are the same run."""
+    return row["task"], row["variant"], int(row["seed"]), row["config_hash"], processes(row)
 
 
 def finished_keys(rows: list[dict]) -> set[tuple[str, str, int, str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 import traceback
@@ -116,10 +117,11 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
                         failed.append((cell.name, str(log_path)))
                         console.print(f"[red]failed[/red] {cell.name}: {type(exc).__name__}: {exc} (log: {log_path})")
                     else:
-                        append_row(csv_path, _row(cell, metrics))
                         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                           if isinstance(v, float) and k != "wall_s")
-                        progress.console.print(f"done {cell.name}: {shown} ({metrics['wall_s']:.0f} s)")
+                        kept = "" if append_row(csv_path, _row(cell, metrics)) else \
+                            "; another sweep into this folder wrote this run first, its row is kept"
+                        progress.console.print(f"done {cell.name}: {shown} ({metrics['wall_s']:.0f} s){kept}")
                     progress.advance(bar)
                 if broken:
                     pool.shutdown()
@@ -141,7 +143,11 @@ def worker_pool(jobs: int) -> ProcessPoolExecutor:
 
 
 def _exit_with_parent(parent: int) -> None:
-    """Worker initializer: a daemon thread that ends this process within a second of ``parent``'s end."""
+    """Worker initializer: a daemon thread that ends this process within a second of ``parent``'s end;
+    Ctrl-C (SIGINT to the whole process group) is left to the parent, which stops the workers (an
+    idle worker printed a KeyboardInterrupt traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
