@@ -103,7 +103,7 @@ def row_problems(rows: list[dict], table: int, tier: str) -> list[str]:
     one line each, empty when they can: key columns or ``config_hash`` missing, a line with more
     fields than the header, a row of another table or tier, a run twice (same task, variant, seed,
     config hash and process count), a metric that is not a number."""
-    from dcnbench.runner.results import KEY_COLUMNS, PROVENANCE_COLUMNS, processes
+    from dcnbench.runner.results import KEY_COLUMNS, PROVENANCE_COLUMNS, run_key
 
     required = KEY_COLUMNS + ["config_hash"]
     lacking = [c for c in required if rows and c not in rows[0]]
@@ -116,10 +116,10 @@ def row_problems(rows: list[dict], table: int, tier: str) -> list[str]:
             continue
         if r["table"] != str(table) or r["tier"] != tier:
             bad.append(f"line {i}: table/tier {r['table']}/{r['tier']}, expected {table}/{tier}")
-        run = (r["task"], r["variant"], r["seed"], r["config_hash"])
-        if (*run, processes(r)) in runs:
-            bad.append(f"line {i}: duplicate run {run}")
-        runs.add((*run, processes(r)))
+        run = run_key(r)
+        if run in runs:
+            bad.append(f"line {i}: duplicate run {run[:4]}")
+        runs.add(run)
         for m, text in r.items():
             if m not in KEY_COLUMNS and m not in PROVENANCE_COLUMNS and text not in (None, ""):
                 try:

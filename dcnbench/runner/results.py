@@ -151,9 +151,10 @@ def processes(row: dict) -> int:
     return int(count) if sep and count.isdigit() else 1
 
 
-def run_key(row: dict) -> tuple[str, str, int, str, int]:
-    """(task, variant, seed, config_hash, process count): rows with the same key are the same run."""
-    return row["task"], row["variant"], int(row["seed"]), row["config_hash"], processes(row)
+def run_key(row: dict) -> tuple[str, str, str, str, int]:
+    """(task, variant, seed as written, config_hash, process count): rows with the same key are the
+    same run."""
+    return row["task"], row["variant"], str(row["seed"]), row["config_hash"], processes(row)
 
 
 def finished_keys(rows: list[dict]) -> set[tuple[str, str, int, str]]:
