@@ -536,6 +536,22 @@ def test_gpu_inference_calls_equal_recorded_calls():
 
 @pytest.mark.cuda
 @needs_gpu
+def test_gpu_runs_a_program_exported_on_the_cpu():
+    """A program exported on the CPU runs on the GPU: its custom ops take the kernels of the
+    tensors' device (no backend is recorded in the graph)."""
+    _require_cuda_backend()
+    layer = DeformConv2d(4, 6, 3, padding=1, offset_groups=2, modulated=True).eval()
+    torch.nn.init.normal_(layer.offset_conv.weight, std=0.3)
+    x = torch.randn(2, 4, 9, 11)
+    with torch.no_grad():
+        program = torch.export.export(layer, (x,))
+        want = layer(x)
+        got = program.module().to("cuda")(x.cuda())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_gpu
 def test_gpu_layer_keeps_its_weight_in_standard_order():
     """On the GPU the layer's weight is stored in the CUDA kernels' order (no copy per call), and
     the layer computes what it computes on the CPU."""

@@ -382,11 +382,11 @@ def _compiled_matches_eager(model, x):
 
 
 class _TinyOp(_Tiny):
-    """Calls the native custom op directly (no Python dispatch in the traced code)."""
+    """Calls the custom op directly (no Python dispatch in the traced code)."""
 
     def forward(self, x):
         y = torch.ops.dcnbench.deform_conv2d(x, self.offset(x), self.weight, self.bias, torch.sigmoid(self.mask(x)),
-                                             [1, 1], [1, 1], [1, 1], "native")
+                                             [1, 1], [1, 1], [1, 1])
         return torch.relu(y).mean()
 
 
@@ -404,16 +404,16 @@ def test_opcheck_custom_ops():
     w = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     m = torch.rand(1, 9, 5, 6, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.dcnbench.deform_conv2d.default, (x, off, w, b, m, [1, 1], [1, 1], [1, 1], "native"))
+    torch.library.opcheck(torch.ops.dcnbench.deform_conv2d.default, (x, off, w, b, m, [1, 1], [1, 1], [1, 1]))
     torch.library.opcheck(torch.ops.dcnbench.deform_conv2d.default,
-                          (x, off, w, None, None, [1, 1], [1, 1], [1, 1], "native"))
+                          (x, off, w, None, None, [1, 1], [1, 1], [1, 1]))
     inp, rois, offset = roi_inputs(1, 2 * 4, 6, 7, 3, 2, 0.5, torch.float64, (2, 2))
     inp.requires_grad_()
     offset.requires_grad_()
     torch.library.opcheck(torch.ops.dcnbench.deform_roi_pool.default,
-                          (inp, rois, offset, [2, 2], 0.5, 2, 0.1, True, "native"))
+                          (inp, rois, offset, [2, 2], 0.5, 2, 0.1, True))
     torch.library.opcheck(torch.ops.dcnbench.deform_roi_pool.default,
-                          (inp, rois, None, [2, 2], 0.5, 2, 0.1, False, "native"))
+                          (inp, rois, None, [2, 2], 0.5, 2, 0.1, False))
 
 
 def _conv_and_roi_calls():
@@ -448,6 +448,38 @@ def test_jit_trace_replays_the_call(cpu_backend):
     for name, fn, args in _conv_and_roi_calls():
         traced = torch.jit.trace(fn, tuple(args), check_trace=False)
         torch.testing.assert_close(traced(*args), fn(*args), msg=lambda m: f"{name}: {m}")
+
+
+class _ConvThenPool(torch.nn.Module):
+    """A modulated deformable conv (two offset groups) feeding deformable PS RoI pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = DeformConv2d(3, 8, 3, padding=1, offset_groups=3, modulated=True)
+        torch.nn.init.normal_(self.conv.offset_conv.weight, std=0.3)
+
+    def forward(self, x, rois, offset):
+        return deform_ps_roi_pool(self.conv(x), rois, offset, output_size=2, spatial_scale=0.5, sampling_ratio=2)
+
+
+def test_torch_export_runs_reloaded_and_at_other_shapes(tmp_path):
+    """torch.export captures the ops as dcnbench's custom ops with no backend baked in (the kernels
+    follow the tensors' device when the program runs); the saved and reloaded program gives the
+    eager output, also at another batch and map size (dynamic shapes)."""
+    model = _ConvThenPool().eval()
+    x, rois, offset = torch.randn(2, 3, 10, 12), torch.tensor([[0, 1.0, 1, 15, 12], [1, 4, 2, 20, 18]]), None
+    offset = 0.1 * torch.randn(2, 2, 2, 2)
+    dims = {"x": {0: torch.export.Dim("n", min=1), 2: torch.export.Dim("h", min=4), 3: torch.export.Dim("w", min=4)},
+            "rois": None, "offset": None}
+    with use_backend("native"), torch.no_grad():
+        program = torch.export.export(model, (x, rois, offset), dynamic_shapes=dims)
+        code = program.graph_module.code
+        assert "dcnbench.deform_conv2d" in code and "dcnbench.deform_roi_pool" in code, code
+        assert "native" not in code, code
+        torch.export.save(program, tmp_path / "model.pt2")
+        reloaded = torch.export.load(tmp_path / "model.pt2").module()
+        for inputs in [(x, rois, offset), (torch.randn(3, 3, 9, 14), rois, offset)]:
+            torch.testing.assert_close(reloaded(*inputs), model(*inputs))
 
 
 def test_torch_func_transforms_run_the_reference(cpu_backend):

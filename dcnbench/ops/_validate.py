@@ -230,8 +230,10 @@ def check_pool_settings(output_size: tuple[int, int], spatial_scale: float, samp
 
 def has_values(tensor: Tensor) -> bool:
     """Whether ``tensor``'s values can be read (for value checks): not on the meta device and not a
-    fake tensor (``FakeTensorMode``, ``make_fx``), which carry shapes only. Under ``torch.compile``
-    the checks stay (they run in eager code between the compiled graphs)."""
+    fake tensor (``FakeTensorMode``, ``make_fx``, ``torch.export``), which carry shapes only. Under
+    ``torch.compile`` the checks stay (they run in eager code between the compiled graphs)."""
+    if torch.compiler.is_exporting():
+        return False
     if torch.compiler.is_compiling():
         return True
     if tensor.device.type == "meta":

@@ -27,12 +27,11 @@ def _roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, g
         return _roi_pool(input32, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
                          position_sensitive).to(input.dtype)
     spatial_scale, gamma, sampling_ratio = float(spatial_scale), float(gamma), int(sampling_ratio)
-    backend = backend_for(input)
-    if backend == "reference":
+    if backend_for(input) == "reference":
         return reference.roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive)
     return deform_roi_pool_kernels(
         input.contiguous(), rois.contiguous(), None if offset is None else offset.contiguous(),
-        list(output_size), spatial_scale, sampling_ratio, gamma, position_sensitive, backend,
+        list(output_size), spatial_scale, sampling_ratio, gamma, position_sensitive,
     )
 
 

@@ -8,7 +8,9 @@ Three backends compute the same operators:
 
 The kernel backends run inside the custom ops ``dcnbench::deform_conv2d`` and
 ``dcnbench::deform_roi_pool`` (and their ``_backward`` twins), which carry fake implementations and
-autograd formulas, so ``torch.compile(fullgraph=True)`` traces through them.
+autograd formulas, so ``torch.compile(fullgraph=True)`` traces through them. An op picks its kernels
+from its tensors' device when it runs (native on the CPU, cuda on CUDA), so a graph exported or
+traced on one device runs on the other.
 
 A call uses the first available of native (CPU) or cuda (CUDA), else the reference. Force one with
 ``use_backend("reference")`` (a context manager) or the environment variable ``DCNBENCH_BACKEND``;
@@ -37,6 +39,23 @@ _warned: set[str] = set()
 
 def _kernel_module(name: str) -> ModuleType:
     return _KERNEL_MODULES[name]
+
+
+_DEVICE_BACKENDS = {"cpu": "native", "cuda": "cuda"}
+
+
+def _kernel_backend(device: torch.device) -> str:
+    """The kernel backend of ``device``'s type: the custom ops run it (``use_backend`` and the
+    reference are chosen before a call reaches them)."""
+    name = _DEVICE_BACKENDS.get(device.type)
+    if name is None:
+        raise ValueError(f"dcnbench's kernels run on CPU and CUDA tensors, got a tensor on {device}; "
+                         "the pure-PyTorch reference runs anywhere: use_backend('reference')")
+    return name
+
+
+def _kernels_on(device: torch.device) -> ModuleType:
+    return _kernel_module(_kernel_backend(device))
 
 
 def backend_status(name: str) -> tuple[bool, str]:
@@ -98,7 +117,7 @@ def backend_for(tensor: Tensor) -> str:
 @torch.compiler.assume_constant_result
 def _backend_for_device(device_type: str) -> str:
     """The choice is made once per compiled graph (a constant to torch.compile, not traced)."""
-    device_backend = {"cpu": "native", "cuda": "cuda"}.get(device_type)
+    device_backend = _DEVICE_BACKENDS.get(device_type)
     forced = _forced()
     if forced is not None:
         if forced != "reference" and forced != device_backend:
@@ -158,42 +177,41 @@ def _conv_out_size(input: Tensor, weight: Tensor, stride, padding, dilation) -> 
 @torch.library.custom_op("dcnbench::deform_conv2d", mutates_args=())
 def deform_conv2d_op(
     input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
-    stride: list[int], padding: list[int], dilation: list[int], backend: str,
+    stride: list[int], padding: list[int], dilation: list[int],
 ) -> Tensor:
-    return _deform_conv2d_forward_kernels(input, offset, weight, bias, mask, stride, padding, dilation, backend)
+    return _deform_conv2d_forward_kernels(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
-def _deform_conv2d_forward_kernels(input, offset, weight, bias, mask, stride, padding, dilation, backend) -> Tensor:
-    return _kernel_module(backend).deform_conv2d_forward(input, offset, weight, bias, stride, padding, dilation, mask)
+def _deform_conv2d_forward_kernels(input, offset, weight, bias, mask, stride, padding, dilation) -> Tensor:
+    return _kernels_on(input.device).deform_conv2d_forward(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
 @deform_conv2d_op.register_fake
-def _(input, offset, weight, bias, mask, stride, padding, dilation, backend):
+def _(input, offset, weight, bias, mask, stride, padding, dilation):
     ho, wo = _conv_out_size(input, weight, stride, padding, dilation)
     return input.new_empty((input.shape[0], weight.shape[0], ho, wo))
 
 
-def _deform_conv2d_backward_kernels(grad_output, input, offset, weight, bias, mask, stride, padding, dilation,
-                                    backend):
+def _deform_conv2d_backward_kernels(grad_output, input, offset, weight, bias, mask, stride, padding, dilation):
     """Grads of (input, offset, weight, bias or None, mask or None)."""
-    return _kernel_module(backend).deform_conv2d_backward(grad_output, input, offset, weight, bias, stride, padding,
-                                                          dilation, mask)
+    return _kernels_on(input.device).deform_conv2d_backward(grad_output, input, offset, weight, bias, stride, padding,
+                                                            dilation, mask)
 
 
 @torch.library.custom_op("dcnbench::deform_conv2d_backward", mutates_args=())
 def deform_conv2d_backward_op(
     grad_output: Tensor, input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
-    stride: list[int], padding: list[int], dilation: list[int], backend: str,
+    stride: list[int], padding: list[int], dilation: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns grads of (input, offset, weight, bias, mask); an absent bias/mask gets an empty tensor."""
     gi, go, gw, gb, gm = _deform_conv2d_backward_kernels(grad_output, input, offset, weight, bias, mask, stride,
-                                                         padding, dilation, backend)
+                                                         padding, dilation)
     # Distinct empty tensors: custom-op outputs must not alias each other.
     return gi, go, gw, input.new_empty((0,)) if gb is None else gb, input.new_empty((0,)) if gm is None else gm
 
 
 @deform_conv2d_backward_op.register_fake
-def _(grad_output, input, offset, weight, bias, mask, stride, padding, dilation, backend):
+def _(grad_output, input, offset, weight, bias, mask, stride, padding, dilation):
     # Every backend returns the weight gradient in standard order, whatever the weight's order.
     return (torch.empty_like(input), torch.empty_like(offset), weight.new_empty(weight.shape),
             input.new_empty((0,)) if bias is None else torch.empty_like(bias),
@@ -201,16 +219,16 @@ def _(grad_output, input, offset, weight, bias, mask, stride, padding, dilation,
 
 
 def _deform_conv2d_setup(ctx, inputs, output):
-    input, offset, weight, bias, mask, stride, padding, dilation, backend = inputs
+    input, offset, weight, bias, mask, stride, padding, dilation = inputs
     ctx.save_for_backward(input, offset, weight, bias, mask)
-    ctx.args = (stride, padding, dilation, backend)
+    ctx.args = (stride, padding, dilation)
 
 
 def _deform_conv2d_backward_with(backward_kernels):
     def backward(ctx, grad_output):
         input, offset, weight, bias, mask = ctx.saved_tensors
         gi, go, gw, gb, gm = backward_kernels(grad_output.contiguous(), input, offset, weight, bias, mask, *ctx.args)
-        return gi, go, gw, gb if bias is not None else None, gm if mask is not None else None, None, None, None, None
+        return gi, go, gw, gb if bias is not None else None, gm if mask is not None else None, None, None, None
     return backward
 
 
@@ -221,29 +239,29 @@ deform_conv2d_op.register_autograd(_deform_conv2d_backward_with(deform_conv2d_ba
 @torch.library.custom_op("dcnbench::deform_roi_pool", mutates_args=())
 def deform_roi_pool_op(
     input: Tensor, rois: Tensor, offset: Tensor | None, output_size: list[int], spatial_scale: float,
-    sampling_ratio: int, gamma: float, position_sensitive: bool, backend: str,
+    sampling_ratio: int, gamma: float, position_sensitive: bool,
 ) -> Tensor:
     return _roi_pool_forward_kernels(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
-                                     position_sensitive, backend)
+                                     position_sensitive)
 
 
 def _roi_pool_forward_kernels(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
-                              position_sensitive, backend) -> Tensor:
-    return _kernel_module(backend).roi_pool_forward(
+                              position_sensitive) -> Tensor:
+    return _kernels_on(input.device).roi_pool_forward(
         input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive
     )
 
 
 @deform_roi_pool_op.register_fake
-def _(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive, backend):
+def _(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive):
     c = input.shape[1] // (output_size[0] * output_size[1]) if position_sensitive else input.shape[1]
     return input.new_empty((rois.shape[0], c, output_size[0], output_size[1]))
 
 
 def _roi_pool_backward_kernels(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
-                               position_sensitive, backend):
+                               position_sensitive):
     """Grads of (input, offset or None)."""
-    return _kernel_module(backend).roi_pool_backward(
+    return _kernels_on(input.device).roi_pool_backward(
         grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive
     )
 
@@ -251,16 +269,16 @@ def _roi_pool_backward_kernels(grad_output, input, rois, offset, output_size, sp
 @torch.library.custom_op("dcnbench::deform_roi_pool_backward", mutates_args=())
 def deform_roi_pool_backward_op(
     grad_output: Tensor, input: Tensor, rois: Tensor, offset: Tensor | None, output_size: list[int],
-    spatial_scale: float, sampling_ratio: int, gamma: float, position_sensitive: bool, backend: str,
+    spatial_scale: float, sampling_ratio: int, gamma: float, position_sensitive: bool,
 ) -> tuple[Tensor, Tensor]:
     """Returns grads of (input, offset); without offset the second is an empty tensor."""
     gi, go = _roi_pool_backward_kernels(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio,
-                                        gamma, position_sensitive, backend)
+                                        gamma, position_sensitive)
     return gi, input.new_empty((0,)) if go is None else go
 
 
 @deform_roi_pool_backward_op.register_fake
-def _(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive, backend):
+def _(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive):
     return torch.empty_like(input), input.new_empty((0,)) if offset is None else torch.empty_like(offset)
 
 
@@ -274,7 +292,7 @@ def _roi_pool_backward_with(backward_kernels):
     def backward(ctx, grad_output):
         input, rois, offset = ctx.saved_tensors
         gi, go = backward_kernels(grad_output.contiguous(), input, rois, offset, *ctx.args)
-        return gi, None, go if offset is not None else None, None, None, None, None, None, None
+        return gi, None, go if offset is not None else None, None, None, None, None, None
     return backward
 
 
@@ -315,7 +333,7 @@ def _eager_function(name: str, op_name, forward_kernels, setup_context, backward
             grads = backward(ctx, grad_output)
         if not torch.is_grad_enabled():
             return grads
-        call = f"dcnbench.ops.{op_name(ctx)} on the {ctx.args[-1]} backend"
+        call = f"dcnbench.ops.{op_name(ctx)} on the {_kernel_backend(ctx.saved_tensors[0].device)} backend"
         return _NoDoubleBackward.apply(call, grads, grad_output, *ctx.saved_tensors)
 
     return type(name, (torch.autograd.Function,), {
@@ -346,9 +364,9 @@ def through_custom_op() -> bool:
 
 
 def deform_conv2d_kernels(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
-                          stride: list[int], padding: list[int], dilation: list[int], backend: str) -> Tensor:
-    """Deformable convolution on kernel backend ``backend`` (contiguous tensors), with autograd."""
-    args = (input, offset, weight, bias, mask, stride, padding, dilation, backend)
+                          stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    """Deformable convolution on the kernels of the tensors' device (contiguous tensors), with autograd."""
+    args = (input, offset, weight, bias, mask, stride, padding, dilation)
     if through_custom_op():
         return deform_conv2d_op(*args)
     if not records_graph(input, offset, weight, bias, mask):
@@ -357,10 +375,10 @@ def deform_conv2d_kernels(input: Tensor, offset: Tensor, weight: Tensor, bias: T
 
 
 def deform_roi_pool_kernels(input: Tensor, rois: Tensor, offset: Tensor | None, output_size: list[int],
-                            spatial_scale: float, sampling_ratio: int, gamma: float, position_sensitive: bool,
-                            backend: str) -> Tensor:
-    """Deformable (PS) RoI pooling on kernel backend ``backend`` (contiguous tensors), with autograd."""
-    args = (input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive, backend)
+                            spatial_scale: float, sampling_ratio: int, gamma: float,
+                            position_sensitive: bool) -> Tensor:
+    """Deformable (PS) RoI pooling on the kernels of the tensors' device (contiguous tensors), with autograd."""
+    args = (input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive)
     if through_custom_op():
         return deform_roi_pool_op(*args)
     if not records_graph(input, offset):
