@@ -398,6 +398,42 @@ def test_emulated_mixed_dtypes_follow_the_input(emulated):
     torch.testing.assert_close(out, reference.roi_pool(xr, rois, offset, size, scale, s, gamma, True), **_tol(torch.float32))
 
 
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of the largest storage any op's output holds (a broadcast view's
+    is its source's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_emulated_temporaries_are_bounded_by_the_columns(emulated, groups):
+    """A wide layer on a small map (7x7, 64 images, 256 -> 256 channels): no op of the forward or
+    backward makes a tensor larger than the chunk's column buffer (the GEMMs used to broadcast the
+    weight to one copy per image, and the weight gradient to one product per image: 4x the columns)."""
+    n, c, o = 64, 256, 256
+    x, w = torch.randn(n, c, 7, 7), torch.randn(o, c // groups, 3, 3)
+    off, geometry = 0.5 * torch.randn(n, 18, 7, 7), ((1, 1), (1, 1), (1, 1))
+    columns = n * c * 9 * 49
+    with _LargestTensor() as forward:
+        out = cuda._deform_conv2d_forward(emulated, x, off, w, None, *geometry, None)
+    grad = torch.randn_like(out)
+    with _LargestTensor() as backward:
+        grad_weight = cuda._deform_conv2d_backward(emulated, grad, x, off, w, None, *geometry, None)[2]
+    assert forward.largest <= columns and backward.largest <= columns, (forward.largest, backward.largest, columns)
+    want = _reference_conv_grads(x, off, w, None, *geometry, None, grad)
+    torch.testing.assert_close(out, want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_weight, want[1][2], rtol=1e-3, atol=1e-3)
+
+
 def test_emulated_empty_batch(emulated):
     """An empty batch gives an empty output of the layer's shape."""
     x, off, w, b, stride, padding, dilation, m = _conv_case(torch.float32, n=0)

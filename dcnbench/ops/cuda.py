@@ -311,13 +311,29 @@ def _deform_conv2d_forward(launch: Launch, input, offset, weight, bias, stride, 
     w_mat = weight.reshape(g["groups"], g["out_c"] // g["groups"], g["c_per_group"] * g["taps"])
     for b0, b1 in _chunks(g["n"], g["c"] * g["taps"] * length):
         columns = _im2col(launch, g, input[b0:b1], offset[b0:b1], None if mask is None else mask[b0:b1])
-        # One GEMM call per chunk of images (~100 us of host time on an H100's host; a torch.bmm
-        # per image and a 1x1 cuDNN convolution were tried: results/bench/cuda_notes.md).
+        # One GEMM call per chunk of images and weight group: a group's (O/groups, K) weight
+        # broadcasts over the images without a copy (a torch.bmm per image and a 1x1 cuDNN
+        # convolution were tried: results/bench/cuda_notes.md).
         chunk_out = out[b0:b1].view(b1 - b0, g["groups"], g["out_c"] // g["groups"], length)
-        torch.matmul(w_mat, columns, out=chunk_out)
+        for group in range(g["groups"]):
+            torch.matmul(w_mat[group:group + 1], columns[:, group], out=chunk_out[:, group])
     if bias is not None:
         out += bias.reshape(1, -1, 1, 1)
     return out
+
+
+def _add_weight_grad(grad_weight: Tensor, grad_out: Tensor, columns: Tensor) -> None:
+    """grad_weight (groups, O/groups, K) += the sum over images of grad_out (B, groups, O/groups, L)
+    times columns (B, groups, K, L) transposed: per weight group, the images' products in runs
+    whose (images, O/groups, K) temporary is no larger than a group's columns (one image at least),
+    so a small map with a wide layer does not need a copy of the weight per image."""
+    batch, groups, out_per_group, length = grad_out.shape
+    step = max(1, batch * length // out_per_group)
+    for group in range(groups):
+        for start in range(0, batch, step):
+            products = torch.matmul(grad_out[start:start + step, group],
+                                    columns[start:start + step, group].transpose(-1, -2))
+            grad_weight[group] += products.sum(0, dtype=grad_weight.dtype)
 
 
 def _col2im_deterministic(launch: Launch, g: dict, grad_columns: Tensor, offset: Tensor, mask: Tensor | None,
@@ -356,7 +372,9 @@ def _deform_conv2d_backward(launch: Launch, grad_out, input, offset, weight, bia
         x, off = input[b0:b1], offset[b0:b1]
         m = None if mask is None else mask[b0:b1]
         go = grad_out[b0:b1].reshape(batch, groups, g["out_c"] // groups, length)
-        grad_columns = torch.matmul(w_t, go).contiguous()  # (B, groups, C/groups * taps, L)
+        grad_columns = input.new_empty((batch, groups, g["c_per_group"] * g["taps"], length))
+        for group in range(groups):
+            torch.matmul(w_t[group:group + 1], go[:, group], out=grad_columns[:, group])
         dims = _conv_dims(g, batch)
         if deterministic:
             _col2im_deterministic(launch, g, grad_columns, off, m, grad_input[b0:b1])
@@ -366,7 +384,7 @@ def _deform_conv2d_backward(launch: Launch, grad_out, input, offset, weight, bia
         launch("dcn_col2im_coord", dtype, batch * g["offset_groups"] * g["taps"] * length,
                [grad_columns, x, off, m, grad_offset[b0:b1], None if m is None else grad_mask[b0:b1], *dims])
         columns = _im2col(launch, g, x, off, m)
-        grad_weight += torch.matmul(go, columns.transpose(-1, -2)).sum(0, dtype=acc)
+        _add_weight_grad(grad_weight, go, columns)
     grad_bias = None if bias is None else grad_out.sum((0, 2, 3), dtype=acc).to(dtype)
     return (grad_input.to(dtype), grad_offset.to(dtype), grad_weight.reshape(weight.shape).to(dtype), grad_bias,
             None if grad_mask is None else grad_mask.to(dtype))
