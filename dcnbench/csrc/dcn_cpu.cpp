@@ -547,9 +547,9 @@ void conv_backward_tiles(const ConvShape& s, const std::vector<std::vector<Segme
           for (int64_t k = 0; k < s.taps; ++k) {
             const Sample<T>& sp = smp[(r * s.G + og) * s.taps + k];
             const int64_t ch = og * s.taps + k;
-            if (!sp.ok) {
-              goff_n[(2 * ch) * s.L + l] = T(0);
-              goff_n[(2 * ch + 1) * s.L + l] = T(0);
+            if (!sp.ok) {  // no corner read: 0 times the mask (NaN for a NaN or inf mask, as torchvision's)
+              goff_n[(2 * ch) * s.L + l] = sp.mask * T(0);
+              goff_n[(2 * ch + 1) * s.L + l] = sp.mask * T(0);
               if (gmask_n) gmask_n[ch * s.L + l] = T(0);
               continue;
             }

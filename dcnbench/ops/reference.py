@@ -32,10 +32,11 @@ def bilinear_zero_padded(feature: Tensor, y: Tensor, x: Tensor) -> Tensor:
     b, c, h, w = feature.shape
     flat = feature.reshape(b, c, h * w)
     # Points with no corner on the map (and NaN / inf ones) move to (-2, -2): every corner off the
-    # map, so value and derivatives are exactly 0, and no NaN reaches the corner indices.
+    # map, so value and derivatives are exactly 0, and no NaN reaches the corner indices. Their
+    # gradient is the incoming one times 0, as the kernels' (a NaN or inf mask makes it NaN).
     inside = (y >= -1) & (y < h) & (x >= -1) & (x < w)
-    y = torch.where(inside, y, -2.0)
-    x = torch.where(inside, x, -2.0)
+    y = torch.where(inside, y, 0 * y.nan_to_num(0.0, 0.0, 0.0) - 2)
+    x = torch.where(inside, x, 0 * x.nan_to_num(0.0, 0.0, 0.0) - 2)
     y0 = y.detach().floor()
     x0 = x.detach().floor()
     ly = (y - y0).unsqueeze(1)
