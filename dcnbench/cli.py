@@ -371,8 +371,10 @@ def figures(tier, tables, checkpoint, roi_checkpoint, results_dir, out) -> None:
         if ckpt is None:
             click.echo(f"{kind}: no checkpoint found (run `dcnbench ablate` first or pass one)")
             continue
+        # Named after the tier, or after the checkpoint given: a smoke run never replaces the cpu tier's.
+        stem = f"{kind}_{Path(given).stem if given else tier}"
         try:
-            click.echo(f"{kind}: " + ", ".join(map(str, make(ckpt, out_dir))))
+            click.echo(f"{kind}: " + ", ".join(map(str, make(ckpt, out_dir, stem=stem))))
         except (ValueError, FileNotFoundError) as exc:  # unreadable, or not a model the figure can show
             if given:
                 raise click.BadParameter(str(exc), param_hint=option) from exc

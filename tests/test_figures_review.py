@@ -130,3 +130,20 @@ def test_grid_stride_of_maps_of_few_cells():
     assert _grid_stride((33, 20), (3, 2)).tolist() == [1 / 16, 1 / 16]
     assert _grid_stride((7, 8), (100, 128)).tolist() == [16.0, 16.0]
     assert _grid_stride((38, 50), (38, 50)).tolist() == [1.0, 1.0]
+
+
+def test_figure_files_are_named_after_the_tier_or_the_checkpoint_given(tmp_path):
+    """Figure 5 of a smoke-tier checkpoint is figure5_smoke (the committed cpu tier's figure5_cpu is
+    never replaced by a smoke run); a checkpoint given by path names its figure."""
+    results, out = tmp_path / "results", tmp_path / "fig"
+    (cell,) = ablation_cells(1, "smoke", ["deeplab"], variants=["res5a-c"])
+    model = build_model({**cell.config["model"], "task": "deeplab", "num_classes": cell.config["data"]["classes"]})
+    checkpoint = results / "checkpoints" / "table1_smoke" / "deeplab__res5a-c__seed0.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.with_suffix(".json").write_text(json.dumps(cell.config))
+    torch.save(model.state_dict(), checkpoint)
+    base = ["figures", "--tier", "smoke", "--table", "1", "--results-dir", str(results), "--out", str(out)]
+    for extra, name in [([], "figure5_smoke"), (["--checkpoint", str(checkpoint)], "figure5_deeplab__res5a-c__seed0")]:
+        result = CliRunner().invoke(main, base + extra)
+        assert result.exit_code == 0, result.output
+        assert (out / f"{name}.png").is_file() and (out / f"{name}.pdf").is_file(), sorted(out.iterdir())

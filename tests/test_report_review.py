@@ -123,6 +123,26 @@ def test_gate_fails_when_a_committed_cell_has_only_stale_runs(tmp_path):
     assert "1 cell(s) all stale" in report.text() and "deeplab/res5c" in report.text()
 
 
+def test_gate_fails_on_a_committed_table_not_rendered_from_the_committed_csv(tmp_path):
+    """tables/table1_cpu.md must be what `dcnbench table 1` renders now: current passes, an older
+    rendering (a CSV rerun without re-rendering) fails and says how to fix it."""
+    from dcnbench.report.tables import to_markdown
+
+    _write_results(tmp_path / "ablate" / "table1_cpu.csv", 1, "cpu", T1)
+    markdown = tmp_path / "tables" / "table1_cpu.md"
+    markdown.parent.mkdir()
+    markdown.write_text(to_markdown(render_table(1, "cpu", tmp_path / "ablate" / "table1_cpu.csv")))
+    report = gate.check_markdown(tmp_path)
+    assert report.ok and "tables/table1_cpu.md is current" in report.passed
+    markdown.write_text(markdown.read_text().replace("0", "9"))  # other numbers
+    report = gate.check_markdown(tmp_path)
+    assert not report.ok and "re-render it: dcnbench table 1" in report.text()
+
+
+def test_committed_tables_are_rendered_from_the_committed_csvs():
+    assert gate.check_markdown().ok, gate.check_markdown().text()
+
+
 def test_committed_cpu_csvs_have_every_run_cell_current(tmp_path):
     """The committed cpu-tier CSVs pass the stricter gate (every cell with runs has current runs)."""
     root = tmp_path / "ablate"

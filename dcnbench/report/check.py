@@ -14,6 +14,7 @@ Two parts:
    every format, and have rows matching the current experiment configs; every finding in
    ``results/ablate/findings.toml`` on a present CSV must have a recorded verdict (holds / does
    not hold) that the CSV still gives. ``--record-findings`` evaluates and records the verdicts.
+   The committed ``results/tables/table<N>_cpu.md`` must be the current rendering of the CSVs.
 
 A finding compares two means over seeds: ``mean(a) - mean(b) > max(min_se * SE, min_diff)`` with
 ``SE = sqrt(s_a²/n_a + s_b²/n_b)``; ``a`` and ``b`` are variants (and ``metric_b`` optionally a
@@ -32,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .paper import RESULTS_DIR
-from .tables import FORMATS, Stat, diff_se, format_rendered, load_ours, render_table, results_csv, row_problems
+from .tables import (FORMATS, Stat, diff_se, format_rendered, load_ours, render_table, results_csv, row_problems,
+                     to_markdown)
 
 REFERENCE_DIR = RESULTS_DIR / "reference" / "smoke"
 FINDINGS_PATH = RESULTS_DIR / "ablate" / "findings.toml"
@@ -524,11 +526,35 @@ def check_table4(results_dir: Path | None = None) -> CheckReport:
     return report
 
 
+def check_markdown(root: Path | None = None) -> CheckReport:
+    """Each committed ``tables/table<N>_cpu.md`` is what ``dcnbench table N`` renders from the
+    committed CSVs now (a CSV rerun without re-rendering leaves it stale). ``root`` holds
+    ``ablate/`` (Tables 1-3), ``tables/`` and Table 4's CSVs [default: the checkout's results/]."""
+    root = root or RESULTS_DIR
+    report = CheckReport()
+    for table in (*CPU_TABLES, 4):
+        path = root / "tables" / f"table{table}_cpu.md"
+        if not path.is_file():
+            continue
+        try:
+            csv_path = None if table == 4 else results_csv(table, "cpu", root / "ablate")
+            rendered = to_markdown(render_table(table, "cpu", csv_path, results_dir=root))
+        except Exception:  # noqa: BLE001 -- a CSV that does not render is the CSV checks' problem
+            continue
+        if path.read_text() != rendered:
+            report.problems.append(Problem(f"tables/{path.name}", "the rendering of the committed CSVs", "stale",
+                                           f"re-render it: dcnbench table {table}"))
+        else:
+            report.passed.append(f"tables/{path.name} is current")
+    return report
+
+
 def run_check(smoke: bool = True, tables=None, jobs: int | None = None, findings_path: Path | None = None,
               reference_dir: Path | None = None, results_root: Path | None = None) -> CheckReport:
     report = CheckReport()
     report.extend(check_cpu_csvs(root=results_root))
     report.extend(check_table4(results_root.parent if results_root else None))
+    report.extend(check_markdown(results_root.parent if results_root else None))
     report.extend(check_findings(findings_path, results_root))
     if smoke:
         report.extend(check_smoke(tables, jobs, reference_dir))

@@ -397,10 +397,11 @@ def _raw(val_set, index: int) -> dict:
     return val_set.sample(index)
 
 
-def figure5_from_checkpoint(path: Path, out_dir: Path | None = None, images: int = 24, layers: int = 3) -> list[Path]:
+def figure5_from_checkpoint(path: Path, out_dir: Path | None = None, images: int = 24, layers: int = 3,
+                            stem: str = "figure5") -> list[Path]:
     """Figure 5 for a trained model: its top ``layers`` deformable layers, units picked on the first
     ``images`` validation images: on the smallest and on the largest object a unit of the top layer
-    sits on, and on the background of the image with the most of it."""
+    sits on, and on the background of the image with the most of it. Written as ``<stem>.png/.pdf``."""
     model, config, val_set = load_checkpoint(path)
     n = min(images, len(val_set))
     samples = [_raw(val_set, i) for i in range(n)]
@@ -432,12 +433,13 @@ def figure5_from_checkpoint(path: Path, out_dir: Path | None = None, images: int
                        "label": f"{label} (val image {i})"})
         used = [lv.name for lv in levels]
     fig = plot_figure5(panels, f"{Path(path).stem}: sampling locations through {', '.join(used)}")
-    return save(fig, out_dir or FIGURES_DIR, "figure5")
+    return save(fig, out_dir or FIGURES_DIR, stem)
 
 
-def figure6_from_checkpoint(path: Path, out_dir: Path | None = None, images: int = 24, panels: int = 3) -> list[Path]:
+def figure6_from_checkpoint(path: Path, out_dir: Path | None = None, images: int = 24, panels: int = 3,
+                            stem: str = "figure6") -> list[Path]:
     """Figure 6 for a trained model with deformable RoI pooling: the ground-truth box of the largest
-    objects of the first validation images as RoIs."""
+    objects of the first validation images as RoIs. Written as ``<stem>.png/.pdf``."""
     model, config, val_set = load_checkpoint(path)
     n = min(images, len(val_set))
     candidates = []
@@ -459,7 +461,7 @@ def figure6_from_checkpoint(path: Path, out_dir: Path | None = None, images: int
     if not rois:
         raise ValueError("no validation image with an object")
     fig = plot_figure6(rois, f"{Path(path).stem}: deformable RoI pooling bins (red) for the RoI (yellow)")
-    return save(fig, out_dir or FIGURES_DIR, "figure6")
+    return save(fig, out_dir or FIGURES_DIR, stem)
 
 
 # ---------------------------------------------------------------------------------------------
