@@ -86,6 +86,12 @@ def test_table_names_what_is_wrong_with_a_malformed_csv(tmp_path):
     path.write_text("\n".join([lines[0], lines[1].replace("50.0", "n/a"), *lines[2:]]) + "\n")
     with pytest.raises(ValueError, match="'n/a' is not a number"):
         load_ours(1, "cpu", path)
+    path.write_text("\n".join([*lines, "1,cpu,deeplab"]) + "\n")  # a truncated last line
+    with pytest.raises(ValueError, match=f"line {len(lines) + 1}: .* field\\(s\\) fewer than the header"):
+        load_ours(1, "cpu", path)
+    path.write_text("hello world\n")  # a header and no rows
+    with pytest.raises(ValueError, match="it has no rows"):
+        load_ours(1, "cpu", path)
 
 
 def test_gate_reports_a_malformed_committed_csv_instead_of_crashing(tmp_path):

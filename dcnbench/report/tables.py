@@ -100,9 +100,9 @@ class Ours:
 
 def row_problems(rows: list[dict], table: int, tier: str) -> list[str]:
     """Why a results CSV's rows (``csv.DictReader`` dicts) cannot stand for ``table`` at ``tier``,
-    one line each, empty when they can: key columns or ``config_hash`` missing, a line with more
-    fields than the header, a row of another table or tier, a run twice (same task, variant, seed,
-    config hash and process count), a metric that is not a number."""
+    one line each, empty when they can: key columns or ``config_hash`` missing, a line with more or
+    fewer fields than the header, a row of another table or tier, a run twice (same task, variant,
+    seed, config hash and process count), a metric that is not a number."""
     from dcnbench.runner.results import KEY_COLUMNS, PROVENANCE_COLUMNS, run_key
 
     required = KEY_COLUMNS + ["config_hash"]
@@ -113,6 +113,9 @@ def row_problems(rows: list[dict], table: int, tier: str) -> list[str]:
     for i, r in enumerate(rows, start=2):
         if None in r:
             bad.append(f"line {i}: {len(r[None])} more field(s) than the header")
+            continue
+        if None in r.values():
+            bad.append(f"line {i}: {list(r.values()).count(None)} field(s) fewer than the header")
             continue
         if r["table"] != str(table) or r["tier"] != tier:
             bad.append(f"line {i}: table/tier {r['table']}/{r['tier']}, expected {table}/{tier}")
@@ -144,6 +147,8 @@ def load_ours(table: int, tier: str, csv_path: Path | None = None, spec: dict | 
     hashes = {(c.task, c.variant): c.config_hash for c in cells}
     path = csv_path or results_csv(table, tier)
     rows = read_rows(path)
+    if not rows and path.is_file():
+        raise ValueError(f"{path} is not a usable table {table} {tier}-tier results CSV: it has no rows")
     problems = row_problems(rows, table, tier)
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
