@@ -133,7 +133,9 @@ def bench() -> None:
 @click.option("--no-roi", is_flag=True, help="Skip the RoI pooling cases.")
 @click.option("--no-memory", is_flag=True, help="Skip the batch-64 peak-RSS case.")
 @click.option("--tf32", is_flag=True, help="CUDA: cuDNN and cuBLAS in TF32 (default: both in full float32).")
-@click.option("--out", type=OutputDir(), default="results/bench", show_default=True)
+@click.option("--out", type=OutputDir(), default=str(RESULTS_DIR / "bench" if (RESULTS_DIR / "paper").is_dir()
+                                                   else Path("results") / "bench"), show_default=True,
+              help="Output folder (a wheel install, without the checkout's results/, writes ./results/bench).")
 def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memory, tf32, out) -> None:
     """Time deform_conv2d and deformable (PS) RoI pooling against torchvision and F.conv2d / roi_align;
     writes <out>/ops_<device>.csv."""

@@ -360,12 +360,15 @@ def test_paper_tier_fixes_conv1_and_res2_as_the_released_code():
 
 
 def test_output_defaults_are_the_checkouts_results_whatever_the_working_folder():
-    """ablate, runtime and figures write, by default, where table, figures and check read: the
-    checkout's results/, not a results/ under the folder the command happens to run in."""
+    """ablate, runtime, figures and bench ops write, by default, where table, figures, check and
+    the README's generated sections read: the checkout's results/, not a results/ under the folder
+    the command happens to run in."""
     from dcnbench.report.paper import RESULTS_DIR
 
     defaults = {(name, p.name): p.default for name, command in main.commands.items() for p in command.params}
     assert defaults["ablate", "out"] == str(RESULTS_DIR / "ablate")
     assert defaults["runtime", "results_dir"] == str(RESULTS_DIR)
     assert defaults["figures", "out"] == str(RESULTS_DIR / "figures")
+    bench_out = {p.name: p.default for p in main.commands["bench"].commands["ops"].params}["out"]
+    assert bench_out == str(RESULTS_DIR / "bench")
     assert RESULTS_DIR.is_absolute() and (RESULTS_DIR / "paper").is_dir()
