@@ -532,3 +532,21 @@ def test_loading_does_not_print_torchs_no_cuda_runtime_notice(tmp_path):
         pytest.skip("this torch build does not log the notice")
     stderr = stderr_of("from dcnbench.ops import native; assert native.status()[0], native.status()[1]")
     assert notice not in stderr, stderr
+
+
+def test_build_sources_are_copied_once_so_checkouts_share_a_build(tmp_path):
+    """The build compiles copies kept in the cache (the build file names sources by path, so two
+    clones alternating rebuilt every time): an unchanged source is not rewritten (its mtime would
+    make the build stale), a changed one is."""
+    from dcnbench.ops.native import _copy_sources
+
+    source = tmp_path / "kernel.cpp"
+    source.write_text("int a;")
+    (copy,) = _copy_sources(tmp_path / "cache" / "src", [source])
+    assert copy.read_text() == "int a;" and copy.parent == tmp_path / "cache" / "src"
+    os.utime(copy, ns=(1, 1))
+    _copy_sources(tmp_path / "cache" / "src", [source])
+    assert copy.stat().st_mtime_ns == 1
+    source.write_text("int b;")
+    _copy_sources(tmp_path / "cache" / "src", [source])
+    assert copy.read_text() == "int b;" and sorted(p.name for p in copy.parent.iterdir()) == ["kernel.cpp"]

@@ -5,6 +5,8 @@ extension with the system C++ compiler through ``torch.utils.cpp_extension.load`
 ``~/.cache/dcnbench/native/<key>`` (``$DCNBENCH_CACHE_DIR`` or ``$XDG_CACHE_HOME`` move it), where
 ``<key>`` hashes the sources, the shared ``kernels/dcn_math.h``, the torch version, the compiler
 flags and the CPU's instruction-set flags; later processes load the cached build in about a second.
+The build compiles copies of the sources kept in ``<key>/src``, so every checkout of the same code
+(clones side by side, an A/B) shares one build.
 Without a compiler (or with ``DCNBENCH_NO_NATIVE=1``) :func:`status` reports the backend unavailable
 and the dispatch falls back to the pure-PyTorch reference with a one-line warning.
 
@@ -98,6 +100,22 @@ def _without_cuda_home_notice():
         logger.removeFilter(_not_cuda_home_notice)
 
 
+def _copy_sources(folder: Path, files: list[Path]) -> list[Path]:
+    """``files`` copied into ``folder`` (each written only when missing or different, atomically):
+    the build reads them there, so every checkout of the same sources shares one build (the build
+    file names its sources by path, and a build from another path would be redone)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for source in files:
+        copy, data = folder / source.name, source.read_bytes()
+        if not copy.is_file() or copy.read_bytes() != data:
+            partial = folder / f".{source.name}.{os.getpid()}.tmp"
+            partial.write_bytes(data)
+            os.replace(partial, copy)
+        copies.append(copy)
+    return copies
+
+
 def _try_build(kernels: Path, arch: list[str]) -> ModuleType:
     with _without_cuda_home_notice():
         from torch.utils import cpp_extension
@@ -111,11 +129,11 @@ def _try_build(kernels: Path, arch: list[str]) -> ModuleType:
     digest.update(" ".join([torch.__version__, *cflags, *ldflags, _cpu_flags(), str(_compiler())]).encode())
     key = digest.hexdigest()[:16]
     build_dir = _cache_root() / key
-    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = _copy_sources(build_dir / "src", [_CSRC / name for name in _SOURCES] + [kernels / "dcn_math.h"])
     return cpp_extension.load(
         name=f"dcnbench_native_{key}",
-        sources=[str(_CSRC / name) for name in _SOURCES],
-        extra_include_paths=[str(kernels)],
+        sources=[str(p) for p in sources if p.suffix == ".cpp"],
+        extra_include_paths=[str(build_dir / "src")],
         extra_cflags=cflags,
         extra_ldflags=ldflags,
         build_directory=str(build_dir),
@@ -139,7 +157,7 @@ def _build() -> None:
         try:
             _module = _try_build(kernels, arch)
             packed = ", MKL packed GEMM" if _module.packed_gemm() else ""
-            _built = f"C++ CPU kernels ({'-O3 ' + arch[0] if arch else '-O3'}{packed}, cached under {_cache_root()})"
+            _built = f"C++ CPU kernels ({' '.join(['-O3', *arch])}{packed}, cached under {_cache_root()})"
             return
         except Exception as exc:  # compiler missing/broken, ninja missing, compile error
             lines = str(exc).strip().splitlines()
