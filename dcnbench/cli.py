@@ -15,6 +15,10 @@ from dcnbench.report.paper import RESULTS_DIR  # the checkout's results/, where 
 @click.version_option(package_name="dcnbench")
 def main() -> None:
     """Deformable ConvNets (Dai et al., 2017): fast deformable ops and the paper's ablations."""
+    backend = os.environ.get("DCNBENCH_BACKEND")
+    if backend and backend not in ("reference", "native", "cuda"):
+        raise click.UsageError(f"the environment variable DCNBENCH_BACKEND must be reference, native or cuda, "
+                               f"got {backend!r}")
 
 
 class OutputDir(click.Path):
@@ -282,6 +286,7 @@ def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction,
 def runtime(params_only, device, scale, repeats, models, weights, threads, results_dir) -> None:
     """Table 4: parameter counts and plain vs deformable runtime of the paper's ResNet-101 networks."""
     _require_checkout()
+    from dcnbench.errors import InvalidSetting
     from dcnbench.runtime import main as runtime_main
 
     if device == "cuda" and not params_only:
@@ -291,7 +296,10 @@ def runtime(params_only, device, scale, repeats, models, weights, threads, resul
             raise click.BadParameter(str(exc), param_hint="--device") from exc
 
     with _exit_130_on_interrupt():  # runtime_main says which models it kept
-        runtime_main(params_only, device, scale, repeats, list(models) or None, weights, results_dir, threads)
+        try:
+            runtime_main(params_only, device, scale, repeats, list(models) or None, weights, results_dir, threads)
+        except InvalidSetting as exc:  # e.g. a file in --results-dir that is not a runtime CSV
+            raise _usage_error(exc) from exc
 
 
 @main.command("table")

@@ -220,6 +220,9 @@ def _seconds(t: float) -> str:
     return f"{t:.6f}"
 
 
+_ROW_KEY_COLUMNS = ("model", "variant", "device", "scale", "repeats", "backend")
+
+
 def _row_key(row: dict) -> tuple:
     """What makes two runs the same measurement (resume): model, variant, device, scale, rounds, backend, threads."""
     return (row["model"], row["variant"], row["device"], f"{float(row['scale']):g}", str(row["repeats"]),
@@ -265,7 +268,7 @@ def run_runtime(
     specs = [s for s in TABLE4_MODELS if models is None or s.name in models]
     if models is not None and len(specs) != len(set(models)):
         raise ValueError(f"unknown model in {models}; known: {[s.name for s in TABLE4_MODELS]}")
-    rows = _read(out_csv)
+    rows = _measured_rows(out_csv)
     done = {_row_key(r): r for r in rows}
     result = []
     for spec in specs:
@@ -310,11 +313,22 @@ def run_runtime(
     return result
 
 
-def _read(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    with Path(path).open(newline="") as f:
-        return list(csv.DictReader(f))
+def _measured_rows(path: Path) -> list[dict]:
+    """The rows already in runtime CSV ``path`` (none when it does not exist); InvalidSetting naming
+    --results-dir when the file there is not a runtime CSV (unreadable, or without its key columns)."""
+    from dcnbench.errors import InvalidSetting
+    from dcnbench.runner.results import read_rows
+
+    try:
+        rows = read_rows(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InvalidSetting(f"{path} is not a readable runtime CSV ({exc}): move it or choose another folder",
+                             "results_dir") from exc
+    lacking = [c for c in _ROW_KEY_COLUMNS if rows and c not in rows[0]]
+    if lacking:
+        raise InvalidSetting(f"{path} is not a runtime CSV (no column {', '.join(lacking)}): move it or choose "
+                             "another folder", "results_dir")
+    return rows
 
 
 def paired_ratio(plain_times: list[float], deformable_times: list[float], level: float = 0.90,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from click.testing import CliRunner
 
 from dcnbench.cli import main
@@ -110,6 +111,21 @@ def test_ablate_refuses_a_results_csv_of_another_table(tmp_path):
     assert result.exit_code == 2
     assert "--out" in result.output and "table 3, tier smoke, not of table 1, tier smoke" in result.output
     assert len(read_rows(tmp_path / "table1_smoke.csv")) == 1
+
+
+@pytest.mark.parametrize("kind", ["not utf-8", "a folder"])
+def test_ablate_refuses_a_results_path_that_is_not_a_csv_file_before_running(tmp_path, kind):
+    """A non-UTF-8 file or a folder where the results CSV goes: a usage error naming --out before any
+    run (a traceback, or for a folder a crash after the first run trained)."""
+    path = tmp_path / "table1_smoke.csv"
+    if kind == "a folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\xff\xfe\x00table")
+    result = CliRunner().invoke(main, ["ablate", "--table", "1", "--tier", "smoke", "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "--out" in result.output and str(path) in result.output.replace("\n", "")
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_ablate_checks_data_root_and_weights_before_running(tmp_path):

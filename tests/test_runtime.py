@@ -186,6 +186,29 @@ def test_runtime_on_cuda_without_a_gpu_is_a_usage_error(tmp_path):
     assert "CUDA is not available" in result.output and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"table,tier,task\n1,smoke,deeplab\n"],
+                         ids=["not-utf-8", "another-csv"])
+def test_runtime_refuses_a_file_in_its_results_dir_that_is_not_a_runtime_csv(tmp_path, content):
+    """The runtime CSV it would resume is unreadable or of another kind: a usage error naming
+    --results-dir, before anything is timed (a KeyError / UnicodeDecodeError traceback before)."""
+    (tmp_path / "table4_runtime_cpu_scale0.05.csv").write_bytes(content)
+    result = CliRunner().invoke(main, ["runtime", "--scale", "0.05", "--repeats", "2", "--model", "DeepLab@V",
+                                       "--results-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--results-dir'" in result.output and "runtime CSV" in result.output
+
+
+def test_a_bad_backend_in_the_environment_is_a_usage_error(monkeypatch):
+    """DCNBENCH_BACKEND=bogus: every command stops with a usage error naming the variable and the
+    choices (runtime gave a traceback, ablate failed every cell); the CLI's list is the library's."""
+    from dcnbench.ops.dispatch import BACKENDS
+
+    monkeypatch.setenv("DCNBENCH_BACKEND", "bogus")
+    result = CliRunner().invoke(main, ["runtime", "--params-only"])
+    assert result.exit_code == 2 and "DCNBENCH_BACKEND" in result.output and "'bogus'" in result.output
+    assert all(name in result.output for name in BACKENDS)
+
+
 def test_command_line_reads_as_typed(monkeypatch):
     from dcnbench.runner.results import command_line
 

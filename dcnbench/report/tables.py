@@ -528,13 +528,6 @@ def _find_column(columns: list[str], *needles: str) -> str | None:
     return None
 
 
-def _read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 _PAPER_SIZE_RUNTIME_CSV = re.compile(r"table4_runtime_[a-z]+\.csv")
 
 
@@ -573,6 +566,8 @@ def build_table4(results_dir: Path | None = None, paper_dir: Path | None = None,
     ``results_dir`` (a scaled run's ``..._scale<s>.csv`` only when named); params from the
     ``table4_params.csv`` beside them. A scaled CSV's table has the tier ``<tier>_scale<s>``, so its
     markdown never replaces the paper-size ``table4_<tier>.md``."""
+    from dcnbench.runner.results import read_rows
+
     if runtime_csv is not None:
         results_dir = runtime_csv.parent
     results_dir = results_dir or RESULTS_DIR
@@ -580,7 +575,7 @@ def build_table4(results_dir: Path | None = None, paper_dir: Path | None = None,
     pcol_params = _find_column(paper.columns, "param")
     pcol_fwd = _find_column(paper.columns, "forward")
     pcol_run = _find_column(paper.columns, "runtime")
-    params_rows = _read_csv(results_dir / "table4_params.csv")
+    params_rows = read_rows(results_dir / "table4_params.csv")
     runtime_files = ([runtime_csv] if runtime_csv is not None else
                      sorted(p for p in results_dir.glob("table4_runtime_*.csv") if _PAPER_SIZE_RUNTIME_CSV.fullmatch(p.name)))
 
@@ -668,7 +663,9 @@ def build_table4(results_dir: Path | None = None, paper_dir: Path | None = None,
 
 def _machines(path: Path) -> str:
     """The machines (and float32 modes, where recorded) a runtime CSV was measured on."""
-    names = {r.get("machine", "") + (f", {r['float32_mode']}" if r.get("float32_mode") else "") for r in _read_csv(path)}
+    from dcnbench.runner.results import read_rows
+
+    names = {r.get("machine", "") + (f", {r['float32_mode']}" if r.get("float32_mode") else "") for r in read_rows(path)}
     return "; ".join(sorted(n for n in names if n)) or "machine not recorded"
 
 

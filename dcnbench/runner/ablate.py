@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 from pathlib import Path
 
 from rich.console import Console
@@ -41,10 +43,18 @@ def ablation_cells(table: int, tier: str, tasks: list[str] | None = None, seeds:
 
 
 def check_results_csv(out: str, table: int, tier: str) -> None:
-    """InvalidSetting (naming --out) when ``<out>/table<N>_<tier>.csv`` holds a row of another table
-    or tier: the sweep would append to it, and the tables refuse such a file."""
+    """InvalidSetting (naming --out) when ``<out>/table<N>_<tier>.csv`` is not a readable CSV file or
+    holds a row of another table or tier: the sweep would append to it (after its first run trained),
+    and the tables refuse such a file."""
     path = Path(out) / f"table{table}_{tier}.csv"
-    for line, row in enumerate(read_rows(path), 2):
+    if path.exists() and not path.is_file():
+        raise InvalidSetting(f"{path} is not a file: move it or choose another folder", "out")
+    try:
+        rows = read_rows(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InvalidSetting(f"{path} is not a readable results CSV ({exc}): move it or choose another folder",
+                             "out") from exc
+    for line, row in enumerate(rows, 2):
         if (row.get("table"), row.get("tier")) != (str(table), tier):
             raise InvalidSetting(f"{path} line {line} is a row of table {row.get('table')}, tier {row.get('tier')}, "
                                  f"not of table {table}, tier {tier}: move that file or choose another folder", "out")
