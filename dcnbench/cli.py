@@ -189,7 +189,8 @@ def ablate(table, tasks, variants, tier, seeds, jobs, out, data_root, weights, n
         raise click.BadParameter(f"{nproc} processes cannot share a global batch of {uneven[0]} images evenly "
                                  f"(tier {tier})", param_hint="--nproc")
     if nproc:
-        raise SystemExit(_relaunch_under_torchrun(click.get_current_context(), nproc))
+        with _exit_130_on_interrupt():  # the ranks say what they kept
+            raise SystemExit(_relaunch_under_torchrun(click.get_current_context(), nproc))
     with _exit_130_on_interrupt(f"the finished runs are in {out}/table{table}_{tier}.csv; the same command "
                                 "resumes with the others"):
         failed = run_ablation(table, tier, list(tasks), seeds, jobs, out, data_root, weights, variants=list(variants))
@@ -198,10 +199,12 @@ def ablate(table, tasks, variants, tier, seeds, jobs, out, data_root, weights, n
 
 
 def _relaunch_under_torchrun(ctx: click.Context, nproc: int) -> int:
-    """Run this same command (without --nproc) as ``torchrun --standalone --nproc-per-node N``."""
-    import os
+    """Run this same command (without --nproc) as ``torchrun --standalone --nproc-per-node N``; its
+    rows record the command as typed. On Ctrl-C (which the ranks get too) wait for them to stop."""
     import subprocess
     import sys
+
+    from dcnbench.runner.results import LAUNCHED_AS, command_line
 
     if "RANK" in os.environ:
         raise click.UsageError("--nproc starts torchrun itself; under torchrun leave it out")
@@ -218,7 +221,12 @@ def _relaunch_under_torchrun(ctx: click.Context, nproc: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "dcnbench.cli", ctx.info_name, *args]
     click.echo(" ".join(cmd), err=True)
-    return subprocess.run(cmd).returncode
+    process = subprocess.Popen(cmd, env={**os.environ, LAUNCHED_AS: command_line()})
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.wait()
+        raise
 
 
 @main.group()
@@ -257,7 +265,8 @@ def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction,
     try:
         config = SynthConfig(size=size, num_classes=classes, min_size=min_size,
                              max_size=size * 0.75 if max_size is None else max_size)
-        with Progress(transient=True) as progress:  # settings are checked before the first image
+        with _exit_130_on_interrupt(f"the images written are kept in {out}; the same command completes the dataset"), \
+                Progress(transient=True) as progress:  # settings are checked before the first image
             bar = progress.add_task(f"synth {task} -> {out}", total=num)
             summary = write_synthetic(out, task, num, config, seed, val_fraction, layout,
                                       progress=lambda done: progress.update(bar, completed=done))

@@ -197,3 +197,17 @@ def test_generation_speed():
     generate_samples(100, seed=0)
     per_image = (time.perf_counter() - start) / 100
     assert per_image * 2000 < 30 / 2  # leaves half the budget for PNG encoding
+
+
+def test_synth_interrupted_exits_130_saying_the_rerun_completes_it(tmp_path, monkeypatch):
+    """Ctrl-C while writing: exit 130 with how to finish (the same command completes the dataset),
+    not Click's "Aborted!" and 1."""
+    import dcnbench.data.synthetic as synthetic
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "write_synthetic", interrupted)
+    result = CliRunner().invoke(main, ["data", "synth", "--num", "3", "--size", "32", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 130
+    assert "the same command completes the dataset" in result.output

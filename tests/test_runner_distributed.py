@@ -119,6 +119,7 @@ def test_killed_rank_ends_the_job_and_rerun_resumes(tmp_path):
     rows = read_rows(csv_path)
     assert 1 <= len(rows) < 10
     assert all(r["torch"] and r["device"] == "cpu x2" for r in rows)  # last column present: no torn row
+    assert all(r["command"].endswith("--nproc 2") and "--jobs" not in r["command"] for r in rows)  # as typed
     assert not list(tmp_path.glob("*.tmp"))
     subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=300)
     rows = read_rows(csv_path)

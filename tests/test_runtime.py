@@ -217,3 +217,7 @@ def test_command_line_reads_as_typed(monkeypatch):
         assert command_line() == "dcnbench runtime --model 'class-aware RPN'"
     monkeypatch.setattr("sys.argv", ["bench.py", "--x"])
     assert command_line() == "python bench.py --x"
+    # A rank that `ablate --nproc 2` launched through torchrun records the command typed, not its relaunch.
+    monkeypatch.setenv("DCNBENCH_LAUNCHED_AS", "dcnbench ablate --table 1 --nproc 2")
+    monkeypatch.setattr("sys.argv", ["/src/dcnbench/dcnbench/cli.py", "ablate", "--table", "1", "--jobs", "1"])
+    assert command_line() == "dcnbench ablate --table 1 --nproc 2"

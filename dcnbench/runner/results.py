@@ -67,9 +67,15 @@ def machine() -> str:
     return f"{cpu_model()} x{os.cpu_count()}"
 
 
+LAUNCHED_AS = "DCNBENCH_LAUNCHED_AS"  # the command a torchrun relaunch (ablate --nproc) was typed as
+
+
 def command_line() -> str:
     """This process's command as typed: ``dcnbench runtime --repeats 45`` under the CLI (whether
-    started as ``dcnbench`` or ``python -m dcnbench.cli``), else ``python <argv>``."""
+    started as ``dcnbench`` or ``python -m dcnbench.cli``), else ``python <argv>``; in a process
+    that ``ablate --nproc`` launched through torchrun, the ``ablate --nproc`` command."""
+    if os.environ.get(LAUNCHED_AS):
+        return os.environ[LAUNCHED_AS]
     prog = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
     if prog.name == "dcnbench" or (prog.name == "cli.py" and prog.parent.name == "dcnbench"):
         return shlex.join(["dcnbench", *sys.argv[1:]])
