@@ -198,6 +198,12 @@ def test_coco_area_ranges():
     assert tercile_area_ranges([1, 2, 3, 4, 5, 6])["medium"] == pytest.approx((8 / 3, 13 / 3))
 
 
+def test_unknown_area_ranges_are_refused_when_the_evaluator_is_made():
+    """Not after a whole evaluation's predictions were accumulated."""
+    with pytest.raises(ValueError, match="area_ranges must be 'coco', 'terciles' or a dict, got 'bogus'"):
+        DetectionEvaluator(6, area_ranges="bogus")
+
+
 # ---------------------------------------------------------------------------------------------
 # Effective dilation
 # ---------------------------------------------------------------------------------------------

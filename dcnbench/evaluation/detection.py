@@ -129,6 +129,8 @@ class DetectionEvaluator:
         max_dets: int = 100,
         class_names: Sequence[str] | None = None,
     ):
+        if not isinstance(area_ranges, Mapping) and area_ranges not in ("coco", "terciles"):
+            raise ValueError(f"area_ranges must be 'coco', 'terciles' or a dict, got {area_ranges!r}")
         self.num_classes = num_classes
         self.iou_thresholds = tuple(float(t) for t in iou_thresholds)
         self.use_07_metric = use_07_metric
@@ -247,10 +249,9 @@ class DetectionEvaluator:
             return dict(self.area_ranges)
         if self.area_ranges == "coco":
             return dict(COCO_AREA_RANGES)
-        if self.area_ranges == "terciles":
-            areas = np.concatenate([g["areas"][~(g["iscrowd"] | g["difficult"])] for g in self.gts] or [np.zeros(0)])
-            return tercile_area_ranges(areas)
-        raise ValueError(f"area_ranges must be 'coco', 'terciles' or a dict, got {self.area_ranges!r}")
+        # "terciles" (checked in __init__)
+        areas = np.concatenate([g["areas"][~(g["iscrowd"] | g["difficult"])] for g in self.gts] or [np.zeros(0)])
+        return tercile_area_ranges(areas)
 
     def coco_metrics(self) -> dict[str, float]:
         """COCOeval bbox metrics: mAP@[0.5:0.95], @0.5, @0.7, @0.75 and by small/medium/large."""
