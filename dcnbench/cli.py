@@ -320,7 +320,7 @@ def runtime(params_only, device, scale, repeats, models, weights, threads, resul
               help="Results CSV [default: results/ablate/table<N>_<tier>.csv; Table 4: a runtime CSV, with "
                    "table4_params.csv beside it, default: the paper-size results/table4_runtime_<device>.csv].")
 @click.option("--figures", "with_figures", is_flag=True,
-              help="Also plot the table: table<N>_<tier>.png and .pdf beside the markdown in --out.")
+              help="Also plot the table (Tables 1-3): table<N>_<tier>.png and .pdf beside the markdown in --out.")
 @click.option("--out", type=OutputDir(),
               help="Where table<N>_<tier>.md goes [default: the checkout's results/tables; with --results, beside "
                    "that CSV, so that rendering another CSV never replaces the committed tables].")
@@ -333,6 +333,8 @@ def table(number, tier, fmt, results, with_figures, out) -> None:
     from dcnbench.report.tables import format_rendered, render_table, to_rich, write_markdown
 
     out = out or (Path(results).parent if results else RESULTS_DIR / "tables")
+    if with_figures and number not in ("1", "2", "3"):
+        raise click.BadParameter(f"Tables 1-3 have plots, Table {number} has none", param_hint="--figures")
 
     try:
         rendered = render_table(int(number), tier, Path(results) if results else None)
@@ -350,11 +352,14 @@ def table(number, tier, fmt, results, with_figures, out) -> None:
     else:
         click.echo(format_rendered(rendered, fmt), nl=False)
     click.echo(f"wrote {path}", err=True)
-    if with_figures and int(number) != 4:
+    if with_figures:
         from dcnbench.report.figures import ablation_figure
 
-        for p in ablation_figure(int(number), tier, Path(out), csv_path=Path(results) if results else None):
+        paths = ablation_figure(int(number), tier, Path(out), csv_path=Path(results) if results else None)
+        for p in paths:
             click.echo(f"wrote {p}", err=True)
+        if not paths:
+            click.echo(f"no plot: table {number} has no {tier}-tier results", err=True)
 
 
 @main.command()

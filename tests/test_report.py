@@ -251,6 +251,8 @@ def test_table_cli_figures_go_to_out(tmp_path):
                                        "--figures", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["table1_smoke.md", "table1_smoke.pdf", "table1_smoke.png"]
+    result = CliRunner().invoke(main, ["table", "4", "--figures", "--out", str(tmp_path / "t4")])
+    assert result.exit_code == 2 and "Table 4 has none" in result.output  # it did nothing, silently
 
 
 def test_figures_cli_reads_an_ablate_out_folder(tmp_path):
