@@ -297,6 +297,25 @@ def test_dilation_by_object_and_stats_table():
     assert table.loc["res5a", "background"] == "5.0 ± 1.0"
 
 
+def test_table2_buckets_are_terciles_or_the_papers_sizes_and_the_paper_tier_uses_the_papers():
+    """The same cells fall in other buckets at the paper's 96² / 224² px than at the objects'
+    terciles; the paper tier's Table 2 runs ask for the paper's (the caption's split)."""
+    from dcnbench.runner.ablate import ablation_cells
+    from dcnbench.runner.dilation import dilation_metrics
+
+    eff = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
+    area = torch.tensor([[[50.0**2, 150.0**2, 300.0**2, 0.0]]])
+    stats = DilationStats()
+    stats.update("res5a", eff, area, object_areas=[10.0, 20.0, 30.0], stride=1)  # terciles far below the areas
+    paper, terciles = dilation_metrics(stats, "paper"), dilation_metrics(stats, "terciles")
+    assert [paper[f"effdil_res5a_{c}_mean"] for c in ("small", "medium", "large")] == [1.0, 2.0, 3.0]
+    assert terciles["effdil_res5a_large_mean"] == 2.0  # all three cells are above the upper tercile
+    with pytest.raises(ValueError, match="dilation_buckets"):
+        dilation_metrics(stats, "thirds")
+    (cell,) = ablation_cells(2, "paper", ["rfcn"], data_root="/")
+    assert cell.config["eval"]["dilation_buckets"] == "paper"
+
+
 def test_record_offsets_from_deformable_layers():
     layer = DeformConv2d(3, 4, 3, padding=2, dilation=2)
     torch.nn.init.normal_(layer.offset_conv.weight, std=0.1)

@@ -46,10 +46,13 @@ def dilation_stats(model: nn.Module, loader: DataLoader, device: torch.device | 
     return stats
 
 
-def dilation_metrics(stats: DilationStats) -> dict:
-    """``effdil_<layer>_<cat>_{mean,std}`` of accumulated dilations, by area terciles of the objects."""
+def dilation_metrics(stats: DilationStats, buckets: str = "terciles") -> dict:
+    """``effdil_<layer>_<cat>_{mean,std}`` of accumulated dilations, objects bucketed by area:
+    ``"terciles"`` (equal thirds of the objects) or ``"paper"`` (Table 2's 96² and 224² px)."""
+    if buckets not in ("terciles", "paper"):
+        raise ValueError(f"eval.dilation_buckets must be 'terciles' or 'paper', got {buckets!r}")
     metrics = {}
-    for row in stats.summary("terciles").itertuples():
+    for row in stats.summary(buckets).itertuples():
         metrics[f"effdil_{row.layer}_{row.category}_mean"] = float(row.mean)
         metrics[f"effdil_{row.layer}_{row.category}_std"] = float(row.std)
     return metrics

@@ -36,7 +36,7 @@ SECTION_KEYS = {
              "shorter_side", "max_side"},
     "model": (MODEL_KEYS - {"task", "num_classes"}) | {"weights"},
     "train": {"iters", "batch_size", "lr", "momentum", "weight_decay", "warmup_iters"},
-    "eval": {"batch_size", "area_ranges", "effective_dilation", "voc07_metric"},
+    "eval": {"batch_size", "area_ranges", "effective_dilation", "dilation_buckets", "voc07_metric"},
 }
 REQUIRED = {"train": ("iters", "batch_size", "lr"),  # synthetic data also needs the SynthConfig keys
             "synthetic": ("size", "num_train", "num_val", "classes", "min_object", "max_object")}

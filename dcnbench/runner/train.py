@@ -8,7 +8,8 @@ iterations), evaluates on the validation split and returns the metrics (percent)
 - rpn / faster / rfcn: ``map50``, ``map70`` (VOC-style), ``map_coco`` (mAP@[0.5:0.95]) and
   ``ap_small``, ``ap_medium``, ``ap_large`` (COCOeval);
 - with ``eval.effective_dilation``: ``effdil_<layer>_<cat>_{mean,std}`` for every deformable layer
-  of res5 and cat in small / medium / large / background (Table 2).
+  of res5 and cat in small / medium / large / background (Table 2), objects bucketed by area
+  terciles, or at the paper's 96² and 224² px with ``eval.dilation_buckets = "paper"``.
 
 Same config, seed and thread count give the same metrics (fixed seeds, no data-loader workers).
 
@@ -242,7 +243,8 @@ def run_cell(config: dict, log: TextIO, checkpoint: Path | None = None) -> dict:
     if config["eval"].get("effective_dilation"):
         loader = _loader(val_set, task, config["eval"].get("batch_size", 1), False, 0)
         stats = DilationStats.merged(dist.gather(dilation_stats(model, loader, dist.device())))
-        metrics.update(dist.broadcast(dilation_metrics(stats) if dist.is_main() else {}))
+        buckets = config["eval"].get("dilation_buckets", "terciles")
+        metrics.update(dist.broadcast(dilation_metrics(stats, buckets) if dist.is_main() else {}))
     if checkpoint is not None and dist.is_main():
         save_checkpoint(model, config, checkpoint)
     log.write(f"metrics {json.dumps(metrics)}\n")
