@@ -149,6 +149,33 @@ def test_committed_tables_are_rendered_from_the_committed_csvs():
     assert gate.check_markdown().ok, gate.check_markdown().text()
 
 
+def test_gate_fails_when_it_would_check_nothing(tmp_path):
+    """An empty reference CSV, a reference of no tables, a missing findings.toml beside committed
+    cpu-tier CSVs, and a gate that ran no check at all each fail (each passed with "0 checks")."""
+    import json
+
+    assert not gate.compare_to_reference(1, [], []).ok
+    (tmp_path / "reference.json").write_text(json.dumps({"tables": []}))
+    assert "referenced tables" in gate.check_smoke(directory=tmp_path).text()
+    root = tmp_path / "ablate"
+    _write_results(root / "table1_cpu.csv", 1, "cpu", T1)
+    report = gate.check_findings(tmp_path / "findings.toml", root)
+    assert not report.ok and "table1_cpu.csv" in report.text()
+    empty = tmp_path / "empty" / "ablate"
+    empty.mkdir(parents=True)
+    report = gate.run_check(smoke=False, findings_path=tmp_path / "none.toml", results_root=empty)
+    assert not report.ok and "none ran" in report.text()
+
+
+def test_gate_says_how_many_smoke_bands_a_model_that_learned_nothing_passes():
+    reference = [{"task": "rpn", "variant": "none", "metric": "map50", "mean": "0.7", "tolerance": "1.2",
+                  "config_hash": "h"},
+                 {"task": "rpn", "variant": "none", "metric": "map_coco", "mean": "5.0", "tolerance": "1.0",
+                  "config_hash": "h"}]
+    report = gate.compare_to_reference(1, reference, [])
+    assert any("1 of 2 smoke bands include 0" in n for n in report.notes), report.notes
+
+
 def test_committed_cpu_csvs_have_every_run_cell_current(tmp_path):
     """The committed cpu-tier CSVs pass the stricter gate (every cell with runs has current runs)."""
     root = tmp_path / "ablate"

@@ -191,9 +191,17 @@ def read_reference(directory: Path, table: int) -> list[dict]:
 def compare_to_reference(table: int, reference: list[dict], rows: list[dict], seed: int = 0) -> CheckReport:
     """Each reference cell against the ``seed`` run in ``rows`` (a fresh smoke results CSV)."""
     report = CheckReport()
+    if not reference:
+        report.problems.append(Problem(f"table {table} smoke", "reference cells", "none",
+                                       "the reference CSV is empty: re-measure with `dcnbench check --update-reference`"))
+        return report
     got = per_seed_values(rows)
     by_cell = {(t, v, m): (h, s) for (t, v, m, h), s in got.items()}
     seen = set()
+    with_zero = sum(1 for ref in reference if abs(float(ref["mean"])) <= float(ref["tolerance"]))
+    if with_zero:
+        report.notes.append(f"table {table}: {with_zero} of {len(reference)} smoke bands include 0 (the smoke runs "
+                            "barely train: a model that learned nothing passes them)")
     for ref in reference:
         task, variant, metric = ref["task"], ref["variant"], ref["metric"]
         where = f"table {table} smoke {task}/{variant} {metric}"
@@ -286,6 +294,10 @@ def check_smoke(tables=None, jobs: int | None = None, directory: Path | None = N
         return report
     meta = json.loads(meta_path.read_text())
     tables = tables or meta.get("tables", SMOKE_TABLES)
+    if not tables:
+        report.problems.append(Problem(str(meta_path), "referenced tables", "none",
+                                       "re-measure with `dcnbench check --update-reference`"))
+        return report
     with tempfile.TemporaryDirectory(prefix="dcnbench-check-") as tmp:
         out = Path(work_dir) if work_dir else Path(tmp)
         for table in tables:
@@ -418,6 +430,11 @@ def record_findings(path: Path | None = None, root: Path | None = None) -> list[
 
 def check_findings(path: Path | None = None, root: Path | None = None) -> CheckReport:
     report = CheckReport()
+    path = path or FINDINGS_PATH
+    present = [results_csv(t, "cpu", root).name for t in CPU_TABLES if results_csv(t, "cpu", root).is_file()]
+    if not path.is_file() and present:
+        report.problems.append(Problem(str(path), "the findings on " + ", ".join(present), "missing",
+                                       "restore it: the CSVs' claims go unchecked without it"))
     findings = load_findings(path)
     cache: dict[tuple[int, str], dict] = {}
     for f in findings:
@@ -558,4 +575,7 @@ def run_check(smoke: bool = True, tables=None, jobs: int | None = None, findings
     report.extend(check_findings(findings_path, results_root))
     if smoke:
         report.extend(check_smoke(tables, jobs, reference_dir))
+    if not report.passed:
+        report.problems.append(Problem("the gate", "at least one check", "none ran",
+                                       "no reference, CSVs or findings to check: nothing would be caught"))
     return report
