@@ -5,6 +5,7 @@ failing (not crashing, not passing) on a committed CSV that lost a cell or does 
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 from pathlib import Path
@@ -174,6 +175,33 @@ def test_gate_says_how_many_smoke_bands_a_model_that_learned_nothing_passes():
                   "config_hash": "h"}]
     report = gate.compare_to_reference(1, reference, [])
     assert any("1 of 2 smoke bands include 0" in n for n in report.notes), report.notes
+
+
+def test_cpu_probe_fails_a_rerun_that_learned_nothing_and_passes_one_within_the_seed_spread(tmp_path, monkeypatch):
+    """The gate re-runs one committed cpu-tier cell (DeepLab res5a-c) at seed 0: a number within its
+    committed seeds' band passes; the all-background score (12.8) fails (the smoke part cannot tell)."""
+    from dcnbench.runner.experiment import expand_cells, load_experiment
+
+    table, task, variant = gate.CPU_PROBE
+    (config_hash,) = {c.config_hash for c in expand_cells(load_experiment(table), "cpu")
+                      if (c.task, c.variant) == (task, variant)}
+    root = tmp_path / "ablate"
+    _write_results(root / f"table{table}_cpu.csv", table, "cpu", {(task, variant): {"miou": [26.5, 28.5, 27.1]}})
+    rows = list(csv.DictReader((root / f"table{table}_cpu.csv").open(newline="")))
+    for r in rows:
+        r.update(config_hash=config_hash, threads="2")
+    with (root / f"table{table}_cpu.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    calls = []
+    for rerun, ok in [(27.0, True), (12.8, False)]:
+        monkeypatch.setattr(gate, "_run_probe", lambda t, k, v, jobs, out, value=rerun: calls.append(jobs) or [
+            {**rows[0], "seed": "0", "miou": str(value)}])
+        report = gate.check_cpu_probe(root=root)
+        assert report.ok is ok, report.text()
+    assert calls[0] == max(1, (os.cpu_count() or 1) // 2)  # the committed runs' thread count
+    assert "table 1 cpu deeplab/res5a-c miou" in report.text()
 
 
 def test_committed_cpu_csvs_have_every_run_cell_current(tmp_path):

@@ -1,6 +1,6 @@
 """``dcnbench check``: the regression gate of reproduced numbers.
 
-Two parts:
+Three parts:
 
 1. **Smoke re-run against a reference.** ``results/reference/smoke/table<N>.csv`` holds, per
    (task, variant, metric) of the smoke tier, the mean and std over several seeds, the seed values
@@ -15,6 +15,9 @@ Two parts:
    ``results/ablate/findings.toml`` on a present CSV must have a recorded verdict (holds / does
    not hold) that the CSV still gives. ``--record-findings`` evaluates and records the verdicts.
    The committed ``results/tables/table<N>_cpu.md`` must be the current rendering of the CSVs.
+3. **One cpu-tier cell re-run** (``CPU_PROBE``, DeepLab res5a-c of Table 1, seed 0, with the smoke
+   re-run): its metrics within its committed seeds' mean ± tolerance. The smoke networks learn
+   nothing; this one does, so it is the gate's check that training still learns.
 
 A finding compares two means over seeds: ``mean(a) - mean(b) > max(min_se * SE, min_diff)`` with
 ``SE = sqrt(s_a²/n_a + s_b²/n_b)``; ``a`` and ``b`` are variants (and ``metric_b`` optionally a
@@ -27,6 +30,7 @@ import csv
 import datetime as dt
 import json
 import math
+import os
 import tempfile
 import tomllib
 from dataclasses import dataclass, field
@@ -188,11 +192,12 @@ def read_reference(directory: Path, table: int) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def compare_to_reference(table: int, reference: list[dict], rows: list[dict], seed: int = 0) -> CheckReport:
-    """Each reference cell against the ``seed`` run in ``rows`` (a fresh smoke results CSV)."""
+def compare_to_reference(table: int, reference: list[dict], rows: list[dict], seed: int = 0,
+                         tier: str = "smoke") -> CheckReport:
+    """Each reference cell against the ``seed`` run in ``rows`` (a fresh results CSV of ``tier``)."""
     report = CheckReport()
     if not reference:
-        report.problems.append(Problem(f"table {table} smoke", "reference cells", "none",
+        report.problems.append(Problem(f"table {table} {tier}", "reference cells", "none",
                                        "the reference CSV is empty: re-measure with `dcnbench check --update-reference`"))
         return report
     got = per_seed_values(rows)
@@ -200,11 +205,11 @@ def compare_to_reference(table: int, reference: list[dict], rows: list[dict], se
     seen = set()
     with_zero = sum(1 for ref in reference if abs(float(ref["mean"])) <= float(ref["tolerance"]))
     if with_zero:
-        report.notes.append(f"table {table}: {with_zero} of {len(reference)} smoke bands include 0 (the smoke runs "
+        report.notes.append(f"table {table}: {with_zero} of {len(reference)} {tier} bands include 0 (the smoke runs "
                             "barely train: a model that learned nothing passes them)")
     for ref in reference:
         task, variant, metric = ref["task"], ref["variant"], ref["metric"]
-        where = f"table {table} smoke {task}/{variant} {metric}"
+        where = f"table {table} {tier} {task}/{variant} {metric}"
         mean, tol = float(ref["mean"]), float(ref["tolerance"])
         expected = f"{_fmt(mean)} ± {_fmt(tol)}"
         seen.add((task, variant, metric))
@@ -226,7 +231,7 @@ def compare_to_reference(table: int, reference: list[dict], rows: list[dict], se
             report.problems.append(Problem(where, expected, _fmt(value), f"off by {_fmt(value - mean)} (> tolerance)"))
     extra = sorted(k for k in by_cell if k not in seen)
     if extra:
-        report.notes.append(f"table {table}: {len(extra)} smoke numbers not in the reference (new metrics or "
+        report.notes.append(f"table {table}: {len(extra)} {tier} numbers not in the reference (new metrics or "
                             f"cells?), e.g. {'/'.join(extra[0])}; re-measure to gate them")
     return report
 
@@ -246,8 +251,6 @@ def update_reference(tables=SMOKE_TABLES, seeds: int = 3, jobs: int = 1, k: floa
                      floor_abs: float = DEFAULT_FLOOR_ABS, floor_rel: float = DEFAULT_FLOOR_REL,
                      directory: Path | None = None, work_dir: Path | None = None) -> list[Path]:
     """Run the smoke tier with ``seeds`` seeds and write the reference CSVs and reference.json."""
-    import os
-
     from dcnbench.runner.results import provenance
 
     if seeds < 3:
@@ -543,6 +546,48 @@ def check_table4(results_dir: Path | None = None) -> CheckReport:
     return report
 
 
+CPU_PROBE = (1, "deeplab", "res5a-c")  # (table, task, variant) of the cpu-tier cell the gate re-runs
+
+
+def _run_probe(table: int, task: str, variant: str, jobs: int, out: Path) -> list[dict]:
+    """Run the cpu-tier cell (seed 0) into ``out``; its rows. Progress goes to stderr."""
+    from rich.console import Console
+
+    from dcnbench.runner.ablate import run_ablation
+    from dcnbench.runner.results import read_rows
+
+    run_ablation(table, "cpu", [task], 1, jobs, str(out), console=Console(stderr=True), variants=[variant])
+    return read_rows(out / f"table{table}_cpu.csv")
+
+
+def check_cpu_probe(probe: tuple[int, str, str] = CPU_PROBE, root: Path | None = None) -> CheckReport:
+    """Re-run one committed cpu-tier cell at seed 0, at the thread count of its committed runs, and
+    compare each metric with those runs' mean ± tolerance (as the smoke reference's). The smoke runs
+    learn nothing; this cell does (DeepLab res5a-c: mIoU ~27 where predicting background everywhere
+    scores 12.8), so a change that stops training from learning fails here. ~100 s on 2 cores."""
+    from dcnbench.runner.experiment import expand_cells, load_experiment
+    from dcnbench.runner.results import read_rows
+
+    table, task, variant = probe
+    report = CheckReport()
+    path = results_csv(table, "cpu", root)
+    if not path.is_file():
+        report.notes.append(f"cpu probe: no {path.name} committed yet")
+        return report
+    current = {c.config_hash for c in expand_cells(load_experiment(table), "cpu")
+               if (c.task, c.variant) == (task, variant)}
+    rows = [r for r in read_rows(path) if (r["task"], r["variant"]) == (task, variant) and r["config_hash"] in current]
+    if len(rows) < 2:
+        report.problems.append(Problem(f"table {table} cpu {task}/{variant}", "2+ committed runs of the current config",
+                                       str(len(rows)), "rerun the cell's seeds with `dcnbench ablate`"))
+        return report
+    jobs = max(1, (os.cpu_count() or 1) // max(int(r["threads"]) for r in rows))
+    with tempfile.TemporaryDirectory(prefix="dcnbench-probe-") as tmp:
+        fresh = _run_probe(table, task, variant, jobs, Path(tmp))
+    report.extend(compare_to_reference(table, reference_rows(table, rows), fresh, tier="cpu"))
+    return report
+
+
 def check_markdown(root: Path | None = None) -> CheckReport:
     """Each committed ``tables/table<N>_cpu.md`` is what ``dcnbench table N`` renders from the
     committed CSVs now (a CSV rerun without re-rendering leaves it stale). ``root`` holds
@@ -575,6 +620,8 @@ def run_check(smoke: bool = True, tables=None, jobs: int | None = None, findings
     report.extend(check_findings(findings_path, results_root))
     if smoke:
         report.extend(check_smoke(tables, jobs, reference_dir))
+        if not tables or CPU_PROBE[0] in tables:
+            report.extend(check_cpu_probe(root=results_root))
     if not report.passed:
         report.problems.append(Problem("the gate", "at least one check", "none ran",
                                        "no reference, CSVs or findings to check: nothing would be caught"))
