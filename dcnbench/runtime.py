@@ -317,12 +317,12 @@ def _measured_rows(path: Path) -> list[dict]:
     """The rows already in runtime CSV ``path`` (none when it does not exist); InvalidSetting naming
     --results-dir when the file there is not a runtime CSV (unreadable, or without its key columns)."""
     from dcnbench.errors import InvalidSetting
-    from dcnbench.runner.results import read_rows
+    from dcnbench.runner.results import UnreadableCSV, read_rows
 
     try:
         rows = read_rows(path)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InvalidSetting(f"{path} is not a readable runtime CSV ({exc}): move it or choose another folder",
+    except UnreadableCSV as exc:
+        raise InvalidSetting(f"{exc}, where the runtime CSV goes: move it or choose another folder",
                              "results_dir") from exc
     lacking = [c for c in _ROW_KEY_COLUMNS if rows and c not in rows[0]]
     if lacking:

@@ -93,6 +93,9 @@ def test_table_names_what_is_wrong_with_a_malformed_csv(tmp_path):
     path.write_text("hello world\n")  # a header and no rows
     with pytest.raises(ValueError, match="it has no rows"):
         load_ours(1, "cpu", path)
+    path.write_bytes(b"\xff\xfe binary")  # not text (a UnicodeDecodeError traceback before)
+    with pytest.raises(ValueError, match="is not a readable CSV"):
+        load_ours(1, "cpu", path)
 
 
 def test_gate_reports_a_malformed_committed_csv_instead_of_crashing(tmp_path):

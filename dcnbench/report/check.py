@@ -472,7 +472,7 @@ def check_cpu_csvs(tables=CPU_TABLES, root: Path | None = None, tier: str = "cpu
     """Each present ``table<N>_<tier>.csv``: parses, has rows of the current configs (of every cell
     it has rows of), renders."""
     from dcnbench.runner.experiment import expand_cells, load_experiment
-    from dcnbench.runner.results import read_rows
+    from dcnbench.runner.results import UnreadableCSV, read_rows
 
     report = CheckReport()
     for table in tables:
@@ -483,7 +483,7 @@ def check_cpu_csvs(tables=CPU_TABLES, root: Path | None = None, tier: str = "cpu
         where = str(path.name)
         try:
             rows = read_rows(path)
-        except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        except UnreadableCSV as exc:
             report.problems.append(Problem(where, "a CSV", "unreadable", str(exc)))
             continue
         if not rows:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from dcnbench.errors import InvalidSetting
 
 from . import distributed as dist
 from .experiment import Cell, expand_cells, load_experiment
-from .results import read_rows
+from .results import UnreadableCSV, read_rows
 from .sweep import run_sweep, summarize
 
 
@@ -51,9 +50,8 @@ def check_results_csv(out: str, table: int, tier: str) -> None:
         raise InvalidSetting(f"{path} is not a file: move it or choose another folder", "out")
     try:
         rows = read_rows(path)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InvalidSetting(f"{path} is not a readable results CSV ({exc}): move it or choose another folder",
-                             "out") from exc
+    except UnreadableCSV as exc:
+        raise InvalidSetting(f"{exc}: move it or choose another folder", "out") from exc
     for line, row in enumerate(rows, 2):
         if (row.get("table"), row.get("tier")) != (str(table), tier):
             raise InvalidSetting(f"{path} line {line} is a row of table {row.get('table')}, tier {row.get('tier')}, "

@@ -93,12 +93,20 @@ def provenance() -> dict:
     }
 
 
+class UnreadableCSV(ValueError):
+    """A results file that cannot be read as CSV text (not UTF-8, unreadable, malformed quoting)."""
+
+
 def read_rows(path: Path) -> list[dict]:
-    """All rows of a results CSV (empty when the file does not exist)."""
+    """All rows of a results CSV (empty when the file does not exist); UnreadableCSV naming the
+    file when it cannot be read."""
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UnreadableCSV(f"{path} is not a readable CSV ({exc})") from exc
 
 
 @contextlib.contextmanager
