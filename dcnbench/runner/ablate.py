@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from pathlib import Path
 
 from rich.console import Console
@@ -46,8 +45,6 @@ def check_results_csv(out: str, table: int, tier: str) -> None:
     holds a row of another table or tier: the sweep would append to it (after its first run trained),
     and the tables refuse such a file."""
     path = Path(out) / f"table{table}_{tier}.csv"
-    if path.exists() and not path.is_file():
-        raise InvalidSetting(f"{path} is not a file: move it or choose another folder", "out")
     try:
         rows = read_rows(path)
     except UnreadableCSV as exc:

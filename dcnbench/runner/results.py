@@ -98,10 +98,12 @@ class UnreadableCSV(ValueError):
 
 
 def read_rows(path: Path) -> list[dict]:
-    """All rows of a results CSV (empty when the file does not exist); UnreadableCSV naming the
-    file when it cannot be read."""
-    if not path.is_file():
+    """All rows of a results CSV (empty when nothing is there); UnreadableCSV naming the path when it
+    cannot be read as one (a folder, not UTF-8, malformed)."""
+    if not path.exists():
         return []
+    if not path.is_file():
+        raise UnreadableCSV(f"{path} is not a file")
     try:
         with path.open(newline="") as f:
             return list(csv.DictReader(f))
