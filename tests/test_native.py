@@ -451,7 +451,7 @@ def test_jit_trace_replays_the_call(cpu_backend):
 
 
 class _ConvThenPool(torch.nn.Module):
-    """A modulated deformable conv (two offset groups) feeding deformable PS RoI pooling."""
+    """A modulated deformable conv (three offset groups) feeding deformable PS RoI pooling."""
 
     def __init__(self):
         super().__init__()
@@ -468,7 +468,7 @@ def test_torch_export_runs_reloaded_and_at_other_shapes(tmp_path):
     follow the tensors' device when the program runs); the saved and reloaded program gives the
     eager output, also at another batch and map size (dynamic shapes)."""
     model = _ConvThenPool().eval()
-    x, rois, offset = torch.randn(2, 3, 10, 12), torch.tensor([[0, 1.0, 1, 15, 12], [1, 4, 2, 20, 18]]), None
+    x, rois = torch.randn(2, 3, 10, 12), torch.tensor([[0, 1.0, 1, 15, 12], [1, 4, 2, 20, 18]])
     offset = 0.1 * torch.randn(2, 2, 2, 2)
     dims = {"x": {0: torch.export.Dim("n", min=1), 2: torch.export.Dim("h", min=4), 3: torch.export.Dim("w", min=4)},
             "rois": None, "offset": None}
