@@ -198,10 +198,15 @@ def test_coco_area_ranges():
     assert tercile_area_ranges([1, 2, 3, 4, 5, 6])["medium"] == pytest.approx((8 / 3, 13 / 3))
 
 
-def test_unknown_area_ranges_are_refused_when_the_evaluator_is_made():
-    """Not after a whole evaluation's predictions were accumulated."""
-    with pytest.raises(ValueError, match="area_ranges must be 'coco', 'terciles' or a dict, got 'bogus'"):
-        DetectionEvaluator(6, area_ranges="bogus")
+@pytest.mark.parametrize("area_ranges", ["bogus", {"small": (0, 32**2), "medium": (32**2, 96**2)},
+                                         {"small": (0, 1), "medium": (1, 2), "large": (3, 2)},
+                                         {"small": (0, 1), "medium": (1, 2), "large": "big"}])
+def test_unknown_area_ranges_are_refused_when_the_evaluator_is_made(area_ranges):
+    """Not after a whole evaluation's predictions were accumulated (a dict without a size class
+    failed with a KeyError inside compute())."""
+    with pytest.raises(ValueError, match="area_ranges must be 'coco', 'terciles' or {small, medium, large: "):
+        DetectionEvaluator(6, area_ranges=area_ranges)
+    DetectionEvaluator(6, area_ranges={"small": [0, 1], "medium": (1, 2), "large": (2, 1e10)})  # lists, as TOML gives
 
 
 # ---------------------------------------------------------------------------------------------

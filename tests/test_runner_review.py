@@ -189,6 +189,28 @@ def test_a_cell_missing_a_training_setting_is_refused_before_any_run(tmp_path):
     assert len(expand_cells(load_experiment(1, tmp_path), "cpu")) == 60  # the cpu tier is whole
 
 
+@pytest.mark.parametrize("text,error", [
+    ('eval = { dilation_buckets = "tercile" }', "eval.dilation_buckets must be 'terciles' or 'paper', got 'tercile'"),
+    ('eval = { area_ranges = "cocoo" }', "eval.area_ranges must be 'coco', 'terciles' or"),
+    ('eval = { area_ranges = { small = [0, 1024], medium = [1024, 9216] } }', "eval.area_ranges must be"),
+    ('eval = { area_ranges = { small = [0, 1024], medium = [9216, 1024], large = [9216, 1e10] } }',
+     "eval.area_ranges must be"),
+    ('eval = { effective_dilation = "yes" }', "eval.effective_dilation must be true or false, got 'yes'"),
+    ('eval = { batch_size = 0 }', "eval.batch_size must be a positive integer, got 0"),
+    ('train = { iters = 0 }', "train.iters must be a positive integer, got 0"),
+    ('train = { lr = "0.01" }', "train.lr must be a positive number, got '0.01'"),
+    ('train = { momentum = 1.0 }', r"train.momentum must be a number in \[0, 1\), got 1.0"),
+    ('model = { width = 0 }', "model config 'width' must be a positive integer, got 0"),
+])
+def test_a_bad_value_in_a_definition_is_refused_when_it_is_loaded(tmp_path, text, error):
+    """Before: an evaluation setting was read only after the cell had trained (a misspelled
+    ``dilation_buckets`` failed minutes into a run, and a dict missing a size class at the end of
+    evaluation), and ``iters = 0`` evaluated an untrained model as if it were a result."""
+    directory = _definitions(tmp_path, f'[[variants]]\nname = "x"\n{text}\n')
+    with pytest.raises(InvalidSetting, match=f"tier smoke: the deeplab cell of variant 'x': {error}"):
+        expand_cells(load_experiment(1, directory), "smoke")
+
+
 def test_ablate_reports_a_bad_definition_as_a_usage_error(tmp_path, monkeypatch):
     (tmp_path / "exp").mkdir()
     directory = _definitions(tmp_path / "exp", '[[variants]]\nname = "x"\nmodle = { placement = "res5c" }\n')

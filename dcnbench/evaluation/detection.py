@@ -35,6 +35,7 @@ __all__ = [
     "COCO_AREA_RANGES",
     "DetectionEvaluator",
     "box_iou_np",
+    "check_area_ranges",
     "tercile_area_ranges",
     "voc_ap",
 ]
@@ -96,6 +97,21 @@ def tercile_area_ranges(areas: Sequence[float] | np.ndarray) -> dict[str, tuple[
     return {"small": (0.0, float(q1)), "medium": (float(q1), float(q2)), "large": (float(q2), 1e10)}
 
 
+def check_area_ranges(area_ranges: object, name: str = "area_ranges") -> None:
+    """ValueError (naming the setting ``name``) unless ``area_ranges`` is ``"coco"``, ``"terciles"`` or a dict giving each of small,
+    medium and large a (lo, hi) range of areas in px² with 0 <= lo < hi."""
+    if isinstance(area_ranges, str) and area_ranges in ("coco", "terciles"):
+        return
+    if isinstance(area_ranges, Mapping) and set(area_ranges) == {"small", "medium", "large"}:
+        def is_range(r):
+            return (isinstance(r, Sequence) and not isinstance(r, str) and len(r) == 2
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r) and 0 <= r[0] < r[1])
+        if all(is_range(r) for r in area_ranges.values()):
+            return
+    raise ValueError(f"{name} must be 'coco', 'terciles' or {{small, medium, large: (lo, hi)}} with "
+                     f"0 <= lo < hi (px²), got {area_ranges!r}")
+
+
 def _np(x, dtype=None, shape=None) -> np.ndarray:
     if isinstance(x, Tensor):
         x = x.detach().cpu().numpy()
@@ -129,8 +145,7 @@ class DetectionEvaluator:
         max_dets: int = 100,
         class_names: Sequence[str] | None = None,
     ):
-        if not isinstance(area_ranges, Mapping) and area_ranges not in ("coco", "terciles"):
-            raise ValueError(f"area_ranges must be 'coco', 'terciles' or a dict, got {area_ranges!r}")
+        check_area_ranges(area_ranges)
         self.num_classes = num_classes
         self.iou_thresholds = tuple(float(t) for t in iou_thresholds)
         self.use_07_metric = use_07_metric

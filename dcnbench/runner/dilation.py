@@ -46,11 +46,16 @@ def dilation_stats(model: nn.Module, loader: DataLoader, device: torch.device | 
     return stats
 
 
+def check_dilation_buckets(buckets: object) -> None:
+    """ValueError unless ``buckets`` is ``"terciles"`` or ``"paper"`` (see :func:`dilation_metrics`)."""
+    if not isinstance(buckets, str) or buckets not in ("terciles", "paper"):
+        raise ValueError(f"eval.dilation_buckets must be 'terciles' or 'paper', got {buckets!r}")
+
+
 def dilation_metrics(stats: DilationStats, buckets: str = "terciles") -> dict:
     """``effdil_<layer>_<cat>_{mean,std}`` of accumulated dilations, objects bucketed by area:
     ``"terciles"`` (equal thirds of the objects) or ``"paper"`` (Table 2's 96² and 224² px)."""
-    if buckets not in ("terciles", "paper"):
-        raise ValueError(f"eval.dilation_buckets must be 'terciles' or 'paper', got {buckets!r}")
+    check_dilation_buckets(buckets)
     metrics = {}
     for row in stats.summary(buckets).itertuples():
         metrics[f"effdil_{row.layer}_{row.category}_mean"] = float(row.mean)

@@ -11,7 +11,9 @@ Merge order for a cell: ``tier.<section>`` < ``tier.task.<task>.<section>`` < ``
 A definition is checked when it is loaded: an unknown key (a typo such as ``modle`` or
 ``learning_rate``, which would otherwise be ignored and leave a variant equal to its baseline), two
 variants of one name, a variant's task the table lacks, or a cell missing a setting the training
-path needs is an :class:`InvalidSetting` naming the file, the place and the key.
+path needs is an :class:`InvalidSetting` naming the file, the place and the key; so is a cell's
+model, train or eval value the run would reject (e.g. ``dilation_buckets = "tercile"``, which would
+otherwise fail only after the cell had trained).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from dcnbench.errors import InvalidSetting
 from dcnbench.models.build import KNOWN_KEYS as MODEL_KEYS
+from dcnbench.runner.train import check_settings
 
 TASKS = ("deeplab", "rpn", "faster", "rfcn")
 TIERS = ("smoke", "cpu", "paper")
@@ -205,7 +208,7 @@ def expand_cells(spec: dict, tier: str, tasks: list[str] | None = None, seeds: i
             for section in SECTIONS:
                 merged = _merge(tier_spec.get(section, {}), task_over.get(section, {}))
                 config[section] = _merge(merged, variant.get(section, {}))
-            _check_required(spec, config)
+            _check_cell(spec, config)
             for seed in range(n_seeds):
                 cells.append(Cell(spec["table"], tier, task, variant["name"], seed, {**config, "seed": seed}))
     return cells
@@ -225,12 +228,17 @@ def _check_selection(spec: dict, tasks: list[str] | None, variants: list[str] | 
                              "task", "variant")
 
 
-def _check_required(spec: dict, config: dict) -> None:
-    """InvalidSetting when a merged cell config lacks a setting the training path needs."""
+def _check_cell(spec: dict, config: dict) -> None:
+    """InvalidSetting when a merged cell config lacks a setting the training path needs or has a
+    value it would reject (:func:`~dcnbench.runner.train.check_settings`)."""
     needed = [f"train.{k}" for k in REQUIRED["train"] if k not in config["train"]]
     if config["data"].get("source", "synthetic") == "synthetic":
         needed += [f"data.{k}" for k in REQUIRED["synthetic"] if k not in config["data"]]
+    where = f"table {spec['table']}, tier {config['tier']}: the {config['task']} cell of variant {config['variant']!r}"
     if needed:
-        raise InvalidSetting(f"table {spec['table']}, tier {config['tier']}: the {config['task']} cell of variant "
-                             f"{config['variant']!r} lacks {', '.join(needed)} (set them in experiments/tiers.toml "
-                             f"or the table's file)", "table")
+        raise InvalidSetting(f"{where} lacks {', '.join(needed)} (set them in experiments/tiers.toml or the table's "
+                             f"file)", "table")
+    try:
+        check_settings(config)
+    except ValueError as exc:
+        raise InvalidSetting(f"{where}: {exc}", "table") from exc

@@ -37,15 +37,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from dcnbench.data.datasets import SyntheticDataset, build_dataset
 from dcnbench.data.synthetic import SynthConfig
 from dcnbench.data.transforms import collate_detection, collate_segmentation, paper_transforms
-from dcnbench.evaluation.detection import DetectionEvaluator
+from dcnbench.evaluation.detection import DetectionEvaluator, check_area_ranges
 from dcnbench.evaluation.dilation import DilationStats
 from dcnbench.evaluation.segmentation import SegmentationMetric
 from dcnbench.models.backbone import load_backbone_weights
-from dcnbench.models.build import build_model
+from dcnbench.models.build import build_model, check_config
 from dcnbench.ops import backend_for, offset_param_groups
 
 from . import distributed as dist
-from .dilation import dilation_metrics, dilation_stats
+from .dilation import check_dilation_buckets, dilation_metrics, dilation_stats
 
 MODEL_TASK = {"deeplab": "deeplab", "rpn": "rpn", "faster": "faster_rcnn", "rfcn": "rfcn"}
 REAL_SPLITS = {  # dataset source -> (train split, validation split)
@@ -54,6 +54,39 @@ REAL_SPLITS = {  # dataset source -> (train split, validation split)
     "voc_det": ("07+12", "07test"),
     "coco": ("train2017", "val2017"),
 }
+
+
+def check_settings(config: dict) -> None:
+    """ValueError naming the first model, train or eval setting of a cell's ``config`` whose value
+    :func:`run_cell` would reject or misread: :func:`expand_cells` calls it, so a typo in an
+    experiment file fails when the table is loaded, not after a cell has trained (the evaluation
+    settings are read last). The data settings are checked when the data is built, before training."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    rules = (
+        ("train", "iters", "a positive integer", lambda v: is_int(v) and v >= 1),
+        ("train", "batch_size", "a positive integer", lambda v: is_int(v) and v >= 1),
+        ("train", "lr", "a positive number", lambda v: is_number(v) and v > 0),
+        ("train", "momentum", "a number in [0, 1)", lambda v: is_number(v) and 0 <= v < 1),
+        ("train", "weight_decay", "a number >= 0", lambda v: is_number(v) and v >= 0),
+        ("train", "warmup_iters", "an integer >= 0", lambda v: is_int(v) and v >= 0),
+        ("eval", "batch_size", "a positive integer", lambda v: is_int(v) and v >= 1),
+        ("eval", "effective_dilation", "true or false", lambda v: isinstance(v, bool)),
+        ("eval", "voc07_metric", "true or false", lambda v: isinstance(v, bool)),
+    )
+    for section, key, what, ok in rules:
+        if key in config[section] and not ok(config[section][key]):
+            raise ValueError(f"{section}.{key} must be {what}, got {config[section][key]!r}")
+    try:
+        check_config({k: v for k, v in config["model"].items() if k != "weights"})
+    except ValueError as exc:
+        raise ValueError(f"model {exc}") from exc
+    check_area_ranges(config["eval"].get("area_ranges", "terciles"), name="eval.area_ranges")
+    check_dilation_buckets(config["eval"].get("dilation_buckets", "terciles"))
 
 
 def build_data(task: str, data: dict) -> tuple[Dataset, Dataset, int]:
@@ -228,6 +261,7 @@ def save_checkpoint(model: nn.Module, config: dict, path: Path) -> None:
 
 def run_cell(config: dict, log: TextIO, checkpoint: Path | None = None) -> dict:
     """Train and evaluate one cell; save its weights to ``checkpoint`` (and the config beside it)."""
+    check_settings(config)
     task, seed = config["task"], config["seed"]
     torch.manual_seed(seed)
     train_set, val_set, num_classes = build_data(task, config["data"])
