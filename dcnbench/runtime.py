@@ -258,6 +258,7 @@ def run_runtime(
     ``on_round(model)`` is called after each of a model's ``1 + repeats`` rounds (progress)."""
     from dcnbench.runner.results import command_line, git_commit, machine
 
+    commit = git_commit()  # the code that runs: the tree may change during an hours-long run
     dev = torch.device(device)
     backend = backend_for(torch.empty(0, device=dev))
     float32_mode, machine_name = "", machine()
@@ -302,7 +303,7 @@ def run_runtime(
                 "loadavg_1m": f"{load_before:.2f}/{load_after:.2f}",
                 "backend": backend, "threads": torch.get_num_threads(), "float32_mode": float32_mode, "machine": machine_name,
                 "torch": torch.__version__,
-                "git_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "git_commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "command": command_line(),
             }
             log(f"  {variant}: net forward {row['net_forward_s']} s, runtime {row['runtime_s']} s")

@@ -136,7 +136,7 @@ def test_rows_count_as_done_or_reusable_only_for_the_same_process_count(tmp_path
     (atrous2,) = ablation_cells(3, "smoke", ["deeplab"], variants=["atrous-2"])
     assert none.run_hash == atrous2.run_hash
     t1, t3, console = tmp_path / "table1_smoke.csv", tmp_path / "table3_smoke.csv", Console(quiet=True)
-    append_row(t1, sweep._row(none, {"miou": 10.0, "wall_s": 1.0, "device": "cpu", "threads": 1}))
+    append_row(t1, sweep._row(none, {"miou": 10.0, "wall_s": 1.0, "device": "cpu", "threads": 1}, "abc"))
 
     def fake_run(config, log_path, checkpoint, threads):
         return {"miou": 20.0, "wall_s": 1.0, "device": f"cpu x{dist.world_size()}", "threads": threads}

@@ -144,6 +144,17 @@ def test_rows_record_the_command_that_ran_them(tmp_path, monkeypatch):
     assert row["command"] == "dcnbench ablate --table 1 --out 'my out'"
 
 
+def test_rows_record_the_commit_the_sweep_started_from(tmp_path, monkeypatch):
+    """Before: each row read the commit when it was written, so a tree changed (a stash, a branch
+    switch) during a sweep labelled rows run with the old configs by the new commit."""
+    monkeypatch.setattr(sweep, "_run_in_worker", fake_run)
+    commits = iter(f"commit{i}" for i in range(100))
+    monkeypatch.setattr(sweep, "git_commit", lambda: next(commits))
+    csv_path = tmp_path / "table1_smoke.csv"
+    sweep.run_sweep(_cells(["a", "b"]), csv_path, tmp_path / "logs", tmp_path / "ckpt", 1, Console(quiet=True))
+    assert [r["git_commit"] for r in read_rows(csv_path)] == ["commit0", "commit0"]
+
+
 def _definitions(tmp_path: Path, table_text: str) -> Path:
     shutil.copy(EXPERIMENTS_DIR / "tiers.toml", tmp_path / "tiers.toml")
     (tmp_path / "table1.toml").write_text(textwrap.dedent("""

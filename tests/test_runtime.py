@@ -32,6 +32,8 @@ def test_tiny_scale_run_writes_its_own_csv_and_resumes(tmp_path, monkeypatch):
     args = ["runtime", "--scale", "0.05", "--repeats", "2", "--model", "R-FCN",
             "--results-dir", str(tmp_path)]
     monkeypatch.setattr("sys.argv", ["/usr/bin/dcnbench", *args])  # as the CLI is started
+    commits = iter(f"commit{i}" for i in range(100))  # a tree that changes between reads
+    monkeypatch.setattr("dcnbench.runner.results.git_commit", lambda: next(commits))
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "table4_runtime_cpu.csv").exists()
@@ -45,7 +47,7 @@ def test_tiny_scale_run_writes_its_own_csv_and_resumes(tmp_path, monkeypatch):
         # every time to the microsecond, so ~10 ms GPU forwards keep their ratios' third decimal
         times = [r["net_forward_s"], r["runtime_s"], *r["net_forward_all_s"].split(), *r["runtime_all_s"].split()]
         assert all(len(t.split(".")[1]) == 6 for t in times)
-        assert r["git_commit"] and r["machine"] and r["backend"] in ("reference", "native")
+        assert r["git_commit"] == "commit0" and r["machine"] and r["backend"] in ("reference", "native")  # at the start
         assert r["command"] == f"dcnbench runtime --scale 0.05 --repeats 2 --model R-FCN --results-dir {tmp_path}"
     assert rows[0]["input_hw"] == "30x40" and rows[0]["raw_hw"] == "375x500" and rows[0]["proposals"] == "300"
     assert int(rows[1]["params"]) > int(rows[0]["params"])

@@ -82,11 +82,13 @@ def command_line() -> str:
     return shlex.join(["python", *sys.argv])
 
 
-def provenance() -> dict:
-    """The run-independent provenance columns."""
+def provenance(commit: str | None = None) -> dict:
+    """The run-independent provenance columns; ``commit``, when given, is the :func:`git_commit` a
+    long job read when it started (the tree may change while it runs: a row records the code that
+    ran it, not the checkout it was written from)."""
     return {
         "command": command_line(),
-        "git_commit": git_commit(),
+        "git_commit": git_commit() if commit is None else commit,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine(),
         "torch": torch.__version__,

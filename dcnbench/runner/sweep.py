@@ -19,7 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import distributed as dist
 from .experiment import Cell
-from .results import KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, finished_keys, processes, provenance, read_rows
+from .results import (KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, finished_keys, git_commit, processes, provenance,
+                      read_rows)
 
 
 @dataclass
@@ -61,12 +62,14 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
     processes with ``cpu_count // jobs`` threads apiece; only this process writes the CSV. A failing
     cell is logged and reported; the others go on. A worker that dies (killed, out of memory) takes
     the runs in flight with it: each of them is rerun alone, and the one whose worker dies alone fails.
+    Rows record the git commit of the checkout as the sweep started (the cells' configs were read then).
     """
     console = console or Console()
+    commit = git_commit()
     if dist.is_main():
         _reuse_identical_runs(cells, csv_path, reuse_from, console)
     if dist.is_distributed():
-        return _run_sweep_distributed(cells, csv_path, log_dir, checkpoint_dir, console)
+        return _run_sweep_distributed(cells, csv_path, log_dir, checkpoint_dir, console, commit)
     done = finished_keys(_same_world(read_rows(csv_path)))
     todo = [c for c in cells if c.key not in done]
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +122,7 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
                     else:
                         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                           if isinstance(v, float) and k != "wall_s")
-                        kept = "" if append_row(csv_path, _row(cell, metrics)) else \
+                        kept = "" if append_row(csv_path, _row(cell, metrics, commit)) else \
                             "; another sweep into this folder wrote this run first, its row is kept"
                         progress.console.print(f"done {cell.name}: {shown} ({metrics['wall_s']:.0f} s){kept}")
                     progress.advance(bar)
@@ -156,9 +159,10 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-def _row(cell: Cell, metrics: dict) -> dict:
+def _row(cell: Cell, metrics: dict, commit: str) -> dict:
     return {"table": cell.table, "tier": cell.tier, "task": cell.task, "variant": cell.variant,
-            "seed": cell.seed, **metrics, "config_hash": cell.config_hash, "run_hash": cell.run_hash, **provenance()}
+            "seed": cell.seed, **metrics, "config_hash": cell.config_hash, "run_hash": cell.run_hash,
+            **provenance(commit)}
 
 
 def _same_world(rows: list[dict]) -> list[dict]:
@@ -185,7 +189,7 @@ def _reuse_identical_runs(cells: list[Cell], csv_path: Path, sources: list[Path]
 
 
 def _run_sweep_distributed(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: Path,
-                           console: Console) -> SweepReport:
+                           console: Console, commit: str) -> SweepReport:
     """Under torchrun: every rank runs the cells one after the other, in this process.
 
     Rank 0 reads the CSV and sends the todo list to all; it alone writes rows, checkpoints and
@@ -201,7 +205,7 @@ def _run_sweep_distributed(cells: list[Cell], csv_path: Path, log_dir: Path, che
         log_path = log_dir / (f"{cell.name}.log" if main else f"{cell.name}.rank{dist.rank()}.log")
         metrics = _run_in_worker(cell.config, log_path, checkpoint_dir / f"{cell.name}.pt", threads)
         if main:
-            append_row(csv_path, _row(cell, metrics))
+            append_row(csv_path, _row(cell, metrics, commit))
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "wall_s")
             console.print(f"[{i}/{len(todo)}] done {cell.name}: {shown} ({metrics['wall_s']:.0f} s, "
                           f"{dist.world_size()} processes)")
