@@ -150,10 +150,10 @@ def test_rows_count_as_done_or_reusable_only_for_the_same_process_count(tmp_path
     t3.unlink()
     sweep._reuse_identical_runs([atrous2], t3, [t1], console)
     assert read_rows(t3) == []
-    report = sweep._run_sweep_distributed([none], t1, tmp_path / "logs", tmp_path / "ckpt", console)
+    report = sweep._run_sweep_distributed([none], t1, tmp_path / "logs", tmp_path / "ckpt", console, "abc")
     assert (report.ran, report.skipped) == (1, 0)
     assert [r["device"] for r in read_rows(t1)] == ["cpu", "cpu x2"]
-    assert sweep._run_sweep_distributed([none], t1, tmp_path / "logs", tmp_path / "ckpt", console).skipped == 1
+    assert sweep._run_sweep_distributed([none], t1, tmp_path / "logs", tmp_path / "ckpt", console, "abc").skipped == 1
     sweep._reuse_identical_runs([atrous2], t3, [t1], console)
     assert [(r["device"], r["miou"]) for r in read_rows(t3)] == [("cpu x2", "20")]
     stats = sweep.summarize(t1, [none]).set_index("metric")
