@@ -483,6 +483,61 @@ def test_torch_export_runs_reloaded_and_at_other_shapes(tmp_path):
             torch.testing.assert_close(reloaded(*inputs), model(*inputs))
 
 
+def test_exported_roi_pooling_refuses_bad_boxes_when_it_runs(tmp_path):
+    """The boxes' values are checked inside the op, so an exported program (which skips the checks
+    while it is traced) refuses a batch index off the input as eager does: it read past the map
+    (garbage, or a segfault for index 1e6)."""
+    model = _ConvThenPool().eval()
+    x, rois, offset = torch.randn(1, 3, 10, 12), torch.tensor([[0, 1.0, 1, 15, 12]]), torch.zeros(1, 2, 2, 2)
+    with use_backend("native"), torch.no_grad():
+        program = torch.export.export(model, (x, rois, offset)).module()
+        for index in (1.0, 1e6, -1e6, 0.5):
+            with pytest.raises(ValueError, match=r"rois\[:, 0\] must hold integer batch indices in \[0, 0\]"):
+                program(x, torch.tensor([[index, 1.0, 1, 15, 12]]), offset)
+        with pytest.raises(ValueError, match="rois must hold finite box coordinates"):
+            program(x, torch.tensor([[0, 1.0, float("nan"), 15, 12]]), offset)
+
+
+def test_roi_pooling_compiles_with_fullgraph(cpu_backend):
+    """torch.compile(fullgraph=True) of the public RoI pooling: the value checks of the boxes ran
+    in the traced code and broke the graph on their data-dependent branch; they now run inside the
+    op (kernels) or before the reference, where they still refuse a bad batch index."""
+    torch._dynamo.reset()
+    x, rois = torch.randn(1, 8, 8, 8), torch.tensor([[0.0, 1, 1, 6, 6]])
+    offset = 0.1 * torch.randn(1, 2, 2, 2)
+    pool = lambda i, r, o: deform_ps_roi_pool(i, r, o, output_size=2, spatial_scale=0.5, sampling_ratio=2)  # noqa: E731
+    compiled = torch.compile(pool, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, rois, offset), pool(x, rois, offset))
+    if cpu_backend == "native":
+        with pytest.raises(ValueError, match=r"rois\[:, 0\] must hold integer batch indices"):
+            compiled(x, torch.tensor([[1.0, 1, 1, 6, 6]]), offset)
+
+
+@pytest.mark.parametrize("call,error", [
+    (lambda x, w: torch.ops.dcnbench.deform_conv2d(x, torch.zeros(1, 18, 6, 6), w, None, None, [1, 1], [1, 1],
+                                                   [1, 1]), r"offset must have shape \(4, 2\*offset_groups"),
+    (lambda x, w: torch.ops.dcnbench.deform_conv2d(x, torch.zeros(4, 18, 60, 60), w, None, None, [1, 1], [1, 1],
+                                                   [1, 1]), r"offset must have shape \(4, 2\*offset_groups"),
+    (lambda x, w: torch.ops.dcnbench.deform_conv2d(x, torch.zeros(4, 18, 6, 6), w, None, torch.zeros(1, 9, 1, 1),
+                                                   [1, 1], [1, 1], [1, 1]), r"mask must have shape \(4, 9, 6, 6\)"),
+    (lambda x, w: torch.ops.dcnbench.deform_conv2d_backward(torch.zeros(4, 2, 5, 5), x, torch.zeros(4, 18, 6, 6), w,
+                                                            None, None, [1, 1], [1, 1], [1, 1]),
+     r"grad_output must have the output's shape \(4, 2, 6, 6\)"),
+    (lambda x, w: torch.ops.dcnbench.deform_roi_pool(x, torch.tensor([[0.0, 1, 1, 4, 4]]), torch.zeros(2, 2, 2, 2),
+                                                     [2, 2], 1.0, 2, 0.1, False), r"offset must have shape \(1, 2\*n"),
+    (lambda x, w: torch.ops.dcnbench.deform_roi_pool_backward(torch.zeros(1, 2, 3, 3), x,
+                                                              torch.tensor([[0.0, 1, 1, 4, 4]]), None, [2, 2], 1.0,
+                                                              2, 0.1, False),
+     r"grad_output must have the output's shape \(1, 2, 2, 2\)"),
+])
+def test_the_custom_ops_called_directly_check_their_arguments(call, error):
+    """The kernels behind ``torch.ops.dcnbench.*`` trusted their callers' shapes: an offset of
+    another batch or map size, or a mask of one pixel, was read past its end (garbage, NaN)."""
+    x, w = torch.randn(4, 2, 6, 6), torch.randn(2, 2, 3, 3)
+    with pytest.raises(ValueError, match=error):
+        call(x, w)
+
+
 def test_torch_func_transforms_run_the_reference(cpu_backend):
     """torch.func.vmap and torch.func.grad work (inside a transform the reference runs, whatever
     the backend) and equal the batched call and autograd's gradient."""

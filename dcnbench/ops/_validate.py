@@ -215,6 +215,34 @@ def rois_to_tensor(rois: Tensor | Sequence[Tensor], input: Tensor) -> Tensor:
     raise TypeError(f"rois must be a (K, 5) tensor or a list of (Ki, 4) tensors, got {type(rois).__name__}")
 
 
+def check_roi_values(input: Tensor, rois: Tensor) -> None:
+    """ValueError unless every row of the (K, 5) ``rois`` has an integer batch index of ``input``
+    and finite box coordinates: the kernels index the map by them, so this runs where the values
+    are, inside the op (also under ``torch.compile`` and in an exported program) and before the
+    reference; a no-op on tensors without values. One host sync on CUDA."""
+    if rois.shape[0] == 0 or not has_values(rois):
+        return
+    idx = rois[:, 0]
+    bad_index = (idx < 0) | (idx >= input.shape[0]) | (idx != idx.floor())
+    bad_box = ~torch.isfinite(rois[:, 1:]).all(dim=1)
+    if bool((bad_index | bad_box).any()):  # one host sync for both checks
+        if bool(bad_index.any()):
+            raise ValueError(
+                f"rois[:, 0] must hold integer batch indices in [0, {input.shape[0] - 1}] for input of batch "
+                f"{input.shape[0]}, got {idx[bad_index][0].item()}"
+            )
+        row = int(bad_box.nonzero()[0, 0])
+        raise ValueError(f"rois must hold finite box coordinates, got {rois[row].tolist()} in row {row}")
+
+
+def check_grad_output(grad_output: Tensor, shape: tuple[int, ...], input: Tensor) -> None:
+    """A backward's ``grad_output`` must have its forward's output ``shape``, dtype and device."""
+    require_tensor(grad_output, "grad_output", len(shape))
+    require_like(grad_output, input, "grad_output", "input")
+    if tuple(grad_output.shape) != tuple(shape):
+        raise ValueError(f"grad_output must have the output's shape {tuple(shape)}, got {tuple(grad_output.shape)}")
+
+
 def check_pool_settings(output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int,
                         gamma: float) -> None:
     """RoI pooling's settings: bins >= 1 per side, an int sampling_ratio >= 1, a finite
@@ -229,13 +257,12 @@ def check_pool_settings(output_size: tuple[int, int], spatial_scale: float, samp
 
 
 def has_values(tensor: Tensor) -> bool:
-    """Whether ``tensor``'s values can be read (for value checks): not on the meta device and not a
-    fake tensor (``FakeTensorMode``, ``make_fx``, ``torch.export``), which carry shapes only. Under
-    ``torch.compile`` the checks stay (they run in eager code between the compiled graphs)."""
-    if torch.compiler.is_exporting():
+    """Whether ``tensor``'s values can be read (for value checks): not on the meta device, not a
+    fake tensor (``FakeTensorMode``, ``make_fx``), and not while ``torch.compile`` or
+    ``torch.export`` trace (their tensors are symbolic: a check would break the graph). The kernels'
+    checks run inside the ops, so compiled and exported programs still make them when they run."""
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
         return False
-    if torch.compiler.is_compiling():
-        return True
     if tensor.device.type == "meta":
         return False
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None and not _is_fake(tensor)
@@ -273,18 +300,6 @@ def check_roi_pool(
     else:
         out_c = c
     k = rois.shape[0]
-    if k > 0 and has_values(rois):
-        idx = rois[:, 0]
-        bad_index = (idx < 0) | (idx >= input.shape[0]) | (idx != idx.floor())
-        bad_box = ~torch.isfinite(rois[:, 1:]).all(dim=1)
-        if bool((bad_index | bad_box).any()):  # one host sync for both checks
-            if bool(bad_index.any()):
-                raise ValueError(
-                    f"rois[:, 0] must hold integer batch indices in [0, {input.shape[0] - 1}] for input of batch "
-                    f"{input.shape[0]}, got {idx[bad_index][0].item()}"
-                )
-            row = int(bad_box.nonzero()[0, 0])
-            raise ValueError(f"rois must hold finite box coordinates, got {rois[row].tolist()} in row {row}")
     if offset is not None:
         require_tensor(offset, "offset", 4)
         require_like(offset, input, "offset", "input")

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._validate import check_counts, check_pool_settings, check_roi_pool, pair, require_channels, rois_to_tensor
+from ._validate import (check_counts, check_pool_settings, check_roi_pool, check_roi_values, pair, require_channels,
+                        rois_to_tensor)
 from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_roi_pool_kernels, float32_on_cpu
 
 Rois = Tensor | Sequence[Tensor]
@@ -28,6 +29,7 @@ def _roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, g
                          position_sensitive).to(input.dtype)
     spatial_scale, gamma, sampling_ratio = float(spatial_scale), float(gamma), int(sampling_ratio)
     if backend_for(input) == "reference":
+        check_roi_values(input, rois)  # the kernels check them inside the op (dispatch.py)
         return reference.roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive)
     return deform_roi_pool_kernels(
         input.contiguous(), rois.contiguous(), None if offset is None else offset.contiguous(),

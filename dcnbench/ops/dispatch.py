@@ -10,7 +10,8 @@ The kernel backends run inside the custom ops ``dcnbench::deform_conv2d`` and
 ``dcnbench::deform_roi_pool`` (and their ``_backward`` twins), which carry fake implementations and
 autograd formulas, so ``torch.compile(fullgraph=True)`` traces through them. An op picks its kernels
 from its tensors' device when it runs (native on the CPU, cuda on CUDA), so a graph exported or
-traced on one device runs on the other.
+traced on one device runs on the other; it checks its arguments (shapes, and the boxes' values) when
+it runs, as the public ops do, since nothing else checks a direct call or an exported program's.
 
 A call uses the first available of native (CPU) or cuda (CUDA), else the reference. Force one with
 ``use_backend("reference")`` (a context manager) or the environment variable ``DCNBENCH_BACKEND``;
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import cuda, native
+from ._validate import check_deform_conv2d, check_grad_output, check_roi_pool, check_roi_values, rois_to_tensor
 
 BACKENDS = ("reference", "native", "cuda")
 _KERNEL_MODULES: dict[str, ModuleType] = {"native": native, "cuda": cuda}
@@ -183,6 +185,9 @@ def deform_conv2d_op(
 
 
 def _deform_conv2d_forward_kernels(input, offset, weight, bias, mask, stride, padding, dilation) -> Tensor:
+    # The public op checked these already; the op itself (called directly, or from an exported
+    # program, where nothing else checks) must not hand the kernels shapes they would read past.
+    check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     return _kernels_on(input.device).deform_conv2d_forward(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
@@ -194,6 +199,8 @@ def _(input, offset, weight, bias, mask, stride, padding, dilation):
 
 def _deform_conv2d_backward_kernels(grad_output, input, offset, weight, bias, mask, stride, padding, dilation):
     """Grads of (input, offset, weight, bias or None, mask or None)."""
+    check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    check_grad_output(grad_output, (input.shape[0], weight.shape[0], *offset.shape[2:]), input)
     return _kernels_on(input.device).deform_conv2d_backward(grad_output, input, offset, weight, bias, stride, padding,
                                                             dilation, mask)
 
@@ -236,6 +243,16 @@ deform_conv2d_op.register_autograd(_deform_conv2d_backward_with(deform_conv2d_ba
                                    setup_context=_deform_conv2d_setup)
 
 
+def _check_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
+                         position_sensitive) -> int:
+    """The checks of the public op, values of the boxes included; returns the output channels."""
+    rois = rois_to_tensor(rois, input)
+    out_c = check_roi_pool(input, rois, offset, tuple(output_size), spatial_scale, sampling_ratio, gamma,
+                           position_sensitive)
+    check_roi_values(input, rois)
+    return out_c
+
+
 @torch.library.custom_op("dcnbench::deform_roi_pool", mutates_args=())
 def deform_roi_pool_op(
     input: Tensor, rois: Tensor, offset: Tensor | None, output_size: list[int], spatial_scale: float,
@@ -247,6 +264,9 @@ def deform_roi_pool_op(
 
 def _roi_pool_forward_kernels(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
                               position_sensitive) -> Tensor:
+    # The boxes' values are checked here, where they are known, in eager calls, under torch.compile
+    # and in exported programs alike (the kernels index the map by them); shapes as in the backward.
+    _check_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive)
     return _kernels_on(input.device).roi_pool_forward(
         input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive
     )
@@ -261,6 +281,9 @@ def _(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, po
 def _roi_pool_backward_kernels(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
                                position_sensitive):
     """Grads of (input, offset or None)."""
+    out_c = _check_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
+                                 position_sensitive)
+    check_grad_output(grad_output, (rois.shape[0], out_c, *output_size), input)
     return _kernels_on(input.device).roi_pool_backward(
         grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive
     )
