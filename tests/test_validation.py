@@ -150,6 +150,13 @@ def roi_args(**overrides):
         (dict(spatial_scale=float("inf")), ValueError, r"spatial_scale must be finite and > 0, got inf"),
         (dict(spatial_scale=0.0), ValueError, r"spatial_scale must be finite and > 0, got 0.0"),
         (dict(offset=torch.randn(2, 2, 3, 3), gamma=float("nan")), ValueError, r"gamma must be finite, got nan"),
+        # were TypeErrors of a comparison or AttributeErrors naming no argument
+        (dict(spatial_scale="0.5"), TypeError, r"spatial_scale must be a real number, got '0.5'"),
+        (dict(spatial_scale=None), TypeError, r"spatial_scale must be a real number, got None"),
+        (dict(spatial_scale=torch.tensor([1.0, 2.0])), TypeError, r"spatial_scale must be a real number, got tensor"),
+        (dict(gamma=None), TypeError, r"gamma must be a real number, got None"),
+        (dict(gamma=1j), TypeError, r"gamma must be a real number, got 1j"),
+        (dict(input=None), TypeError, r"input must be a torch.Tensor, got NoneType"),
     ],
 )
 def test_roi_pool_bad_input(op, overrides, error, pattern):

@@ -250,10 +250,20 @@ def check_pool_settings(output_size: tuple[int, int], spatial_scale: float, samp
     if min(output_size) < 1:
         raise ValueError(f"output_size must be positive, got {output_size}")
     check_counts(sampling_ratio=sampling_ratio)
-    if not (spatial_scale > 0 and math.isfinite(spatial_scale)):
+    if not (_real(spatial_scale, "spatial_scale") > 0 and math.isfinite(spatial_scale)):
         raise ValueError(f"spatial_scale must be finite and > 0, got {spatial_scale}")
-    if not math.isfinite(gamma):
+    if not math.isfinite(_real(gamma, "gamma")):
         raise ValueError(f"gamma must be finite, got {gamma}")
+
+
+def _real(value: object, name: str) -> float:
+    """``value`` as a float: a real number or a one-element tensor (not a bool or a string)."""
+    if not isinstance(value, (bool, str, complex)):
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{name} must be a real number, got {value!r}")
 
 
 def has_values(tensor: Tensor) -> bool:

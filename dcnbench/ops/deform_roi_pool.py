@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._validate import (check_counts, check_pool_settings, check_roi_pool, check_roi_values, pair, require_channels,
-                        rois_to_tensor)
+                        require_tensor, rois_to_tensor)
 from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_roi_pool_kernels, float32_on_cpu
 
 Rois = Tensor | Sequence[Tensor]
@@ -17,8 +17,8 @@ Rois = Tensor | Sequence[Tensor]
 
 def _roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive) -> Tensor:
     output_size = pair(output_size, "output_size")
-    if isinstance(input, torch.Tensor):
-        input, offset = autocast_cast(autocast_dtype(input.device.type), input, offset)
+    require_tensor(input, "input", 4)  # before the rois, which are read against it
+    input, offset = autocast_cast(autocast_dtype(input.device.type), input, offset)
     rois = rois_to_tensor(rois, input)
     # Boxes keep at least float32 precision (a 600 px coordinate in bfloat16 is off by pixels).
     rois = rois.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
