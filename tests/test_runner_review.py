@@ -212,6 +212,7 @@ def test_a_cell_missing_a_training_setting_is_refused_before_any_run(tmp_path):
     ('train = { lr = "0.01" }', "train.lr must be a positive number, got '0.01'"),
     ('train = { momentum = 1.0 }', r"train.momentum must be a number in \[0, 1\), got 1.0"),
     ('model = { width = 0 }', "model config 'width' must be a positive integer, got 0"),
+    ('data = { num_train = 3 }', r"data.num_train \(3\) must be at least train.batch_size \(4\)"),  # the loop spun
 ])
 def test_a_bad_value_in_a_definition_is_refused_when_it_is_loaded(tmp_path, text, error):
     """Before: an evaluation setting was read only after the cell had trained (a misspelled
@@ -220,6 +221,17 @@ def test_a_bad_value_in_a_definition_is_refused_when_it_is_loaded(tmp_path, text
     directory = _definitions(tmp_path, f'[[variants]]\nname = "x"\n{text}\n')
     with pytest.raises(InvalidSetting, match=f"tier smoke: the deeplab cell of variant 'x': {error}"):
         expand_cells(load_experiment(1, directory), "smoke")
+
+
+def test_training_on_fewer_images_than_a_batch_stops_instead_of_spinning():
+    """A real dataset smaller than a batch (not known when the table is loaded): every incomplete
+    batch is dropped, and the endless pass over the loader used to spin without a batch."""
+    from torch.utils.data import TensorDataset
+
+    from dcnbench.runner.train import _forever, _loader
+
+    with pytest.raises(ValueError, match=r"the training set \(3 images\) is smaller than one batch"):
+        next(_forever(_loader(TensorDataset(torch.zeros(3, 1)), "rpn", 4, True, 0)))
 
 
 def test_ablate_reports_a_bad_definition_as_a_usage_error(tmp_path, monkeypatch):

@@ -60,7 +60,8 @@ def check_settings(config: dict) -> None:
     """ValueError naming the first model, train or eval setting of a cell's ``config`` whose value
     :func:`run_cell` would reject or misread: :func:`expand_cells` calls it, so a typo in an
     experiment file fails when the table is loaded, not after a cell has trained (the evaluation
-    settings are read last). The data settings are checked when the data is built, before training."""
+    settings are read last), or a synthetic training set smaller than one batch. The other data
+    settings are checked when the data is built, before training."""
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -87,6 +88,10 @@ def check_settings(config: dict) -> None:
         raise ValueError(f"model {exc}") from exc
     check_area_ranges(config["eval"].get("area_ranges", "terciles"), name="eval.area_ranges")
     check_dilation_buckets(config["eval"].get("dilation_buckets", "terciles"))
+    num_train, batch = config["data"].get("num_train"), config["train"].get("batch_size", 1)
+    if config["data"].get("source", "synthetic") == "synthetic" and is_int(num_train) and num_train < batch:
+        raise ValueError(f"data.num_train ({num_train}) must be at least train.batch_size ({batch}): incomplete "
+                         f"batches are dropped, so none would train")
 
 
 def build_data(task: str, data: dict) -> tuple[Dataset, Dataset, int]:
@@ -130,12 +135,20 @@ def _loader(dataset: Dataset, task: str, batch_size: int, shuffle: bool, seed: i
 
 
 def _forever(loader: DataLoader):
+    """The loader's batches, pass after pass; ValueError when a pass yields none (fewer training
+    images than a batch, whose incomplete batch is dropped: the loop spun forever)."""
     epoch = 0
     while True:
         if isinstance(loader.sampler, DistributedSampler):  # a new shuffle and new flips per pass
             loader.sampler.set_epoch(epoch)
             loader.dataset.epoch = epoch
-        yield from loader
+        batches = 0
+        for batch in loader:
+            batches += 1
+            yield batch
+        if batches == 0:
+            raise ValueError(f"the training set ({len(loader.dataset)} images) is smaller than one batch "
+                             f"(train.batch_size {loader.batch_size * dist.world_size()}): no batch to train on")
         epoch += 1
 
 
