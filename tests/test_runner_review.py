@@ -155,6 +155,23 @@ def test_rows_record_the_commit_the_sweep_started_from(tmp_path, monkeypatch):
     assert [r["git_commit"] for r in read_rows(csv_path)] == ["commit0", "commit0"]
 
 
+def test_sweep_threads_share_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """Before: os.cpu_count() // jobs, so OMP_NUM_THREADS=1 or taskset -c 0 on a 2-core machine
+    still gave 2 threads a worker (a 50x slowdown measured on a loaded machine)."""
+    from dcnbench.runner.results import cpu_budget
+
+    monkeypatch.setattr(sweep, "_run_in_worker", fake_run)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_budget() == 1
+    csv_path = tmp_path / "table1_smoke.csv"
+    sweep.run_sweep(_cells(["a"]), csv_path, tmp_path / "logs", tmp_path / "ckpt", 1, Console(quiet=True))
+    assert [r["threads"] for r in read_rows(csv_path)] == ["1"]
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_budget() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert cpu_budget() == 1
+
+
 def _definitions(tmp_path: Path, table_text: str) -> Path:
     shutil.copy(EXPERIMENTS_DIR / "tiers.toml", tmp_path / "tiers.toml")
     (tmp_path / "table1.toml").write_text(textwrap.dedent("""

@@ -251,7 +251,7 @@ def update_reference(tables=SMOKE_TABLES, seeds: int = 3, jobs: int = 1, k: floa
                      floor_abs: float = DEFAULT_FLOOR_ABS, floor_rel: float = DEFAULT_FLOOR_REL,
                      directory: Path | None = None, work_dir: Path | None = None) -> list[Path]:
     """Run the smoke tier with ``seeds`` seeds and write the reference CSVs and reference.json."""
-    from dcnbench.runner.results import provenance
+    from dcnbench.runner.results import cpu_budget, provenance
 
     if seeds < 3:
         raise ValueError("the reference needs >= 3 seeds to measure a spread")
@@ -264,7 +264,7 @@ def update_reference(tables=SMOKE_TABLES, seeds: int = 3, jobs: int = 1, k: floa
             if failed:
                 raise RuntimeError(f"table {table}: {len(failed)} smoke runs failed, e.g. {failed[0]}")
             written.append(write_reference(directory, table, reference_rows(table, rows, k, floor_abs, floor_rel)))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, cpu_budget() // jobs)
     measured = {"seeds": seeds, "jobs": jobs, "threads": threads, **provenance(),
                 "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     meta_path = directory / "reference.json"
@@ -566,7 +566,7 @@ def check_cpu_probe(probe: tuple[int, str, str] = CPU_PROBE, root: Path | None =
     learn nothing; this cell does (DeepLab res5a-c: mIoU ~27 where predicting background everywhere
     scores 12.8), so a change that stops training from learning fails here. ~100 s on 2 cores."""
     from dcnbench.runner.experiment import expand_cells, load_experiment
-    from dcnbench.runner.results import read_rows
+    from dcnbench.runner.results import cpu_budget, read_rows
 
     table, task, variant = probe
     report = CheckReport()
@@ -581,7 +581,7 @@ def check_cpu_probe(probe: tuple[int, str, str] = CPU_PROBE, root: Path | None =
         report.problems.append(Problem(f"table {table} cpu {task}/{variant}", "2+ committed runs of the current config",
                                        str(len(rows)), "rerun the cell's seeds with `dcnbench ablate`"))
         return report
-    jobs = max(1, (os.cpu_count() or 1) // max(int(r["threads"]) for r in rows))
+    jobs = max(1, cpu_budget() // max(int(r["threads"]) for r in rows))
     with tempfile.TemporaryDirectory(prefix="dcnbench-probe-") as tmp:
         fresh = _run_probe(table, task, variant, jobs, Path(tmp))
     report.extend(compare_to_reference(table, reference_rows(table, rows), fresh, tier="cpu"))

@@ -62,6 +62,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_budget() -> int:
+    """CPUs this process may use, which sweeps share out as threads: ``$OMP_NUM_THREADS`` when set,
+    else the CPUs it may run on (``taskset``, cpusets), capped by a cgroup CPU quota (containers);
+    ``os.cpu_count()`` counts the host's."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
 def machine() -> str:
     """CPU model and core count, e.g. ``Intel Xeon ... x2``."""
     return f"{cpu_model()} x{os.cpu_count()}"

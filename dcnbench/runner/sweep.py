@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import distributed as dist
 from .experiment import Cell
-from .results import (KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, finished_keys, git_commit, processes, provenance,
-                      read_rows)
+from .results import (KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, cpu_budget, finished_keys, git_commit, processes,
+                      provenance, read_rows)
 
 
 @dataclass
@@ -59,9 +59,10 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
     not run again: that row is copied with this cell's table, variant and config hash, its own
     provenance kept, and ``reused_from`` naming the source. Each run logs to ``log_dir/<cell>.log``
     and saves its weights to ``checkpoint_dir/<cell>.pt``. Cells run in ``jobs`` spawned worker
-    processes with ``cpu_count // jobs`` threads apiece; only this process writes the CSV. A failing
-    cell is logged and reported; the others go on. A worker that dies (killed, out of memory) takes
-    the runs in flight with it: each of them is rerun alone, and the one whose worker dies alone fails.
+    processes with ``cpu_budget() // jobs`` threads apiece (:func:`~.results.cpu_budget`); only this
+    process writes the CSV. A failing cell is logged and reported; the others go on. A worker that
+    dies (killed, out of memory) takes the runs in flight with it: each of them is rerun alone, and
+    the one whose worker dies alone fails.
     Rows record the git commit of the checkout as the sweep started (the cells' configs were read then).
     """
     console = console or Console()
@@ -73,7 +74,7 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
     done = finished_keys(_same_world(read_rows(csv_path)))
     todo = [c for c in cells if c.key not in done]
     log_dir.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, cpu_budget() // jobs)
     failed: list[tuple[str, str]] = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
@@ -200,7 +201,7 @@ def _run_sweep_distributed(cells: list[Cell], csv_path: Path, log_dir: Path, che
     done = dist.broadcast(finished_keys(_same_world(read_rows(csv_path))) if main else None)
     todo = [c for c in cells if c.key not in done]
     log_dir.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // dist.local_world_size())
+    threads = max(1, cpu_budget() // dist.local_world_size())
     for i, cell in enumerate(todo, 1):
         log_path = log_dir / (f"{cell.name}.log" if main else f"{cell.name}.rank{dist.rank()}.log")
         metrics = _run_in_worker(cell.config, log_path, checkpoint_dir / f"{cell.name}.pt", threads)
