@@ -172,6 +172,25 @@ def test_sweep_threads_share_the_cpus_this_process_may_use(tmp_path, monkeypatch
     assert cpu_budget() == 1
 
 
+def test_a_cell_another_sweep_is_running_is_skipped_not_run_twice(tmp_path, monkeypatch):
+    """Two sweeps into one folder ran the same cell at once: each truncated the other's log, and
+    one failed renaming the checkpoint's temporary file the other had already moved. A sweep now
+    claims a cell (a lock on its log) for as long as it runs it, and skips a claimed one."""
+    monkeypatch.setattr(sweep, "_run_in_worker", fake_run)
+    csv_path, logs = tmp_path / "table1_smoke.csv", tmp_path / "logs"
+    logs.mkdir()
+    other = sweep._claim(logs / "deeplab__b__seed0.log")  # another sweep, running cell b
+    assert other is not None and sweep._claim(logs / "deeplab__b__seed0.log") is None
+    console = Console(record=True, width=200)
+    report = sweep.run_sweep(_cells(["a", "b"]), csv_path, logs, tmp_path / "ckpt", 1, console)
+    assert (report.ran, report.skipped, report.failed) == (1, 1, [])
+    assert "skipped deeplab__b__seed0: another sweep into this folder is running it" in console.export_text()
+    assert [r["variant"] for r in read_rows(csv_path)] == ["a"]
+    os.close(other)  # that sweep stopped without finishing b: the next sweep runs it
+    report = sweep.run_sweep(_cells(["a", "b"]), csv_path, logs, tmp_path / "ckpt", 1, Console(quiet=True))
+    assert (report.ran, report.skipped) == (1, 1) and [r["variant"] for r in read_rows(csv_path)] == ["a", "b"]
+
+
 def _definitions(tmp_path: Path, table_text: str) -> Path:
     shutil.copy(EXPERIMENTS_DIR / "tiers.toml", tmp_path / "tiers.toml")
     (tmp_path / "table1.toml").write_text(textwrap.dedent("""

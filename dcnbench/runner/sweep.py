@@ -17,6 +17,11 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+try:
+    import fcntl
+except ImportError:  # Windows: sweeps do not claim their cells
+    fcntl = None
+
 from . import distributed as dist
 from .experiment import Cell
 from .results import (KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, cpu_budget, finished_keys, git_commit, processes,
@@ -62,7 +67,8 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
     processes with ``cpu_budget() // jobs`` threads apiece (:func:`~.results.cpu_budget`); only this
     process writes the CSV. A failing cell is logged and reported; the others go on. A worker that
     dies (killed, out of memory) takes the runs in flight with it: each of them is rerun alone, and
-    the one whose worker dies alone fails.
+    the one whose worker dies alone fails. A cell that another sweep into the same folder is running
+    (it holds a lock on the cell's log) or has finished meanwhile is skipped.
     Rows record the git commit of the checkout as the sweep started (the cells' configs were read then).
     """
     console = console or Console()
@@ -79,7 +85,8 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     queue = [(cell, False) for cell in todo]  # (cell, alone): rerun by itself after a worker died beside it
-    pending: dict = {}  # future -> (cell, log path, alone)
+    pending: dict = {}  # future -> (cell, log path, alone, claim)
+    elsewhere: list[str] = []  # cells another sweep into this folder ran or is running
     pool = worker_pool(jobs)
     try:
         with Progress(*columns, console=console) as progress:
@@ -89,14 +96,24 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
                 while queue and len(pending) < jobs and not (pending and queue[0][1]):
                     cell, alone = queue.pop(0)
                     log_path = log_dir / f"{cell.name}.log"
+                    claim = _claim(log_path)
+                    if claim is None or cell.key in finished_keys(_same_world(read_rows(csv_path))):
+                        if claim is not None:
+                            os.close(claim)
+                        elsewhere.append(cell.name)
+                        progress.console.print(f"skipped {cell.name}: another sweep into this folder "
+                                               f"{'is running' if claim is None else 'has finished'} it")
+                        progress.advance(bar)
+                        continue
                     try:
                         future = pool.submit(_run_in_worker, cell.config, log_path,
                                              checkpoint_dir / f"{cell.name}.pt", threads)
                     except BrokenProcessPool:  # a worker died since the last wait
+                        os.close(claim)
                         queue.insert(0, (cell, alone))
                         broken = True
                         break
-                    pending[future] = (cell, log_path, alone)
+                    pending[future] = (cell, log_path, alone, claim)
                     if alone:
                         break
                 in_flight = len(pending)
@@ -105,7 +122,8 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
                     broken = True  # a worker died (killed, out of memory, crashed): every run in flight ends
                     finished, _ = wait(set(pending))
                 for future in finished:
-                    cell, log_path, alone = pending.pop(future)
+                    cell, log_path, alone, claim = pending.pop(future)
+                    os.close(claim)  # the run is over (a rerun claims its cell anew)
                     try:
                         metrics = future.result()
                     except BrokenProcessPool:
@@ -136,7 +154,24 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
         raise
     finally:
         pool.shutdown(cancel_futures=True)
-    return SweepReport(ran=len(todo) - len(failed), skipped=len(cells) - len(todo), failed=failed)
+    return SweepReport(ran=len(todo) - len(failed) - len(elsewhere), skipped=len(cells) - len(todo) + len(elsewhere),
+                       failed=failed)
+
+
+def _claim(log_path: Path) -> int | None:
+    """A descriptor holding an exclusive ``flock`` on the cell's log, which the run keeps while it
+    runs (the worker writes the log through its own descriptor); None when another sweep into the
+    folder holds it: two sweeps never run one cell at once (they overwrote each other's log and
+    checkpoint). The lock goes with the descriptor, or with the process if it is killed."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT, 0o644)
+    if fcntl is None:  # Windows: no claim
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def worker_pool(jobs: int) -> ProcessPoolExecutor:

@@ -265,7 +265,8 @@ def save_checkpoint(model: nn.Module, config: dict, path: Path) -> None:
     """The weights to ``path`` and the config to ``path`` with ``.json``, each written to a temporary
     sibling and ``os.replace``-d: a run killed while saving leaves no truncated file under either name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    weights, settings = path.with_name(path.name + ".tmp"), path.with_name(path.stem + ".json.tmp")
+    tmp = f".{os.getpid()}.tmp"  # this process's own: two writers never rename each other's file
+    weights, settings = path.with_name(path.name + tmp), path.with_name(path.stem + ".json" + tmp)
     torch.save(model.state_dict(), weights)
     settings.write_text(json.dumps(config, indent=1, sort_keys=True))
     os.replace(weights, path)
