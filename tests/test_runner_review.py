@@ -2,6 +2,7 @@
 writers of one CSV, provenance of the command, and mistakes in the experiment definitions."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -268,6 +269,36 @@ def test_training_on_fewer_images_than_a_batch_stops_instead_of_spinning():
 
     with pytest.raises(ValueError, match=r"the training set \(3 images\) is smaller than one batch"):
         next(_forever(_loader(TensorDataset(torch.zeros(3, 1)), "rpn", 4, True, 0)))
+
+
+def _header_and(line: str) -> str:
+    return "table,tier,task,variant,seed,config_hash,run_hash,device\n" + line + "\n"
+
+
+@pytest.mark.parametrize("files,error", [
+    ({"table1_smoke.csv": _header_and("2,smoke,rpn,none,0,abc,def,cpu")},
+     r"table1_smoke.csv: line 2: table/tier 2/smoke, expected 1/smoke"),
+    ({"table3_smoke.csv": b"\xa8\x00binary"}, r"table3_smoke.csv is not a readable CSV"),
+    ({"table3_smoke.csv": _header_and("3,smoke,rpn,none,x,abc,def,cpu")},
+     r"table3_smoke.csv: line 2: seed 'x' is not an integer"),
+    ({"table1_smoke.csv": _header_and("1,smoke,rpn,none,0,{hash},def,cpu x2")},
+     r"table1_smoke.csv holds runs of these cells by \[2\] process\(es\), this sweep runs with 1"),
+])
+def test_ablate_refuses_results_it_could_not_use_before_any_run(tmp_path, files, error):
+    """Before: a bad table<M>_<tier>.csv beside the target (read for runs to reuse) raised a
+    traceback once the sweep started, and a run by one process appended to a CSV holding the same
+    cells run by two, which the tables then refused whole (and its checkpoints were overwritten)."""
+    from dcnbench.runner.ablate import ablation_cells
+
+    (cell,) = ablation_cells(1, "smoke", ["rpn"], variants=["none"])
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content.format(hash=cell.config_hash))
+    result = CliRunner().invoke(main, ["ablate", "--table", "1", "--tier", "smoke", "--task", "rpn", "--variant", "none",
+                                       "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "Invalid value for '--out'" in result.output, result.output
+    assert re.search(error, " ".join(result.output.split())), result.output
+    assert not (tmp_path / "logs").exists()
 
 
 def test_ablate_reports_a_bad_definition_as_a_usage_error(tmp_path, monkeypatch):

@@ -101,8 +101,8 @@ class Ours:
 def row_problems(rows: list[dict], table: int, tier: str) -> list[str]:
     """Why a results CSV's rows (``csv.DictReader`` dicts) cannot stand for ``table`` at ``tier``,
     one line each, empty when they can: key columns or ``config_hash`` missing, a line with more or
-    fewer fields than the header, a row of another table or tier, a run twice (same task, variant,
-    seed, config hash and process count), a metric that is not a number."""
+    fewer fields than the header, a row of another table or tier, a seed that is not an integer, a
+    run twice (same task, variant, seed, config hash and process count), a metric that is not a number."""
     from dcnbench.runner.results import KEY_COLUMNS, PROVENANCE_COLUMNS, run_key
 
     required = KEY_COLUMNS + ["config_hash"]
@@ -119,6 +119,8 @@ def row_problems(rows: list[dict], table: int, tier: str) -> list[str]:
             continue
         if r["table"] != str(table) or r["tier"] != tier:
             bad.append(f"line {i}: table/tier {r['table']}/{r['tier']}, expected {table}/{tier}")
+        if not r["seed"].isdigit():
+            bad.append(f"line {i}: seed {r['seed']!r} is not an integer")
         run = run_key(r)
         if run in runs:
             bad.append(f"line {i}: duplicate run {run[:4]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from rich.console import Console
@@ -40,19 +41,40 @@ def ablation_cells(table: int, tier: str, tasks: list[str] | None = None, seeds:
     return cells
 
 
-def check_results_csv(out: str, table: int, tier: str) -> None:
-    """InvalidSetting (naming --out) when ``<out>/table<N>_<tier>.csv`` is not a readable CSV file or
-    holds a row of another table or tier: the sweep would append to it (after its first run trained),
-    and the tables refuse such a file."""
-    path = Path(out) / f"table{table}_{tier}.csv"
-    try:
-        rows = read_rows(path)
-    except UnreadableCSV as exc:
-        raise InvalidSetting(f"{exc}: move it or choose another folder", "out") from exc
-    for line, row in enumerate(rows, 2):
-        if (row.get("table"), row.get("tier")) != (str(table), tier):
-            raise InvalidSetting(f"{path} line {line} is a row of table {row.get('table')}, tier {row.get('tier')}, "
-                                 f"not of table {table}, tier {tier}: move that file or choose another folder", "out")
+def check_results_csv(out: str, cells: list[Cell], processes: int = 1) -> None:
+    """InvalidSetting (naming --out) unless the sweep of ``cells`` (one table and tier) by
+    ``processes`` processes can append to ``<out>/table<N>_<tier>.csv`` and read the folder's other
+    ``table*_<tier>.csv`` (whose identical runs it reuses): each must be a readable results CSV of
+    its own table and tier (:func:`~dcnbench.report.tables.row_problems`), and the target may not
+    hold runs of these cells' configs by another process count, which the tables refuse to mix
+    (with plain BatchNorm the numbers differ). Checked before the first run, not after it."""
+    from dcnbench.report.tables import row_problems
+
+    from .results import processes as processes_of
+
+    table, tier = cells[0].table, cells[0].tier
+    target = Path(out) / f"table{table}_{tier}.csv"
+    for path in [target, *_other_tables(Path(out), target, tier)]:
+        try:
+            rows = read_rows(path)
+        except UnreadableCSV as exc:
+            raise InvalidSetting(f"{exc}: move it or choose another folder", "out") from exc
+        problems = row_problems(rows, int(path.name[len("table"):].split("_")[0]), tier)
+        if problems:
+            raise InvalidSetting(f"{path}: {problems[0]}: move that file or choose another folder", "out")
+        if path == target:
+            hashes = {c.config_hash for c in cells}
+            counts = {processes_of(r) for r in rows if r["config_hash"] in hashes} - {processes}
+            if counts:
+                raise InvalidSetting(f"{path} holds runs of these cells by {sorted(counts)} process(es), this sweep "
+                                     f"runs with {processes}: the tables do not mix them (README, distributed "
+                                     f"training); choose another folder", "out")
+
+
+def _other_tables(out_dir: Path, target: Path, tier: str) -> list[Path]:
+    """The ``table<M>_<tier>.csv`` in ``out_dir`` other than ``target``: the sweep reuses their runs."""
+    return sorted(p for p in out_dir.glob(f"table*_{tier}.csv")
+                  if p != target and re.fullmatch(rf"table\d+_{re.escape(tier)}\.csv", p.name))
 
 
 def _check_weights(cells: list[Cell], weights: str, tier: str) -> None:
@@ -85,7 +107,7 @@ def run_ablation(table: int, tier: str, tasks: list[str], seeds: int | None, job
     out_dir = Path(out)
     csv_path = out_dir / f"table{table}_{tier}.csv"
     console.print(f"Table {table}, tier {tier}: {len(cells)} runs -> {csv_path}")
-    others = sorted(p for p in out_dir.glob(f"table*_{tier}.csv") if p != csv_path)
+    others = _other_tables(out_dir, csv_path, tier)
     report = run_sweep(cells, csv_path, out_dir / "logs" / csv_path.stem, out_dir / "checkpoints" / csv_path.stem,
                        jobs, console, reuse_from=others)
     console.print(f"{report.ran} ran, {report.skipped} already done, {len(report.failed)} failed")
