@@ -391,7 +391,10 @@ def figures(tier, tables, checkpoint, roi_checkpoint, results_dir, out) -> None:
         click.echo(f"table {n}: " + (", ".join(map(str, paths)) if paths else f"no {tier}-tier results in {csv_path}"))
     for kind, option, given, make in (("figure5", "--checkpoint", checkpoint, fg.figure5_from_checkpoint),
                                       ("figure6", "--roi-checkpoint", roi_checkpoint, fg.figure6_from_checkpoint)):
-        ckpt = Path(given) if given else fg.default_checkpoint(kind, tier, root / "checkpoints" if root else None)
+        ckpt, stale = (Path(given), []) if given else fg.default_checkpoint(kind, tier,
+                                                                             root / "checkpoints" if root else None)
+        for path in stale:
+            click.echo(f"{kind}: skipped {path}: trained with another config than experiments/ defines now")
         if ckpt is None:
             click.echo(f"{kind}: no checkpoint found (run `dcnbench ablate` first or pass one)")
             continue

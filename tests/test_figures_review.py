@@ -147,3 +147,23 @@ def test_figure_files_are_named_after_the_tier_or_the_checkpoint_given(tmp_path)
         result = CliRunner().invoke(main, base + extra)
         assert result.exit_code == 0, result.output
         assert (out / f"{name}.png").is_file() and (out / f"{name}.pdf").is_file(), sorted(out.iterdir())
+
+
+def test_default_checkpoint_skips_one_trained_with_an_older_definition(tmp_path):
+    """Before: figures drew Figure 5 from whatever checkpoint had the cell's name, also one trained
+    with a config the experiment files no longer define (the tables beside it report only the
+    current config's rows), with no word of it."""
+
+    from dcnbench.report.figures import default_checkpoint
+    from dcnbench.runner.experiment import expand_cells, load_experiment
+
+    (cell,) = expand_cells(load_experiment(1), "smoke", ["deeplab"], 1, ["res5a-c"])
+    folder = tmp_path / "table1_smoke"
+    folder.mkdir()
+    (folder / "deeplab__res5a-c__seed0.pt").write_bytes(b"weights")
+    config = {**cell.config, "data": {**cell.config["data"], "root": "/data"}}  # what a run adds does not count
+    (folder / "deeplab__res5a-c__seed0.json").write_text(json.dumps(config))
+    assert default_checkpoint("figure5", "smoke", tmp_path) == (folder / "deeplab__res5a-c__seed0.pt", [])
+    config["train"] = {**config["train"], "lr": 2 * config["train"]["lr"]}
+    (folder / "deeplab__res5a-c__seed0.json").write_text(json.dumps(config))
+    assert default_checkpoint("figure5", "smoke", tmp_path) == (None, [folder / "deeplab__res5a-c__seed0.pt"])

@@ -524,17 +524,40 @@ def ablation_figure(table: int, tier: str, out_dir: Path | None = None, csv_path
     return save(fig, out_dir or FIGURES_DIR, f"table{table}_{tier}")
 
 
-def default_checkpoint(kind: str, tier: str, root: Path | None = None) -> Path | None:
-    """A checkpoint for Figure 5 (a model with 3 deformable res5 layers) or 6 (deformable RoI pooling)."""
+def default_checkpoint(kind: str, tier: str, root: Path | None = None) -> tuple[Path | None, list[Path]]:
+    """A checkpoint for Figure 5 (a model with 3 deformable res5 layers) or 6 (deformable RoI
+    pooling): the first of the candidate cells (seed 0) whose saved config is the one the experiment
+    files define now; and the candidates skipped for holding another (an older definition's model,
+    which the tables, reading only rows of the current configs, no longer report)."""
+    from dcnbench.runner.experiment import expand_cells, load_experiment
+
     root = root or RESULTS_DIR / "ablate" / "checkpoints"
     if kind == "figure5":
-        candidates = [f"table2_{tier}/rfcn__res5a-c__seed0.pt", f"table1_{tier}/rfcn__res5a-c__seed0.pt",
-                      f"table1_{tier}/deeplab__res5a-c__seed0.pt", f"table3_{tier}/rfcn__deform-conv__seed0.pt"]
+        candidates = [(2, "rfcn", "res5a-c"), (1, "rfcn", "res5a-c"), (1, "deeplab", "res5a-c"), (3, "rfcn", "deform-conv")]
     else:
-        candidates = [f"table3_{tier}/rfcn__deform-conv_roi-pool__seed0.pt",
-                      f"table3_{tier}/faster__deform-conv_roi-pool__seed0.pt",
-                      f"table3_{tier}/rfcn__deform-roi-pool__seed0.pt"]
-    for c in candidates:
-        if (root / c).is_file():
-            return root / c
-    return None
+        candidates = [(3, "rfcn", "deform-conv_roi-pool"), (3, "faster", "deform-conv_roi-pool"),
+                      (3, "rfcn", "deform-roi-pool")]
+    stale = []
+    for table, task, variant in candidates:
+        path = root / f"table{table}_{tier}" / f"{task}__{variant}__seed0.pt"
+        if not path.is_file():
+            continue
+        (cell,) = expand_cells(load_experiment(table), tier, [task], 1, [variant])
+        try:
+            saved = json.loads(path.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            saved = None
+        if _definition(saved) == _definition(cell.config):
+            return path, stale
+        stale.append(path)
+    return None, stale
+
+
+def _definition(config: object) -> object:
+    """A cell config without what a run adds to it (seed, dataset root, weights file)."""
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("data", "model")):
+        return None
+    out = {k: v for k, v in config.items() if k != "seed"}
+    out["data"] = {k: v for k, v in config["data"].items() if k != "root"}
+    out["model"] = {k: v for k, v in config["model"].items() if k != "weights"}
+    return out
