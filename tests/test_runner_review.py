@@ -276,8 +276,6 @@ def _header_and(line: str) -> str:
 
 
 @pytest.mark.parametrize("files,error", [
-    ({"table1_smoke.csv": _header_and("2,smoke,rpn,none,0,abc,def,cpu")},
-     r"table1_smoke.csv: line 2: table/tier 2/smoke, expected 1/smoke"),
     ({"table3_smoke.csv": b"\xa8\x00binary"}, r"table3_smoke.csv is not a readable CSV"),
     ({"table3_smoke.csv": _header_and("3,smoke,rpn,none,x,abc,def,cpu")},
      r"table3_smoke.csv: line 2: seed 'x' is not an integer"),

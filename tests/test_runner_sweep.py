@@ -109,7 +109,7 @@ def test_ablate_refuses_a_results_csv_of_another_table(tmp_path):
                                                "seed": 0, "config_hash": "x"})
     result = CliRunner().invoke(main, ["ablate", "--table", "1", "--tier", "smoke", "--out", str(tmp_path)])
     assert result.exit_code == 2
-    assert "--out" in result.output and "table 3, tier smoke, not of table 1, tier smoke" in result.output
+    assert "--out" in result.output and "line 2: table/tier 3/smoke, expected 1/smoke" in result.output
     assert len(read_rows(tmp_path / "table1_smoke.csv")) == 1
 
 
@@ -142,6 +142,32 @@ def test_ablate_checks_data_root_and_weights_before_running(tmp_path):
                                        "--weights", str(weights), "--out", str(tmp_path / "w")])
     assert result.exit_code == 2 and "--weights" in result.output and "do not fit tier smoke" in result.output
     assert not (tmp_path / "w" / "table1_smoke.csv").exists()
+
+
+def test_a_new_weights_file_at_the_same_path_is_another_run(tmp_path):
+    """The cells' hashes (resume, reuse of identical runs) covered the --weights path but not the
+    file: replacing the file and rerunning kept the old file's rows as done. The digest is part of
+    the config now, and a file changed after the sweep started is refused where it is loaded."""
+    import torch
+
+    from dcnbench.models.build import build_model
+
+    def save_weights(seed):
+        torch.manual_seed(seed)
+        cell = ablation_cells(1, "smoke", ["rpn"], variants=["none"])[0]
+        model = build_model({**cell.config["model"], "task": "rpn", "num_classes": 2})
+        torch.save({k.removeprefix("backbone."): v for k, v in model.state_dict().items()
+                    if k.startswith("backbone.") and not k.startswith("backbone.reduce.")}, weights)
+
+    weights = tmp_path / "w.pth"
+    save_weights(1)
+    (first,) = ablation_cells(1, "smoke", ["rpn"], variants=["none"], weights=str(weights))
+    save_weights(2)
+    (second,) = ablation_cells(1, "smoke", ["rpn"], variants=["none"], weights=str(weights))
+    assert first.config["model"]["weights"] == second.config["model"]["weights"]
+    assert first.config_hash != second.config_hash and first.run_hash != second.run_hash
+    with pytest.raises(ValueError, match="changed since the sweep started"):
+        run_cell(first.config, io.StringIO())
 
 
 def test_output_folder_that_cannot_be_created_is_a_usage_error(tmp_path):

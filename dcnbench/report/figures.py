@@ -361,7 +361,7 @@ def load_checkpoint(path: Path):
     fit the model the config describes."""
     from dcnbench.models.backbone import load_weights_file
     from dcnbench.models.build import build_model
-    from dcnbench.runner.train import MODEL_TASK, build_data
+    from dcnbench.runner.train import MODEL_TASK, build_data, model_settings
 
     path = Path(path)
     cfg_path = path.with_suffix(".json")
@@ -369,12 +369,12 @@ def load_checkpoint(path: Path):
         raise FileNotFoundError(f"{cfg_path}: the checkpoint's config is missing")
     try:
         config = json.loads(cfg_path.read_text())
-        task, data, model_cfg, model_task = config["task"], config["data"], config["model"], MODEL_TASK[config["task"]]
-    except (ValueError, KeyError, TypeError) as err:
+        task, data, model_task = config["task"], config["data"], MODEL_TASK[config["task"]]
+        model_cfg = model_settings(config)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{cfg_path}: not a runner checkpoint config ({type(err).__name__}: {err})") from err
     _, val_set, num_classes = build_data(task, data)
-    model = build_model({**{k: v for k, v in model_cfg.items() if k != "weights"}, "task": model_task,
-                         "num_classes": num_classes})
+    model = build_model({**model_cfg, "task": model_task, "num_classes": num_classes})
     state = load_weights_file(path)
     try:
         model.load_state_dict(state)
@@ -555,9 +555,11 @@ def default_checkpoint(kind: str, tier: str, root: Path | None = None) -> tuple[
 
 def _definition(config: object) -> object:
     """A cell config without what a run adds to it (seed, dataset root, weights file)."""
+    from dcnbench.runner.train import model_settings
+
     if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("data", "model")):
         return None
     out = {k: v for k, v in config.items() if k != "seed"}
     out["data"] = {k: v for k, v in config["data"].items() if k != "root"}
-    out["model"] = {k: v for k, v in config["model"].items() if k != "weights"}
+    out["model"] = model_settings(config)
     return out

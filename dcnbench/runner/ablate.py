@@ -14,6 +14,7 @@ from . import distributed as dist
 from .experiment import Cell, expand_cells, load_experiment
 from .results import UnreadableCSV, read_rows
 from .sweep import run_sweep, summarize
+from .train import file_sha256
 
 
 def ablation_cells(table: int, tier: str, tasks: list[str] | None = None, seeds: int | None = None,
@@ -33,11 +34,12 @@ def ablation_cells(table: int, tier: str, tasks: list[str] | None = None, seeds:
                              "(README, Real datasets)", "data_root")
     if weights:
         _check_weights(cells, weights, tier)
+        digest = file_sha256(weights)
     for cell, reads_root in zip(cells, real):
         if data_root and reads_root:
             cell.config["data"]["root"] = str(Path(data_root).resolve())
-        if weights:
-            cell.config["model"]["weights"] = str(Path(weights).resolve())
+        if weights:  # the digest too: a new file at the same path is another run (hashes, resume, reuse)
+            cell.config["model"].update(weights=str(Path(weights).resolve()), weights_sha256=digest)
     return cells
 
 
@@ -83,13 +85,12 @@ def _check_weights(cells: list[Cell], weights: str, tier: str) -> None:
     from dcnbench.models.backbone import load_backbone_weights
     from dcnbench.models.build import build_model
 
-    from .train import MODEL_TASK
+    from .train import MODEL_TASK, model_settings
 
     cell = cells[0]
-    model_cfg = {k: v for k, v in cell.config["model"].items() if k != "weights"}
     try:
-        load_backbone_weights(build_model({**model_cfg, "task": MODEL_TASK[cell.config["task"]], "num_classes": 2}),
-                              weights)
+        model = build_model({**model_settings(cell.config), "task": MODEL_TASK[cell.config["task"]], "num_classes": 2})
+        load_backbone_weights(model, weights)
     except (ValueError, TypeError) as exc:
         raise InvalidSetting(f"the weights do not fit tier {tier}'s backbone: {exc}", "weights") from exc
 

@@ -21,6 +21,7 @@ ranks (DistributedSampler, per-image seeded flips), evaluation on rank shards re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -56,6 +57,24 @@ REAL_SPLITS = {  # dataset source -> (train split, validation split)
 }
 
 
+WEIGHTS_KEYS = ("weights", "weights_sha256")  # a cell's backbone weights file and its digest (ablate --weights)
+
+
+def model_settings(config: dict) -> dict:
+    """The ``build_model`` settings of a cell's ``config``: its model section without the weights
+    file and its digest, which :func:`run_cell` loads and checks separately."""
+    return {k: v for k, v in config["model"].items() if k not in WEIGHTS_KEYS}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_settings(config: dict) -> None:
     """ValueError naming the first model, train or eval setting of a cell's ``config`` whose value
     :func:`run_cell` would reject or misread: :func:`expand_cells` calls it, so a typo in an
@@ -83,7 +102,7 @@ def check_settings(config: dict) -> None:
         if key in config[section] and not ok(config[section][key]):
             raise ValueError(f"{section}.{key} must be {what}, got {config[section][key]!r}")
     try:
-        check_config({k: v for k, v in config["model"].items() if k != "weights"})
+        check_config(model_settings(config))
     except ValueError as exc:
         raise ValueError(f"model {exc}") from exc
     check_area_ranges(config["eval"].get("area_ranges", "terciles"), name="eval.area_ranges")
@@ -279,9 +298,12 @@ def run_cell(config: dict, log: TextIO, checkpoint: Path | None = None) -> dict:
     task, seed = config["task"], config["seed"]
     torch.manual_seed(seed)
     train_set, val_set, num_classes = build_data(task, config["data"])
-    model_cfg = {k: v for k, v in config["model"].items() if k != "weights"}
-    model = build_model({**model_cfg, "task": MODEL_TASK[task], "num_classes": num_classes})
+    model = build_model({**model_settings(config), "task": MODEL_TASK[task], "num_classes": num_classes})
     if config["model"].get("weights"):
+        expected = config["model"].get("weights_sha256")
+        if expected and file_sha256(config["model"]["weights"]) != expected:
+            raise ValueError(f"{config['model']['weights']} changed since the sweep started (its SHA-256 is no "
+                             f"longer {expected[:12]}...): rerun to train with the new file")
         load_backbone_weights(model, config["model"]["weights"])
     model.to(dist.device())
     log.write(f"config {json.dumps(config, sort_keys=True)}\n")
