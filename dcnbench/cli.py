@@ -181,7 +181,7 @@ def ablate(table, tasks, variants, tier, seeds, jobs, out, data_root, weights, n
 
     try:  # before any run or launch
         cells = ablation_cells(table, tier, list(tasks), seeds, data_root, weights, variants=list(variants))
-        check_results_csv(out, cells, nproc or 1)
+        check_results_csv(out, cells, nproc or int(os.environ.get("WORLD_SIZE", "1")))  # a torchrun rank: its job's
     except InvalidSetting as exc:
         raise _usage_error(exc) from exc
     uneven = sorted({c.config["train"]["batch_size"] for c in cells if nproc and c.config["train"]["batch_size"] % nproc})
