@@ -276,6 +276,19 @@ def test_emulated_deform_conv2d(emulated, dtype, case, deterministic, monkeypatc
             torch.testing.assert_close(got, want, **_tol(dtype), msg=lambda s: f"grad {name}: {s}")
 
 
+def test_emulated_deform_conv2d_without_output_channels(emulated):
+    """A weight of 0 output channels (as torchvision allows; reachable through the custom op) gives
+    the empty output and zero gradients, as the other backends do: the weight gradient's run length
+    divided by the channels per group (ZeroDivisionError)."""
+    x, off, w, b, stride, padding, dilation, m = _conv_case(torch.float64, mask=False, bias=False)
+    w = w[:0]
+    out = cuda._deform_conv2d_forward(emulated, x, off, w, b, stride, padding, dilation, m)
+    assert out.shape == (x.shape[0], 0, *off.shape[2:])
+    grads = cuda._deform_conv2d_backward(emulated, torch.ones_like(out), x, off, w, b, stride, padding, dilation, m)
+    for got, like in zip(grads[:3], (x, off, w)):
+        assert got.shape == like.shape and not got.any()
+
+
 def _roi_case(dtype, position_sensitive, with_offset, classes=2, parts=3):
     k_bins = 3
     c_out = 4

@@ -15,10 +15,13 @@ reduced by torch). The input gradients, which are scatters, become gathers over 
 index: a kernel writes, for each bilinear sample, its four corners as (key = (image, group, pixel),
 coefficient) entries; ``torch.sort(stable=True)`` groups them by key and ``torch.searchsorted``
 finds each key's segment; one thread per input element then sums its segment in that fixed order.
-Cost, per backward call: memory for 4 entries of 8 + 8 + 4 bytes per sample (deformable conv:
-N·G·kh·kw·Ho·Wo samples, independent of the channel count; RoI pooling: K·n·ph·pw·S² samples for
-n offset classes), one stable sort of those keys, and irregular reads in the gather (the time
-cost against the atomic path is not measured yet: needs a GPU run). cuBLAS needs
+Cost: memory for 4 entries per sample, each a key (8 bytes) and a coefficient (4, or 8 in float64),
+held while they are sorted beside the sorted keys and the order (8 + 8 bytes each): 112 bytes a
+sample in float32, 128 in float64, plus the sort's own scratch (deformable conv: B·G·kh·kw·Ho·Wo
+samples per chunk of B images, which grows with the offset groups G, not the channels, and is not
+bounded by the column budget; RoI pooling: K·n·ph·pw·S² samples per call for n offset classes);
+one stable sort of those keys, and irregular reads in the gather (the time cost against the atomic
+path is not measured yet: needs a GPU run). cuBLAS needs
 ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (or ``:16:8``) in the environment for torch to allow its GEMMs
 in deterministic mode.
 """
@@ -328,7 +331,7 @@ def _add_weight_grad(grad_weight: Tensor, grad_out: Tensor, columns: Tensor) -> 
     whose (images, O/groups, K) temporary is no larger than a group's columns (one image at least),
     so a small map with a wide layer does not need a copy of the weight per image."""
     batch, groups, out_per_group, length = grad_out.shape
-    step = max(1, batch * length // out_per_group)
+    step = max(1, batch * length // max(1, out_per_group))  # no output channels: nothing to add
     for group in range(groups):
         for start in range(0, batch, step):
             products = torch.matmul(grad_out[start:start + step, group],
