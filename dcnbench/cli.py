@@ -54,7 +54,7 @@ def _exit_130_on_interrupt(message: str | None = None):
     try:
         yield
     except KeyboardInterrupt:
-        if message:
+        if message and os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets Ctrl-C: one says it
             click.echo(f"\ninterrupted: {message}", err=True)
         raise SystemExit(130) from None
 

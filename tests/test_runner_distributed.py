@@ -194,3 +194,15 @@ def test_dilation_stats_gathered_from_shards_summarise_like_one_pass():
     assert merged[["category", "count"]].equals(expected[["category", "count"]])
     assert merged["mean"].tolist() == pytest.approx(expected["mean"].tolist(), nan_ok=True)
     assert DilationStats.merged(halves[:1]).summary()["count"].sum() < expected["count"].sum()
+
+
+@pytest.mark.parametrize("rank,said", [("0", True), ("1", False)])
+def test_ctrl_c_under_torchrun_is_reported_by_rank_0_only(rank, said, monkeypatch, capsys):
+    """Every rank gets Ctrl-C: each printed the same "interrupted" line (twice at --nproc 2)."""
+    from dcnbench.cli import _exit_130_on_interrupt
+
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as info, _exit_130_on_interrupt("the finished runs are kept"):
+        raise KeyboardInterrupt
+    assert info.value.code == 130
+    assert ("interrupted: the finished runs are kept" in capsys.readouterr().err) == said
