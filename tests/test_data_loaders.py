@@ -173,6 +173,46 @@ def test_voc_detection_07_12(tmp_path):
     torch.testing.assert_close(tgt["boxes"][0], torch.tensor([0.0, 1.0, 10.0, 12.0]) * 600 / 16)
 
 
+@pytest.mark.parametrize("annotation,error", [
+    ("<annotation><object><name>dog</name></object></annotation>", r"object 1 \(dog\) needs a <bndbox> of numbers"),
+    (_xml([("dog", (1, 2, "", 12), 0)]), r"object 1 \(dog\) needs a <bndbox> of numbers"),
+    (_xml([("dog", (1, 2, "a", 12), 0)]), r"object 1 \(dog\) needs a <bndbox> of numbers"),
+    (_xml([("dog", (1, 2, 10, 12), 0), ("cat", (10, 8, 3, 2), 0)]),
+     r"object 2 \(cat\): box xmin, ymin, xmax, ymax = 10, 8, 3, 2 must be finite with xmin <= xmax"),
+    (_xml([("dog", (30, 2, 40, 12), 0)]), r"object 1 \(dog\): box .* lies outside the 20x16 image"),
+    ("", r"not an annotation XML"),
+])
+def test_a_malformed_voc_annotation_is_refused_naming_its_file(tmp_path, annotation, error):
+    """Before: AttributeError/TypeError/ParseError naming no file, and an inverted box came back
+    with a positive area (two negative sides) that no detection could match."""
+    _voc_det_fixture(tmp_path)
+    xml = tmp_path / "VOCdevkit" / "VOC2007" / "Annotations" / "000002.xml"
+    xml.write_text(annotation)
+    with pytest.raises(ValueError, match=f"{xml}: {error}"):
+        VOCDetection(tmp_path, "2007-test")[0]
+
+
+def test_a_voc_box_reaching_past_the_image_is_clipped_to_it(tmp_path):
+    _voc_det_fixture(tmp_path)
+    xml = tmp_path / "VOCdevkit" / "VOC2007" / "Annotations" / "000002.xml"
+    xml.write_text(_xml([("dog", (0, -3, 50, 12), 0)]))  # the image is 20 wide and 16 high
+    _, target = VOCDetection(tmp_path, "2007-test")[0]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[0.0, 0.0, 20.0, 12.0]]))
+    assert target["areas"].tolist() == [240.0]
+
+
+def test_a_segmentation_label_outside_the_classes_is_refused_naming_its_file(tmp_path):
+    """A label value neither 0..C nor 255 passed the loader and failed in the loss (IndexError;
+    a device-side assert on CUDA), naming no file."""
+    labels = _voc_seg_fixture(tmp_path)
+    bad = labels["2007_000002"].copy()
+    bad[5, 5] = 42
+    path = tmp_path / "VOCdevkit" / "VOC2012" / "SegmentationClass" / "2007_000002.png"
+    _label_png(path, bad, palette=False)
+    with pytest.raises(ValueError, match=f"{path}: label value 42 is neither a class index in 0..20 nor 255"):
+        VOCSegmentation(tmp_path, "val")[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Cityscapes
 # ---------------------------------------------------------------------------------------------
@@ -221,10 +261,18 @@ def test_coco_detection(tmp_path):
     assert img.shape == (3, 12, 14) and tgt["image_id"] == 139
     torch.testing.assert_close(tgt["boxes"], torch.tensor([[1.0, 2.0, 4.0, 6.0]]))  # crowd and empty box dropped
     assert tgt["labels"].tolist() == [3] and tgt["areas"].tolist() == [9.5]
+    # Evaluation keeps the crowd box and the box of no area, as COCOeval does (it counts the latter
+    # as ground truth no detection matches; dropping it inflated mAP against pycocotools).
     _, tgt = CocoDetection(tmp_path, "val2017", include_crowd=True)[0]
-    assert tgt["iscrowd"].tolist() == [False, True]
+    assert tgt["iscrowd"].tolist() == [False, True, False] and tgt["areas"].tolist() == [9.5, 100.0, 0.0]
     _, empty = ds[1]
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
+    path = tmp_path / "annotations" / "instances_val2017.json"
+    for annotation, error in (({"category_id": 1}, r"annotation 4 of image 285: bbox must be \[x, y, width, height\], got None"),
+                              ({"category_id": 3, "bbox": [1, 1, 2, 2]}, "annotation 4 of image 285: category_id 3 is none")):
+        path.write_text(json.dumps({**doc, "annotations": doc["annotations"] + [{"id": 4, "image_id": 285, **annotation}]}))
+        with pytest.raises(ValueError, match=f"{path}: {error}"):
+            CocoDetection(tmp_path, "val2017")[1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -235,13 +235,20 @@ class VOCSegmentation(Dataset):
         return len(self.ids)
 
     def _label(self, name: str) -> np.ndarray:
-        for d in self._label_dirs:
-            p = d / f"{name}.png"
-            if p.is_file():
-                return read_label(p)
-        if self.sbd_dir is not None and (self.sbd_dir / "cls" / f"{name}.mat").is_file():
-            return _read_sbd_mat(self.sbd_dir / "cls" / f"{name}.mat")
-        raise DatasetNotFoundError(f"no label for {name} in {', '.join(map(str, self._label_dirs))} or SBD cls/")
+        """The label of image ``name``; ValueError naming its file when it holds a value that is
+        neither a class index (0..C) nor 255 (ignore): the loss would fail on it, far from the file."""
+        paths = [d / f"{name}.png" for d in self._label_dirs]
+        if self.sbd_dir is not None:
+            paths.append(self.sbd_dir / "cls" / f"{name}.mat")
+        path = next((p for p in paths if p.is_file()), None)
+        if path is None:
+            raise DatasetNotFoundError(f"no label for {name} in {', '.join(map(str, self._label_dirs))} or SBD cls/")
+        label = _read_sbd_mat(path) if path.suffix == ".mat" else read_label(path)
+        bad = (label > self.num_classes) & (label != 255)
+        if bad.any():
+            raise ValueError(f"{path}: label value {int(label[bad][0])} is neither a class index in 0..{self.num_classes} "
+                             "nor 255 (ignore)")
+        return label
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
         name = self.ids[index]
@@ -312,19 +319,39 @@ class VOCDetection(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def parse_annotation(self, path: Path) -> dict:
-        tree = ET.parse(path).getroot()
+    def parse_annotation(self, path: Path, image_hw: tuple[int, int] | None = None) -> dict:
+        """The objects of one annotation XML; VOC's 1-based inclusive pixel boxes become
+        ``[xmin - 1, ymin - 1, xmax, ymax]``, clipped to the image when ``image_hw`` is given.
+        ValueError naming the file for an XML that does not parse, an object without a numeric
+        ``<bndbox>``, an unknown class, an inverted box or one wholly outside the image."""
+        try:
+            tree = ET.parse(path).getroot()
+        except ET.ParseError as exc:
+            raise ValueError(f"{path}: not an annotation XML ({exc})") from exc
         boxes, labels, difficult = [], [], []
-        for obj in tree.iter("object"):
+        for number, obj in enumerate(tree.iter("object"), 1):
             is_difficult = obj.findtext("difficult", "0").strip() == "1"
             if is_difficult and not self.keep_difficult:
                 continue
             name = obj.findtext("name", "").strip()
             if name not in self._label_of:
                 raise ValueError(f"{path}: unknown class {name!r}")
-            bb = obj.find("bndbox")
-            xmin, ymin, xmax, ymax = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-            boxes.append([xmin - 1.0, ymin - 1.0, xmax, ymax])
+            where = f"{path}: object {number} ({name})"
+            try:
+                xmin, ymin, xmax, ymax = (float(obj.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise ValueError(f"{where} needs a <bndbox> of numbers xmin, ymin, xmax, ymax ({exc})") from exc
+            box = [xmin - 1.0, ymin - 1.0, xmax, ymax]
+            if not (np.isfinite(box).all() and xmin <= xmax and ymin <= ymax):
+                raise ValueError(f"{where}: box xmin, ymin, xmax, ymax = {xmin:g}, {ymin:g}, {xmax:g}, {ymax:g} "
+                                 "must be finite with xmin <= xmax and ymin <= ymax")
+            if image_hw is not None:
+                h, w = image_hw
+                box = [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h), min(box[2], w), min(box[3], h)]
+                if box[2] <= box[0] or box[3] <= box[1]:
+                    raise ValueError(f"{where}: box xmin, ymin, xmax, ymax = {xmin:g}, {ymin:g}, {xmax:g}, {ymax:g} "
+                                     f"lies outside the {w}x{h} image")
+            boxes.append(box)
             labels.append(self._label_of[name])
             difficult.append(is_difficult)
         boxes_t = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
@@ -339,7 +366,7 @@ class VOCDetection(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
         voc, name = self.items[index]
         image = read_image(_find_image(voc / "JPEGImages", name))
-        target = self.parse_annotation(voc / "Annotations" / f"{name}.xml")
+        target = self.parse_annotation(voc / "Annotations" / f"{name}.xml", tuple(image.shape[-2:]))
         target.update(image_id=index, name=name)
         return _finish(image, target, self.transforms)
 
@@ -409,8 +436,11 @@ class CocoDetection(Dataset):
     """COCO-format detection through pycocotools (real COCO and the synthetic ``--task det`` output).
 
     Category ids map to contiguous labels 1..C in sorted id order (``label_to_category_id`` maps
-    back, for results files); the image id is COCO's.  ``include_crowd=False`` drops crowd boxes (for
-    training); evaluate with ``True`` so the evaluator ignores detections on crowd regions, as COCOeval does.
+    back, for results files); the image id is COCO's.  ``include_crowd=False`` drops crowd boxes and
+    boxes of no area (for training); evaluate with ``True``, which keeps both as COCOeval does: it
+    ignores detections on crowd regions and counts a box of no area as ground truth no detection
+    matches. An annotation without a bbox or of a category the file does not list is a ValueError
+    naming the file and the annotation.
     """
 
     def __init__(
@@ -462,11 +492,18 @@ class CocoDetection(Dataset):
         image = read_image(self.image_dir / info["file_name"])
         boxes, labels, areas, crowd = [], [], [], []
         for a in self.coco.imgToAnns.get(image_id, []):
-            x, y, w, h = a["bbox"]
-            if w <= 0 or h <= 0 or (a.get("iscrowd", 0) and not self.include_crowd):
+            where = f"{self.ann_file}: annotation {a.get('id')!r} of image {image_id}"
+            if a.get("category_id") not in self.category_id_to_label:
+                raise ValueError(f"{where}: category_id {a.get('category_id')!r} is none of the file's categories")
+            label = self.category_id_to_label[a["category_id"]]
+            try:
+                x, y, w, h = (float(v) for v in a["bbox"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{where}: bbox must be [x, y, width, height], got {a.get('bbox')!r}") from exc
+            if not self.include_crowd and (w <= 0 or h <= 0 or a.get("iscrowd", 0)):
                 continue
-            boxes.append([x, y, x + w, y + h])
-            labels.append(self.category_id_to_label[a["category_id"]])
+            boxes.append([x, y, x + max(w, 0.0), y + max(h, 0.0)])
+            labels.append(label)
             areas.append(float(a.get("area", w * h)))
             crowd.append(bool(a.get("iscrowd", 0)))
         target = {
