@@ -384,7 +384,11 @@ def test_training_targets_are_checked_up_front(task):
     fails(bad, r"targets\[1\]\['labels'\] must be an integer tensor of shape \(2,\)")
     bad = targets()
     bad[1]["boxes"] = bad[1]["boxes"][:, [2, 1, 0, 3]]  # x1 and x2 swapped
-    fails(bad, r"targets\[1\]\['boxes'\] must be \(x1, y1, x2, y2\) with x1 <= x2 and y1 <= y2, got \[")
+    fails(bad, r"targets\[1\]\['boxes'\] must be finite \(x1, y1, x2, y2\) with x1 <= x2 and y1 <= y2, got \[")
+    for value in (float("nan"), float("inf")):  # a NaN box trained the image as background, silently
+        bad = targets()
+        bad[1]["boxes"][0, 0] = value
+        fails(bad, rf"targets\[1\]\['boxes'\] must be finite .* got \[{value}, ")
     bad = targets()
     bad[0]["boxes"] = torch.zeros(4)
     fails(bad, r"targets\[0\]\['boxes'\] must be an \(M, 4\) tensor, got torch.float32 of shape \(4,\)")

@@ -49,8 +49,8 @@ def _describe(x) -> str:
 
 
 def check_targets(targets: Targets | None, images: Tensor | Sequence[Tensor], num_classes: int) -> None:
-    """Training targets: one dict per image of ``images`` with ``boxes`` (M, 4) x1 <= x2, y1 <= y2
-    and integer ``labels`` (M,) in 1..C."""
+    """Training targets: one dict per image of ``images`` with finite ``boxes`` (M, 4) x1 <= x2,
+    y1 <= y2 and integer ``labels`` (M,) in 1..C."""
     if targets is None:
         raise ValueError("targets are required in training mode")
     if not isinstance(targets, (list, tuple)):
@@ -72,10 +72,11 @@ def check_targets(targets: Targets | None, images: Tensor | Sequence[Tensor], nu
         if bad.numel():
             raise ValueError(f"targets[{i}]['labels'] must be in 1..{num_classes} (0 is background), "
                              f"got {int(bad[0])}")
-        inverted = boxes[(boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])]
-        if inverted.numel():
-            raise ValueError(f"targets[{i}]['boxes'] must be (x1, y1, x2, y2) with x1 <= x2 and y1 <= y2, "
-                             f"got {inverted[0].tolist()}")
+        # Stated as what is valid, so that NaN (every comparison false) fails too.
+        valid = torch.isfinite(boxes).all(1) & (boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])
+        if not bool(valid.all()):
+            raise ValueError(f"targets[{i}]['boxes'] must be finite (x1, y1, x2, y2) with x1 <= x2 and y1 <= y2, "
+                             f"got {boxes[~valid][0].tolist()}")
 
 
 def box_dtype(x: Tensor) -> torch.dtype:
