@@ -20,7 +20,7 @@ from dcnbench.cli import main
 from dcnbench.errors import InvalidSetting
 from dcnbench.runner import experiment, sweep
 from dcnbench.runner.experiment import EXPERIMENTS_DIR, Cell, expand_cells, load_experiment
-from dcnbench.runner.results import PROVENANCE_COLUMNS, read_rows
+from dcnbench.runner.results import PROVENANCE_COLUMNS, claim_file, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]  # subprocesses import dcnbench from the checkout
 
@@ -180,8 +180,8 @@ def test_a_cell_another_sweep_is_running_is_skipped_not_run_twice(tmp_path, monk
     monkeypatch.setattr(sweep, "_run_in_worker", fake_run)
     csv_path, logs = tmp_path / "table1_smoke.csv", tmp_path / "logs"
     logs.mkdir()
-    other = sweep._claim(logs / "deeplab__b__seed0.log")  # another sweep, running cell b
-    assert other is not None and sweep._claim(logs / "deeplab__b__seed0.log") is None
+    other = claim_file(logs / "deeplab__b__seed0.log")  # another sweep, running cell b
+    assert other is not None and claim_file(logs / "deeplab__b__seed0.log") is None
     console = Console(record=True, width=200)
     report = sweep.run_sweep(_cells(["a", "b"]), csv_path, logs, tmp_path / "ckpt", 1, console)
     assert (report.ran, report.skipped, report.failed) == (1, 1, [])

@@ -144,6 +144,22 @@ def _folder_lock(folder: Path):
         os.close(fd)  # releases the lock
 
 
+def claim_file(path: Path) -> int | None:
+    """A descriptor holding an exclusive ``flock`` on ``path`` (created if missing), or None when
+    another process holds it. A sweep claims a cell's log so while it runs the cell: two sweeps into
+    one folder never run a cell at once (they overwrote each other's log and checkpoint). The lock
+    goes with the descriptor, or with the process if it is killed; without ``fcntl`` it always succeeds."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def append_row(path: Path, row: dict) -> bool:
     """Add ``row`` atomically: rewrite to ``<name>.tmp``, fsync, ``os.replace``, under a lock on the
     folder (other processes appending to the same CSV wait, and their rows are kept). A row whose

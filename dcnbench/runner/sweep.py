@@ -17,15 +17,10 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-try:
-    import fcntl
-except ImportError:  # Windows: sweeps do not claim their cells
-    fcntl = None
-
 from . import distributed as dist
 from .experiment import Cell
-from .results import (KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, cpu_budget, finished_keys, git_commit, processes,
-                      provenance, read_rows)
+from .results import (KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, claim_file, cpu_budget, finished_keys, git_commit,
+                      processes, provenance, read_rows)
 
 
 @dataclass
@@ -96,7 +91,7 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
                 while queue and len(pending) < jobs and not (pending and queue[0][1]):
                     cell, alone = queue.pop(0)
                     log_path = log_dir / f"{cell.name}.log"
-                    claim = _claim(log_path)
+                    claim = claim_file(log_path)
                     if claim is None or cell.key in finished_keys(_same_world(read_rows(csv_path))):
                         if claim is not None:
                             os.close(claim)
@@ -156,22 +151,6 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
         pool.shutdown(cancel_futures=True)
     return SweepReport(ran=len(todo) - len(failed) - len(elsewhere), skipped=len(cells) - len(todo) + len(elsewhere),
                        failed=failed)
-
-
-def _claim(log_path: Path) -> int | None:
-    """A descriptor holding an exclusive ``flock`` on the cell's log, which the run keeps while it
-    runs (the worker writes the log through its own descriptor); None when another sweep into the
-    folder holds it: two sweeps never run one cell at once (they overwrote each other's log and
-    checkpoint). The lock goes with the descriptor, or with the process if it is killed."""
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT, 0o644)
-    if fcntl is None:  # Windows: no claim
-        return fd
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def worker_pool(jobs: int) -> ProcessPoolExecutor:
