@@ -92,10 +92,16 @@ def _shapes(specs: tuple[str, ...]) -> dict | None:
     return dict(parsed) or None
 
 
+_MAX_THREADS = 1024  # torch.set_num_threads overflows far above it (a traceback, not a usage error)
+
+
 def _threads(spec: str) -> list[int]:
     from dcnbench.bench.ops import parse_threads
 
-    return parse_threads(spec)
+    threads = parse_threads(spec)
+    if max(threads) > _MAX_THREADS:
+        raise ValueError(f"thread counts must be at most {_MAX_THREADS}, got {max(threads)}")
+    return threads
 
 
 def _device(device: str) -> str:
@@ -289,7 +295,7 @@ def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction,
               type=click.Choice(["DeepLab@C", "DeepLab@V", "class-aware RPN", "Faster R-CNN", "R-FCN"]),
               help="Only these Table 4 rows (repeatable; default all).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="ImageNet ResNet-101 state dict (optional).")
-@click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's].")
+@click.option("--threads", type=click.IntRange(1, _MAX_THREADS), help="torch CPU threads [default: torch's].")
 @click.option("--results-dir", type=OutputDir(), default=str(RESULTS_DIR), show_default=True,
               help="Where table4_params.csv and table4_runtime_<device>[_scale<s>].csv go (rows there are resumed).")
 def runtime(params_only, device, scale, repeats, models, weights, threads, results_dir) -> None:

@@ -67,6 +67,7 @@ def test_shape_names_keep_their_meaning():
 
 @pytest.mark.parametrize("args,error", [
     (["--threads", "1,1"], "Invalid value for '--threads': expected distinct thread counts, got '1,1'"),
+    (["--threads", "1,99999999999"], "Invalid value for '--threads': thread counts must be at most 1024"),  # overflowed
     (["--shapes", "tiny=1,2,4,4,2"], "Invalid value for '--shapes': 'tiny' is the built-in shape"),
     (["--shapes", "small-b64=1,2,4,4,2"], "Invalid value for '--shapes': 'small-b64' is the built-in shape"),
     (["--shapes", "x=1,2,4,4,2", "--shapes", "x=1,2,6,6,2"], "each shape needs its own name, x is given twice"),
@@ -208,3 +209,15 @@ def test_the_memory_case_name_is_a_timed_shape_only_without_the_memory_case(tmp_
                                        "--shapes", "small-b64=64,64,48,48,64,2"])
     assert result.exit_code == 2 and "small-b64 is the memory case" in result.output and "--no-memory" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_time_case_rotates_which_implementation_runs_first():
+    """Each implementation runs at every place of a round in turn: with a fixed order the one timed
+    right after F.conv2d came out slower (the modulated op's forward 10% faster than the plain one's)."""
+    calls = []
+    impls = {name: (lambda backward, name=name: lambda: calls.append(name)) for name in "abcd"}
+    case = ops.Case("deform_conv2d", "tiny", "", "a", impls)
+    result = ops.time_case(case, False, "cpu", repeats=8, warmup=0, budget_s=60.0)
+    rounds = ["".join(calls[i:i + 4]) for i in range(0, 32, 4)]
+    assert rounds == ["abcd", "bcda", "cdab", "dabc"] * 2
+    assert {name: n for name, (_, n) in result.items()} == dict.fromkeys("abcd", 8)

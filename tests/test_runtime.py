@@ -223,3 +223,9 @@ def test_command_line_reads_as_typed(monkeypatch):
     monkeypatch.setenv("DCNBENCH_LAUNCHED_AS", "dcnbench ablate --table 1 --nproc 2")
     monkeypatch.setattr("sys.argv", ["/src/dcnbench/dcnbench/cli.py", "ablate", "--table", "1", "--jobs", "1"])
     assert command_line() == "dcnbench ablate --table 1 --nproc 2"
+
+
+def test_runtime_refuses_a_thread_count_torch_cannot_take(tmp_path):
+    """--threads 99999999999 overflowed inside torch.set_num_threads (a traceback, exit 1)."""
+    result = CliRunner().invoke(main, ["runtime", "--threads", "99999999999", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "Invalid value for '--threads'" in result.output
