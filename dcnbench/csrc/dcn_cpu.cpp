@@ -1013,15 +1013,26 @@ struct BinProfile {
   T px[kMaxProfile], py[kMaxProfile], qx[kMaxProfile], qy[kMaxProfile];
 };
 
-// One sample's share of window entry x, the sample at position d (window coordinates) and fd =
-// floor(d): its tent max(1 - |x - d|, 0) in p and, DERIV, its derivative along the axis in q (+1 at
-// ceil(d), -1 at floor(d), 0 when d is an integer, as dcn::roi_corners). The corners come from
-// floor(d), not from the distance to x: 1 - d rounds to exactly 1 for 0 < d < ulp(1) / 2, which
-// dropped the +1 at ceil(d).
+// floor(d) of a sample at window position d, or kNoCorner when d is an integer (its derivative is 0).
+constexpr float kNoCorner = -100.0f;
+template <typename T>
+inline T lower_corner(T d) {
+  const T fd = std::floor(d);
+  return d != fd ? fd : T(kNoCorner);
+}
+
+// One sample's share of window entry x, the sample at position d (window coordinates) and lo =
+// lower_corner(d): its tent max(1 - |x - d|, 0) in p and, DERIV, its derivative along the axis in q
+// (+1 at ceil(d), -1 at floor(d), 0 when d is an integer, as dcn::roi_corners). The corners come
+// from u = x - floor(d), exact, not from the distance x - d: 1 - d rounds to exactly 1 for
+// 0 < d < ulp(1) / 2, which dropped the +1 at ceil(d).
 template <typename T, bool DERIV>
-inline void add_tent(T x, T d, T fd, T& p, T& q) {
+inline void add_tent(T x, T d, T lo, T& p, T& q) {
   p += std::max(T(1) - std::abs(x - d), T(0));
-  if (DERIV) q += d != fd ? T(x == fd + T(1)) - T(x == fd) : T(0);
+  if (DERIV) {
+    const T u = x - lo;
+    q += T(u == T(1)) - T(u == T(0));
+  }
 }
 
 // Profile of bin k (entries [u * n + k] of ax) over the window [o, o + len): the sum of its
@@ -1036,9 +1047,9 @@ inline void axis_profile_fixed(const PsAxes<T>& ax, int64_t k, int64_t n, int64_
   const int64_t samples = SS > 0 ? SS : S;
   for (int64_t u = 0; u < samples; ++u) {
     const T d = ax.pos[u * n + k] - T(o);  // exact: o is an integer at most the position (or kNoSample)
-    const T fd = std::floor(d);
+    const T lo = lower_corner(d);
 #pragma omp simd
-    for (int32_t x = 0; x < L; ++x) add_tent<T, DERIV>(T(x), d, fd, lp[x], lq[x]);
+    for (int32_t x = 0; x < L; ++x) add_tent<T, DERIV>(T(x), d, lo, lp[x], lq[x]);
   }
   std::copy_n(lp, L, p);
   if (DERIV) std::copy_n(lq, L, q);
@@ -1062,10 +1073,10 @@ inline void both_profiles_s4(const PsScratch<T>& s, int64_t k, int64_t n, BinPro
   T p[L2] = {}, q[L2] = {};
   for (int64_t u = 0; u < 4; ++u) {
     const T dx = s.x.pos[u * n + k] - T(b.x0), dy = s.y.pos[u * n + k] - T(b.y0);
-    const T fx = std::floor(dx), fy = std::floor(dy);
+    const T lox = lower_corner(dx), loy = lower_corner(dy);
 #pragma omp simd
     for (int32_t l = 0; l < L2; ++l) {
-      add_tent<T, DERIV>(T(l % kLanes), l < kLanes ? dx : dy, l < kLanes ? fx : fy, p[l], q[l]);
+      add_tent<T, DERIV>(T(l % kLanes), l < kLanes ? dx : dy, l < kLanes ? lox : loy, p[l], q[l]);
     }
   }
   std::copy_n(p, kLanes, b.px);
