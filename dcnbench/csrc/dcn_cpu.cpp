@@ -1013,26 +1013,23 @@ struct BinProfile {
   T px[kMaxProfile], py[kMaxProfile], qx[kMaxProfile], qy[kMaxProfile];
 };
 
-// floor(d) of a sample at window position d, or kNoCorner when d is an integer (its derivative is 0).
-constexpr float kNoCorner = -100.0f;
-template <typename T>
-inline T lower_corner(T d) {
-  const T fd = std::floor(d);
-  return d != fd ? fd : T(kNoCorner);
+// One sample's share of a window entry at distance t = entry - position: its tent in p, its
+// derivative in q (DERIV).
+template <typename T, bool DERIV>
+inline void add_tent(T t, T& p, T& q) {
+  const T a = std::abs(t);
+  p += std::max(T(1) - a, T(0));
+  if (DERIV) q += ((a < T(1)) & (t > T(0)) ? T(1) : T(0)) - ((a < T(1)) & (t < T(0)) ? T(1) : T(0));
 }
 
-// One sample's share of window entry x, the sample at position d (window coordinates) and lo =
-// lower_corner(d): its tent max(1 - |x - d|, 0) in p and, DERIV, its derivative along the axis in q
-// (+1 at ceil(d), -1 at floor(d), 0 when d is an integer, as dcn::roi_corners). The corners come
-// from u = x - floor(d), exact, not from the distance x - d: 1 - d rounds to exactly 1 for
-// 0 < d < ulp(1) / 2, which dropped the +1 at ceil(d).
-template <typename T, bool DERIV>
-inline void add_tent(T x, T d, T lo, T& p, T& q) {
-  p += std::max(T(1) - std::abs(x - d), T(0));
-  if (DERIV) {
-    const T u = x - lo;
-    q += T(u == T(1)) - T(u == T(0));
-  }
+// A sample's window position d as the derivative's tents read it: d in (0, ulp(1)), where 1 - d
+// rounds to exactly 1 and the +1 at ceil(d) = 1 would drop out, moved up to ulp(1) (the tents'
+// values change by less than ulp(1)). Only there: a position of 1 or more is at least ulp(1) from
+// its floor, and the window starts at or below the position's floor.
+template <typename T>
+inline T derivative_position(T d) {
+  constexpr T eps = std::numeric_limits<T>::epsilon();
+  return d > T(0) && d < eps ? eps : d;
 }
 
 // Profile of bin k (entries [u * n + k] of ax) over the window [o, o + len): the sum of its
@@ -1046,10 +1043,10 @@ inline void axis_profile_fixed(const PsAxes<T>& ax, int64_t k, int64_t n, int64_
   T lp[L] = {}, lq[L] = {};  // accumulated in registers, stored once
   const int64_t samples = SS > 0 ? SS : S;
   for (int64_t u = 0; u < samples; ++u) {
-    const T d = ax.pos[u * n + k] - T(o);  // exact: o is an integer at most the position (or kNoSample)
-    const T lo = lower_corner(d);
+    T d = ax.pos[u * n + k] - T(o);  // exact: o is an integer at most the position (or kNoSample)
+    if (DERIV) d = derivative_position(d);
 #pragma omp simd
-    for (int32_t x = 0; x < L; ++x) add_tent<T, DERIV>(T(x), d, lo, lp[x], lq[x]);
+    for (int32_t x = 0; x < L; ++x) add_tent<T, DERIV>(T(x) - d, lp[x], lq[x]);
   }
   std::copy_n(lp, L, p);
   if (DERIV) std::copy_n(lq, L, q);
@@ -1072,12 +1069,10 @@ inline void both_profiles_s4(const PsScratch<T>& s, int64_t k, int64_t n, BinPro
   constexpr int32_t L2 = 2 * kLanes;
   T p[L2] = {}, q[L2] = {};
   for (int64_t u = 0; u < 4; ++u) {
-    const T dx = s.x.pos[u * n + k] - T(b.x0), dy = s.y.pos[u * n + k] - T(b.y0);
-    const T lox = lower_corner(dx), loy = lower_corner(dy);
+    T dx = s.x.pos[u * n + k] - T(b.x0), dy = s.y.pos[u * n + k] - T(b.y0);
+    if (DERIV) dx = derivative_position(dx), dy = derivative_position(dy);
 #pragma omp simd
-    for (int32_t l = 0; l < L2; ++l) {
-      add_tent<T, DERIV>(T(l % kLanes), l < kLanes ? dx : dy, l < kLanes ? lox : loy, p[l], q[l]);
-    }
+    for (int32_t l = 0; l < L2; ++l) add_tent<T, DERIV>(T(l % kLanes) - (l < kLanes ? dx : dy), p[l], q[l]);
   }
   std::copy_n(p, kLanes, b.px);
   std::copy_n(p + kLanes, kLanes, b.py);
