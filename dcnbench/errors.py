@@ -1,4 +1,4 @@
-"""Errors shared by the library and the CLI."""
+"""Errors shared by the library and the CLI, and the type predicates their settings checks use."""
 
 from __future__ import annotations
 
@@ -10,3 +10,13 @@ class InvalidSetting(ValueError):
     def __init__(self, message: str, *fields: str) -> None:
         super().__init__(message)
         self.fields = fields
+
+
+def is_int(value: object) -> bool:
+    """An int that is not a bool (a config value, e.g. from TOML or JSON)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -31,6 +31,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from torch import Tensor
 
+from dcnbench.errors import is_number
+
 __all__ = [
     "COCO_AREA_RANGES",
     "DetectionEvaluator",
@@ -98,14 +100,14 @@ def tercile_area_ranges(areas: Sequence[float] | np.ndarray) -> dict[str, tuple[
 
 
 def check_area_ranges(area_ranges: object, name: str = "area_ranges") -> None:
-    """ValueError (naming the setting ``name``) unless ``area_ranges`` is ``"coco"``, ``"terciles"`` or a dict giving each of small,
-    medium and large a (lo, hi) range of areas in px² with 0 <= lo < hi."""
+    """ValueError (naming the setting ``name``) unless ``area_ranges`` is ``"coco"``, ``"terciles"``
+    or a dict giving each of small, medium and large a (lo, hi) range of areas in px², 0 <= lo < hi."""
     if isinstance(area_ranges, str) and area_ranges in ("coco", "terciles"):
         return
     if isinstance(area_ranges, Mapping) and set(area_ranges) == {"small", "medium", "large"}:
         def is_range(r):
             return (isinstance(r, Sequence) and not isinstance(r, str) and len(r) == 2
-                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r) and 0 <= r[0] < r[1])
+                    and all(is_number(v) for v in r) and 0 <= r[0] < r[1])
         if all(is_range(r) for r in area_ranges.values()):
             return
     raise ValueError(f"{name} must be 'coco', 'terciles' or {{small, medium, large: (lo, hi)}} with "

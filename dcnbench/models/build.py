@@ -39,6 +39,8 @@ from typing import Any
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from dcnbench.errors import is_int, is_number
+
 from .backbone import DEPTHS, ResNetBackbone
 from .deeplab import DeepLab
 from .faster_rcnn import FasterRCNN
@@ -64,12 +66,6 @@ _FRACTIONS = ("score_thresh", "nms_thresh")
 
 def check_config(cfg: dict[str, Any]) -> None:
     """ValueError naming the first key whose value has the wrong type or range (module docstring)."""
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
     def fail(key, what):
         raise ValueError(f"config {key!r} must be {what}, got {cfg[key]!r}")
 

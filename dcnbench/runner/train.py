@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from dcnbench.data.datasets import SyntheticDataset, build_dataset
+from dcnbench.errors import is_int, is_number
 from dcnbench.data.synthetic import SynthConfig
 from dcnbench.data.transforms import collate_detection, collate_segmentation, paper_transforms
 from dcnbench.evaluation.detection import DetectionEvaluator, check_area_ranges
@@ -81,12 +82,6 @@ def check_settings(config: dict) -> None:
     experiment file fails when the table is loaded, not after a cell has trained (the evaluation
     settings are read last), or a synthetic training set smaller than one batch. The other data
     settings are checked when the data is built, before training."""
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
     rules = (
         ("train", "iters", "a positive integer", lambda v: is_int(v) and v >= 1),
         ("train", "batch_size", "a positive integer", lambda v: is_int(v) and v >= 1),
