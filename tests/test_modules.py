@@ -168,6 +168,26 @@ def test_fresh_deform_ps_roi_pool_equals_plain(cpu_backend):
     assert pool.offset_conv.out_channels == 2 * 4 * 9
 
 
+@pytest.mark.parametrize("features_shape", [(2, 5, 5, 10), (2, 5, 10, 12), (1, 5, 10, 10)])
+def test_ps_roi_pool_module_refuses_features_of_another_map(features_shape):
+    """The offsets are pooled from the features at score_maps' spatial_scale: features of another
+    map size were pooled silently at the wrong geometry, another batch failed naming "input"."""
+    pool = DeformPSRoIPool(in_channels=5, out_channels=4, output_size=3, spatial_scale=0.5, sampling_ratio=2)
+    scores, rois = torch.randn(2, 4 * 9, 10, 10), torch.tensor([[0, 1.0, 2.0, 12.0, 15.0]])
+    with pytest.raises(ValueError, match=r"features must have score_maps' batch and map size \(N, H, W\) = "
+                                         r"\(2, 10, 10\), got \(" + ", ".join(map(str, (features_shape[0],
+                                                                                      *features_shape[2:])))):
+        pool(scores, torch.randn(features_shape), rois)
+
+
+def test_roi_pool_modules_show_their_settings():
+    """repr names the pooling settings, as torchvision's RoIAlign / PSRoIAlign do."""
+    assert repr(DeformRoIPool(8, 7, 0.0625, 2)).startswith(
+        "DeformRoIPool(\n  in_channels=8, output_size=(7, 7), spatial_scale=0.0625, sampling_ratio=2, gamma=0.1")
+    assert "in_channels=5, out_channels=4, output_size=(3, 3), spatial_scale=0.5, sampling_ratio=4, gamma=0.1, " \
+           "offset_groups=2" in repr(DeformPSRoIPool(5, 4, 3, 0.5, offset_groups=2))
+
+
 def test_offset_param_groups_apply_paper_multipliers():
     """Base lr for the network, lr x 1 for conv offset branches, lr x 0.01 for the RoI offset fc."""
     model = nn.ModuleDict({

@@ -12,7 +12,8 @@ import textwrap
 import pytest
 import torch
 
-from dcnbench.ops import DeformConv2d, deform_conv2d, deform_ps_roi_pool, deform_roi_pool, use_backend
+from dcnbench.ops import (DeformConv2d, DeformPSRoIPool, DeformRoIPool, deform_conv2d, deform_ps_roi_pool, deform_roi_pool,
+                          use_backend)
 from dcnbench.ops.dispatch import backend_status
 
 ok, why = backend_status("native")
@@ -483,6 +484,58 @@ def test_torch_export_runs_reloaded_and_at_other_shapes(tmp_path):
             torch.testing.assert_close(reloaded(*inputs), model(*inputs))
 
 
+def test_exported_program_and_direct_op_calls_take_any_strides():
+    """An exported program is not tied to its example inputs' layout: the public ops' .contiguous()
+    calls were no-ops on contiguous examples and left no trace in the graph, so the program handed
+    channels-last or transposed tensors to the kernels, which refused them. The custom ops (called
+    directly too) now give the kernels dense tensors; forward and gradients match eager."""
+    model = _ConvThenPool()
+    x, rois = torch.randn(2, 3, 10, 12), torch.tensor([[0, 1.0, 1, 15, 12], [1, 4, 2, 20, 18]])
+    offset = 0.1 * torch.randn(2, 2, 2, 2)
+    with use_backend("native"):
+        program = torch.export.export(model, (x, rois, offset)).module()
+        strided = [(x.to(memory_format=torch.channels_last), rois, offset),
+                   (x.transpose(2, 3).contiguous().transpose(2, 3), rois.t().contiguous().t(),
+                    offset.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2))]
+        for inputs in strided:
+            assert not all(t.is_contiguous() for t in inputs)
+            leaves = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_(i != 1)
+                      for i, t in enumerate(inputs)]  # the map and the offsets; not the boxes
+            got = program(*leaves)
+            got.square().sum().backward()
+            dense = [t.detach().contiguous().requires_grad_(i != 1) for i, t in enumerate(inputs)]
+            want = model(*dense)
+            want.square().sum().backward()
+            torch.testing.assert_close(got, want)
+            for i in (0, 2):
+                torch.testing.assert_close(leaves[i].grad, dense[i].grad)
+        x4, w = torch.randn(1, 4, 6, 6), torch.randn(5, 4, 3, 3)
+        off = 0.5 * torch.randn(1, 18, 6, 6)
+        want = deform_conv2d(x4, off, w, padding=1)
+        got = torch.ops.dcnbench.deform_conv2d(x4.to(memory_format=torch.channels_last),
+                                               off.to(memory_format=torch.channels_last),
+                                               w.transpose(0, 1).contiguous().transpose(0, 1),
+                                               None, None, [1, 1], [1, 1], [1, 1])
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_traced_inference_graphs_run_at_other_map_sizes():
+    """Without autograd, a wide layer's offset branch ran as _conv_by_taps, whose Python branch and
+    slices are fixed by the traced input's shape: an export with a dynamic map size failed on its
+    guard, and a graph traced at 24x24 failed at 13x17. Traces now record the offset conv."""
+    layer = DeformConv2d(128, 8, 3, stride=2, padding=1).eval().requires_grad_(False)
+    torch.nn.init.normal_(layer.offset_conv.weight, std=0.01)
+    example, others = torch.randn(1, 128, 24, 24), [torch.randn(1, 128, 13, 17), torch.randn(2, 128, 31, 9)]
+    size = torch.export.Dim("size", min=8, max=64)
+    exported = torch.export.export(layer, (example,), dynamic_shapes={"input": {2: size, 3: size}}).module()
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, example, check_trace=False)
+        for x in others:
+            torch.testing.assert_close(traced(x), layer(x))
+        torch.testing.assert_close(exported(others[0][:, :, :13, :13]), layer(others[0][:, :, :13, :13]))
+
+
 def test_exported_roi_pooling_refuses_bad_boxes_when_it_runs(tmp_path):
     """The boxes' values are checked inside the op, so an exported program (which skips the checks
     while it is traced) refuses a batch index off the input as eager does: it read past the map
@@ -511,6 +564,30 @@ def test_roi_pooling_compiles_with_fullgraph(cpu_backend):
     if cpu_backend == "native":
         with pytest.raises(ValueError, match=r"rois\[:, 0\] must hold integer batch indices"):
             compiled(x, torch.tensor([[1.0, 1, 1, 6, 6]]), offset)
+
+
+def test_roi_pooling_compiles_with_dynamic_floats(cpu_backend):
+    """torch.compile(fullgraph=True, dynamic=True) of the RoI modules, and a compiled call taking
+    spatial_scale as an argument that changes (recompiled with a symbolic float): the settings'
+    finite checks called math.isfinite on a symbolic float and broke the graph. They run inside the
+    op while tracing, where a bad value is still refused."""
+    x, rois = torch.randn(2, 8, 10, 12), torch.tensor([[0, 1.0, 1, 15, 12], [1, 4, 2, 18, 18]])
+    pool, ps_pool = DeformRoIPool(8, 3, 0.5, 2), DeformPSRoIPool(8, 2, 2, 0.5, 2)
+    with torch.no_grad():
+        torch.nn.init.normal_(pool.offset_fc.weight, std=0.1)
+        torch.nn.init.normal_(ps_pool.offset_conv.weight, std=0.1)
+        for module, inputs in [(pool, (x, rois)), (ps_pool, (x, x, rois))]:
+            torch._dynamo.reset()
+            compiled = torch.compile(module, fullgraph=True, dynamic=True, backend="aot_eager")
+            torch.testing.assert_close(compiled(*inputs), module(*inputs))
+        torch._dynamo.reset()
+        pool = lambda i, r, s: deform_roi_pool(i, r, None, 3, s, 2)  # noqa: E731
+        compiled = torch.compile(pool, fullgraph=True, backend="aot_eager")
+        for scale in (0.5, 0.25, 0.125):
+            torch.testing.assert_close(compiled(x, rois, scale), pool(x, rois, scale))
+        if cpu_backend == "native":
+            with pytest.raises(ValueError, match="spatial_scale must be finite and > 0, got -0.5"):
+                compiled(x, rois, -0.5)
 
 
 @pytest.mark.parametrize("call,error", [

@@ -157,6 +157,9 @@ def roi_args(**overrides):
         (dict(gamma=None), TypeError, r"gamma must be a real number, got None"),
         (dict(gamma=1j), TypeError, r"gamma must be a real number, got 1j"),
         (dict(input=None), TypeError, r"input must be a torch.Tensor, got NoneType"),
+        # torchvision's roi_align order (output_size third) read the output size as the offsets
+        (dict(offset=2), TypeError, r"offset \(the third argument\) must be a Tensor or None, got 2; torchvision's "
+                                    r"roi_align and ps_roi_align take output_size third"),
     ],
 )
 def test_roi_pool_bad_input(op, overrides, error, pattern):

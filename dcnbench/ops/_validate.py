@@ -246,10 +246,13 @@ def check_grad_output(grad_output: Tensor, shape: tuple[int, ...], input: Tensor
 def check_pool_settings(output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int,
                         gamma: float) -> None:
     """RoI pooling's settings: bins >= 1 per side, an int sampling_ratio >= 1, a finite
-    spatial_scale > 0 and a finite gamma."""
+    spatial_scale > 0 and a finite gamma. The floats' values are checked inside the op, where they
+    are known, while ``torch.compile`` or ``torch.export`` trace (they may be symbolic there)."""
     if min(output_size) < 1:
         raise ValueError(f"output_size must be positive, got {output_size}")
     check_counts(sampling_ratio=sampling_ratio)
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return
     if not (_real(spatial_scale, "spatial_scale") > 0 and math.isfinite(spatial_scale)):
         raise ValueError(f"spatial_scale must be finite and > 0, got {spatial_scale}")
     if not math.isfinite(_real(gamma, "gamma")):

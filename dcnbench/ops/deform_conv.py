@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from . import reference
 from ._validate import check_deform_conv2d, check_deform_conv2d_module, check_module_input, pair
 from .dispatch import (autocast_cast, autocast_dtype, backend_for, deform_conv2d_kernels, float32_on_cpu,
-                       records_graph)
+                       records_graph, through_custom_op)
 
 
 def deform_conv2d(
@@ -53,19 +53,7 @@ def deform_conv2d(
     # No output channels (as torchvision allows): the reference gives the empty output and zero gradients.
     if weight.shape[0] == 0 or backend_for(input) == "reference":
         return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
-    return deform_conv2d_kernels(
-        input.contiguous(), offset.contiguous(), _dense(weight),
-        None if bias is None else bias.contiguous(), None if mask is None else mask.contiguous(),
-        list(stride), list(padding), list(dilation),
-    )
-
-
-def _dense(weight: Tensor) -> Tensor:
-    """``weight`` itself when dense in standard or channels-last order (the CPU kernels read a
-    channels-last weight without a copy), else a standard contiguous copy."""
-    if weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last):
-        return weight
-    return weight.contiguous()
+    return deform_conv2d_kernels(input, offset, weight, bias, mask, list(stride), list(padding), list(dilation))
 
 
 def _conv_by_taps(input: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int],
@@ -104,8 +92,8 @@ def _taps_conv_pays(input: Tensor, conv: nn.Conv2d) -> bool:
     1.22x, 512 channels 8x8 1.21x) and, with the backward, below 512 channels (1.2-1.7x)."""
     if input.device.type != "cpu" or input.dim() != 4 or conv.groups != 1:
         return False
-    if records_graph(input, conv.weight, conv.bias):
-        return False
+    if records_graph(input, conv.weight, conv.bias) or through_custom_op():
+        return False  # autograd; or a trace (compile, export, jit.trace), which its shape-bound slices would fix
     n, c = input.shape[:2]
     return c >= 128 and n * input.shape[2] * input.shape[3] >= 512
 

@@ -16,6 +16,9 @@ Rois = Tensor | Sequence[Tensor]
 
 
 def _roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive) -> Tensor:
+    if offset is not None and not isinstance(offset, Tensor):
+        raise TypeError(f"offset (the third argument) must be a Tensor or None, got {offset!r}; torchvision's "
+                        "roi_align and ps_roi_align take output_size third, these ops take it fourth")
     output_size = pair(output_size, "output_size")
     require_tensor(input, "input", 4)  # before the rois, which are read against it
     input, offset = autocast_cast(autocast_dtype(input.device.type), input, offset)
@@ -31,10 +34,8 @@ def _roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, g
     if backend_for(input) == "reference":
         check_roi_values(input, rois)  # the kernels check them inside the op (dispatch.py)
         return reference.roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive)
-    return deform_roi_pool_kernels(
-        input.contiguous(), rois.contiguous(), None if offset is None else offset.contiguous(),
-        list(output_size), spatial_scale, sampling_ratio, gamma, position_sensitive,
-    )
+    return deform_roi_pool_kernels(input, rois, offset, list(output_size), spatial_scale, sampling_ratio, gamma,
+                                   position_sensitive)
 
 
 def deform_roi_pool(
@@ -115,6 +116,9 @@ class DeformRoIPool(nn.Module):
     def offset_parameters(self) -> list[nn.Parameter]:
         return list(self.offset_fc.parameters())
 
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, {_pool_repr(self)}"
+
 
 class DeformPSRoIPool(nn.Module):
     """Deformable position-sensitive RoI pooling with its offset branch, as in the paper's R-FCN.
@@ -148,12 +152,26 @@ class DeformPSRoIPool(nn.Module):
         require_channels(score_maps, "score_maps", self.out_channels * self.output_size[0] * self.output_size[1],
                          "out_channels*kh*kw")
         require_channels(features, "features", self.in_channels, "in_channels")
+        if features.shape[0] != score_maps.shape[0] or features.shape[2:] != score_maps.shape[2:]:
+            raise ValueError(f"features must have score_maps' batch and map size (N, H, W) = "
+                             f"{(score_maps.shape[0], *score_maps.shape[2:])}, got "
+                             f"{(features.shape[0], *features.shape[2:])}: their offsets are pooled at "
+                             f"score_maps' spatial_scale")
         args = (self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma)
         offset = deform_ps_roi_pool(self.offset_conv(features), rois, None, *args)
         return deform_ps_roi_pool(score_maps, rois, offset, *args)
 
     def offset_parameters(self) -> list[nn.Parameter]:
         return list(self.offset_conv.parameters())
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, {_pool_repr(self)}, "
+                f"offset_groups={self.offset_groups}")
+
+
+def _pool_repr(module: DeformRoIPool | DeformPSRoIPool) -> str:
+    return (f"output_size={module.output_size}, spatial_scale={module.spatial_scale}, "
+            f"sampling_ratio={module.sampling_ratio}, gamma={module.gamma}")
 
 
 def offset_param_groups(model: nn.Module, lr: float, **group_options) -> list[dict]:

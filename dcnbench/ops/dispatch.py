@@ -184,10 +184,30 @@ def deform_conv2d_op(
     return _deform_conv2d_forward_kernels(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
+def dense_weight(weight: Tensor) -> Tensor:
+    """``weight`` itself when dense in standard or channels-last order (the CPU kernels read a
+    channels-last weight without a copy), else a standard contiguous copy."""
+    if weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last):
+        return weight
+    return weight.contiguous()
+
+
+def _optional_contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _conv_layouts(input, offset, weight, bias, mask) -> tuple:
+    """The tensors in the layouts the kernels read (no copy of those already so)."""
+    return (input.contiguous(), offset.contiguous(), dense_weight(weight), _optional_contiguous(bias),
+            _optional_contiguous(mask))
+
+
 def _deform_conv2d_forward_kernels(input, offset, weight, bias, mask, stride, padding, dilation) -> Tensor:
     # The public op checked these already; the op itself (called directly, or from an exported
-    # program, where nothing else checks) must not hand the kernels shapes they would read past.
+    # program, where nothing else checks) must not hand the kernels shapes they would read past, nor
+    # layouts they do not read (an exported program gets whatever strides its caller's tensors have).
     check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    input, offset, weight, bias, mask = _conv_layouts(input, offset, weight, bias, mask)
     return _kernels_on(input.device).deform_conv2d_forward(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
@@ -201,8 +221,9 @@ def _deform_conv2d_backward_kernels(grad_output, input, offset, weight, bias, ma
     """Grads of (input, offset, weight, bias or None, mask or None)."""
     check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     check_grad_output(grad_output, (input.shape[0], weight.shape[0], *offset.shape[2:]), input)
-    return _kernels_on(input.device).deform_conv2d_backward(grad_output, input, offset, weight, bias, stride, padding,
-                                                            dilation, mask)
+    input, offset, weight, bias, mask = _conv_layouts(input, offset, weight, bias, mask)
+    return _kernels_on(input.device).deform_conv2d_backward(grad_output.contiguous(), input, offset, weight, bias,
+                                                            stride, padding, dilation, mask)
 
 
 @torch.library.custom_op("dcnbench::deform_conv2d_backward", mutates_args=())
@@ -219,10 +240,10 @@ def deform_conv2d_backward_op(
 
 @deform_conv2d_backward_op.register_fake
 def _(grad_output, input, offset, weight, bias, mask, stride, padding, dilation):
-    # Every backend returns the weight gradient in standard order, whatever the weight's order.
-    return (torch.empty_like(input), torch.empty_like(offset), weight.new_empty(weight.shape),
-            input.new_empty((0,)) if bias is None else torch.empty_like(bias),
-            input.new_empty((0,)) if mask is None else torch.empty_like(mask))
+    # Every backend returns contiguous gradients, whatever the layouts of the tensors it was given.
+    return (input.new_empty(input.shape), offset.new_empty(offset.shape), weight.new_empty(weight.shape),
+            input.new_empty((0,)) if bias is None else bias.new_empty(bias.shape),
+            input.new_empty((0,)) if mask is None else mask.new_empty(mask.shape))
 
 
 def _deform_conv2d_setup(ctx, inputs, output):
@@ -234,7 +255,7 @@ def _deform_conv2d_setup(ctx, inputs, output):
 def _deform_conv2d_backward_with(backward_kernels):
     def backward(ctx, grad_output):
         input, offset, weight, bias, mask = ctx.saved_tensors
-        gi, go, gw, gb, gm = backward_kernels(grad_output.contiguous(), input, offset, weight, bias, mask, *ctx.args)
+        gi, go, gw, gb, gm = backward_kernels(grad_output, input, offset, weight, bias, mask, *ctx.args)
         return gi, go, gw, gb if bias is not None else None, gm if mask is not None else None, None, None, None
     return backward
 
@@ -268,7 +289,7 @@ def _roi_pool_forward_kernels(input, rois, offset, output_size, spatial_scale, s
     # and in exported programs alike (the kernels index the map by them); shapes as in the backward.
     _check_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive)
     return _kernels_on(input.device).roi_pool_forward(
-        input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive
+        input.contiguous(), rois.contiguous(), _optional_contiguous(offset), output_size, spatial_scale, sampling_ratio, gamma, position_sensitive
     )
 
 
@@ -285,7 +306,8 @@ def _roi_pool_backward_kernels(grad_output, input, rois, offset, output_size, sp
                                  position_sensitive)
     check_grad_output(grad_output, (rois.shape[0], out_c, *output_size), input)
     return _kernels_on(input.device).roi_pool_backward(
-        grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive
+        grad_output.contiguous(), input.contiguous(), rois.contiguous(), _optional_contiguous(offset), output_size,
+        spatial_scale, sampling_ratio, gamma, position_sensitive
     )
 
 
@@ -302,7 +324,7 @@ def deform_roi_pool_backward_op(
 
 @deform_roi_pool_backward_op.register_fake
 def _(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive):
-    return torch.empty_like(input), input.new_empty((0,)) if offset is None else torch.empty_like(offset)
+    return input.new_empty(input.shape), input.new_empty((0,)) if offset is None else offset.new_empty(offset.shape)
 
 
 def _roi_pool_setup(ctx, inputs, output):
@@ -314,7 +336,7 @@ def _roi_pool_setup(ctx, inputs, output):
 def _roi_pool_backward_with(backward_kernels):
     def backward(ctx, grad_output):
         input, rois, offset = ctx.saved_tensors
-        gi, go = backward_kernels(grad_output.contiguous(), input, rois, offset, *ctx.args)
+        gi, go = backward_kernels(grad_output, input, rois, offset, *ctx.args)
         return gi, None, go if offset is not None else None, None, None, None, None, None
     return backward
 
@@ -388,8 +410,9 @@ def through_custom_op() -> bool:
 
 def deform_conv2d_kernels(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
                           stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
-    """Deformable convolution on the kernels of the tensors' device (contiguous tensors), with autograd."""
-    args = (input, offset, weight, bias, mask, stride, padding, dilation)
+    """Deformable convolution on the kernels of the tensors' device, with autograd (the tensors are
+    made dense first, so that autograd keeps the dense ones for the backward)."""
+    args = (*_conv_layouts(input, offset, weight, bias, mask), stride, padding, dilation)
     if through_custom_op():
         return deform_conv2d_op(*args)
     if not records_graph(input, offset, weight, bias, mask):
@@ -400,8 +423,9 @@ def deform_conv2d_kernels(input: Tensor, offset: Tensor, weight: Tensor, bias: T
 def deform_roi_pool_kernels(input: Tensor, rois: Tensor, offset: Tensor | None, output_size: list[int],
                             spatial_scale: float, sampling_ratio: int, gamma: float,
                             position_sensitive: bool) -> Tensor:
-    """Deformable (PS) RoI pooling on the kernels of the tensors' device (contiguous tensors), with autograd."""
-    args = (input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive)
+    """Deformable (PS) RoI pooling on the kernels of the tensors' device, with autograd (the tensors are
+    made contiguous first, so that autograd keeps contiguous ones for the backward)."""
+    args = (input.contiguous(), rois.contiguous(), _optional_contiguous(offset), output_size, spatial_scale, sampling_ratio, gamma, position_sensitive)
     if through_custom_op():
         return deform_roi_pool_op(*args)
     if not records_graph(input, offset):
