@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import dcnbench.ops
 from dcnbench.ops import (
     DeformConv2d,
     DeformPSRoIPool,
@@ -255,3 +256,39 @@ def test_autocast_on_cpu_runs_in_float32(cpu_backend):
     torch.testing.assert_close(y, layer(x), rtol=0.05, atol=0.05)
     pooled.sum().backward()
     assert layer.offset_conv.weight.grad is not None
+
+
+class _AllOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = DeformConv2d(4, 8, 3, padding=1, modulated=True)
+        self.pool, self.ps_pool = DeformRoIPool(8, 2, 0.5, 2), DeformPSRoIPool(8, 2, 2, 0.5, 2)
+        for weight in (self.conv.offset_conv.weight, self.pool.offset_fc.weight, self.ps_pool.offset_conv.weight):
+            nn.init.normal_(weight, std=0.1)
+
+    def forward(self, x, rois):
+        y = self.conv(x)
+        direct = dcnbench.ops.deform_conv2d(x, torch.cat([y, y, y[:, :2]], 1), self.conv.weight, padding=1)
+        return self.pool(y, rois), self.ps_pool(y, y, rois), direct
+
+
+def test_fx_symbolic_trace_records_the_ops(cpu_backend):
+    """torch.fx.symbolic_trace (and torchvision's create_feature_extractor, built on it) records the
+    modules' and dcnbench.ops' calls as nodes, as torchvision's ops: the modules' checks refused the
+    Proxy ("input must be a torch.Tensor, got Proxy"). The traced graph computes the same."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from dcnbench.models import build_model
+
+    model = _AllOps()
+    x, rois = torch.randn(2, 4, 10, 12), torch.tensor([[0, 1.0, 1, 15, 12], [1, 4, 2, 18, 18]])
+    graph = torch.fx.symbolic_trace(model)
+    assert "deform_conv2d" in graph.code and "deform_roi_pool" in graph.code, graph.code
+    for got, want in zip(graph(x, rois), model(x, rois)):
+        torch.testing.assert_close(got, want)
+    net = build_model({"task": "deeplab", "num_classes": 3, "backbone": "scaled", "blocks": [1, 1, 1, 3],
+                       "width": 8}).eval()
+    assert net.backbone.deformable_blocks
+    features = create_feature_extractor(net.backbone, {"layer4": "res5"})
+    image = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(features(image)["res5"], net.backbone.body(image)[1])

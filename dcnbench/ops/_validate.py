@@ -100,6 +100,13 @@ def check_deform_conv2d_module(in_channels: int, out_channels: int, kernel_size:
         raise ValueError(f"offset_groups ({offset_groups}) must divide in_channels ({in_channels})")
 
 
+def fx_proxy(t: object) -> bool:
+    """Whether ``t`` is a ``torch.fx`` Proxy: the modules skip their checks under FX symbolic
+    tracing (``torch.fx.symbolic_trace``, torchvision's ``create_feature_extractor``); the ops
+    check the real tensors when the traced graph runs."""
+    return isinstance(t, torch.fx.Proxy)
+
+
 def require_channels(t: object, name: str, channels: int, source: str) -> None:
     """``t``: a 4-D floating tensor of ``channels`` channels; ``source`` says where that number comes from."""
     require_tensor(t, name, 4)

@@ -8,11 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._validate import check_deform_conv2d, check_deform_conv2d_module, check_module_input, pair
+from ._validate import check_deform_conv2d, check_deform_conv2d_module, check_module_input, fx_proxy, pair
 from .dispatch import (autocast_cast, autocast_dtype, backend_for, deform_conv2d_kernels, float32_on_cpu,
                        records_graph, through_custom_op)
 
 
+@torch.fx.wrap  # one call node under FX symbolic tracing, as torchvision's ops
 def deform_conv2d(
     input: Tensor,
     offset: Tensor,
@@ -179,9 +180,11 @@ class DeformConv2d(nn.Module):
         """The offset branch: (N, 2*G*kh*kw, Ho, Wo) offsets and the (N, G*kh*kw, Ho, Wo) mask or None.
 
         Checks ``input`` first (also for ``forward``), so a wrong one is named, not the branch's conv."""
-        check_module_input(input, self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
+        traced = fx_proxy(input)
+        if not traced:
+            check_module_input(input, self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
         conv = self.offset_conv
-        if _taps_conv_pays(input, conv):
+        if not traced and _taps_conv_pays(input, conv):
             out = _conv_by_taps(input, conv.weight, conv.bias, self.stride, self.padding, self.dilation)
         else:
             out = conv(input)

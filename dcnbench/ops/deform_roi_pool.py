@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._validate import (check_counts, check_pool_settings, check_roi_pool, check_roi_values, pair, require_channels,
-                        require_tensor, rois_to_tensor)
+from ._validate import (check_counts, check_pool_settings, check_roi_pool, check_roi_values, fx_proxy, pair,
+                        require_channels, require_tensor, rois_to_tensor)
 from .dispatch import autocast_cast, autocast_dtype, backend_for, deform_roi_pool_kernels, float32_on_cpu
 
 Rois = Tensor | Sequence[Tensor]
@@ -38,6 +38,7 @@ def _roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, g
                                    position_sensitive)
 
 
+@torch.fx.wrap  # one call node under FX symbolic tracing, as torchvision's ops
 def deform_roi_pool(
     input: Tensor,
     rois: Rois,
@@ -68,6 +69,7 @@ def deform_roi_pool(
     return _roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, False)
 
 
+@torch.fx.wrap  # one call node under FX symbolic tracing, as torchvision's ops
 def deform_ps_roi_pool(
     input: Tensor,
     rois: Rois,
@@ -107,7 +109,8 @@ class DeformRoIPool(nn.Module):
         nn.init.zeros_(self.offset_fc.bias)
 
     def forward(self, input: Tensor, rois: Rois) -> Tensor:
-        require_channels(input, "input", self.in_channels, "in_channels")
+        if not fx_proxy(input):
+            require_channels(input, "input", self.in_channels, "in_channels")
         args = (self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma)
         pooled = deform_roi_pool(input, rois, None, *args)
         offset = self.offset_fc(pooled.flatten(1)).reshape(pooled.shape[0], 2, *self.output_size)
@@ -149,6 +152,13 @@ class DeformPSRoIPool(nn.Module):
         nn.init.zeros_(self.offset_conv.bias)
 
     def forward(self, score_maps: Tensor, features: Tensor, rois: Rois) -> Tensor:
+        if not fx_proxy(score_maps):
+            self._check_maps(score_maps, features)
+        args = (self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma)
+        offset = deform_ps_roi_pool(self.offset_conv(features), rois, None, *args)
+        return deform_ps_roi_pool(score_maps, rois, offset, *args)
+
+    def _check_maps(self, score_maps: Tensor, features: Tensor) -> None:
         require_channels(score_maps, "score_maps", self.out_channels * self.output_size[0] * self.output_size[1],
                          "out_channels*kh*kw")
         require_channels(features, "features", self.in_channels, "in_channels")
@@ -157,9 +167,6 @@ class DeformPSRoIPool(nn.Module):
                              f"{(score_maps.shape[0], *score_maps.shape[2:])}, got "
                              f"{(features.shape[0], *features.shape[2:])}: their offsets are pooled at "
                              f"score_maps' spatial_scale")
-        args = (self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma)
-        offset = deform_ps_roi_pool(self.offset_conv(features), rois, None, *args)
-        return deform_ps_roi_pool(score_maps, rois, offset, *args)
 
     def offset_parameters(self) -> list[nn.Parameter]:
         return list(self.offset_conv.parameters())
