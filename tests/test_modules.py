@@ -69,35 +69,36 @@ def test_positional_arguments_follow_torchvision():
         DeformConv2d(4, 6, 3, 1, 1, 1, 1, True, 2)
 
 
-def test_weight_order_follows_the_device():
-    """.to() stores the weight in the order of the new device's kernels: standard off the CPU (the
-    CUDA kernels' column order; "meta" stands in for a GPU here), channels-last back on the CPU."""
-    layer = DeformConv2d(4, 6, 3)
-    layer.to("meta")
-    assert layer.weight.is_contiguous() and not layer.weight.is_contiguous(memory_format=torch.channels_last)
-    layer.to_empty(device="cpu")
-    assert layer.weight.is_contiguous(memory_format=torch.channels_last) and not layer.weight.is_contiguous()
+def test_weight_is_torchvision_s_contiguous_tensor():
+    """The weight is contiguous like torchvision's (it was kept channels-last on the CPU, which broke
+    parameters_to_vector, weight.view(out, -1), orthogonal_ init and safetensors), through .to(),
+    dtype changes, from_conv and load_state_dict."""
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layers = [DeformConv2d(4, 6, 3), DeformConv2d.from_conv(conv).double(), DeformConv2d(4, 6, 3).to("meta")]
+    layers[0].load_state_dict(torchvision.ops.DeformConv2d(4, 6, 3).state_dict(), strict=False)
+    for layer in layers:
+        assert layer.weight.is_contiguous()
+    torch.nn.utils.parameters_to_vector(layers[0].parameters())
+    nn.init.orthogonal_(layers[0].weight)
+    assert layers[1].weight.view(6, -1).shape == (6, 36)
 
 
-def test_weight_stays_channels_last(cpu_backend):
-    """The layer's weight keeps the channels-last order the CPU kernels read without a copy, through
-    from_conv, load_state_dict and a dtype change; the order does not change outputs or gradients."""
+def test_channels_last_weight_gives_the_same_outputs_and_gradients(cpu_backend):
+    """layer.to(memory_format=torch.channels_last) stores the weight in the CPU kernels' order (no
+    copy per call), kept through load_state_dict; outputs and gradients equal the standard layout's."""
     conv = nn.Conv2d(4, 6, 3, padding=1).double()
-    layer = DeformConv2d.from_conv(conv)
-    layer.load_state_dict(DeformConv2d.from_conv(conv).state_dict())
-    for module in (layer, DeformConv2d(4, 6, 3).float()):
-        assert module.weight.is_contiguous(memory_format=torch.channels_last)
-        assert not module.weight.is_contiguous()
+    layers = [DeformConv2d.from_conv(conv) for _ in range(2)]
+    layers[1].to(memory_format=torch.channels_last).load_state_dict(layers[0].state_dict())
+    assert layers[1].weight.is_contiguous(memory_format=torch.channels_last) and not layers[1].weight.is_contiguous()
     x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
-    offset = torch.randn(2, 18, 7, 6, dtype=torch.float64)
-    grads = []
-    for weight in (layer.weight.detach(), layer.weight.detach().contiguous()):
-        weight = weight.clone(memory_format=torch.preserve_format).requires_grad_()
-        out = deform_conv2d(x, offset, weight, None, padding=1)
+    results = []
+    for layer in layers:
+        nn.init.constant_(layer.offset_conv.bias, 0.3)
+        out = layer(x)
         out.backward(torch.ones_like(out))
-        grads.append((out.detach(), weight.grad))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
-    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)
+        results.append((out.detach(), layer.weight.grad, layer.offset_conv.weight.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [

@@ -10,6 +10,8 @@ from dcnbench.cli import main
 from dcnbench.runtime import (
     MIN_ROUNDS_FOR_INTERVAL,
     TABLE4_MODELS,
+    build_twins,
+    kernel_weight_order,
     overhead_rows,
     paired_ratio,
     read_paper_table4,
@@ -229,3 +231,21 @@ def test_runtime_refuses_a_thread_count_torch_cannot_take(tmp_path):
     """--threads 99999999999 overflowed inside torch.set_num_threads (a traceback, exit 1)."""
     result = CliRunner().invoke(main, ["runtime", "--threads", "99999999999", "--results-dir", str(tmp_path)])
     assert result.exit_code == 2 and "Invalid value for '--threads'" in result.output
+
+
+def test_runtime_times_deformable_convs_with_weights_in_the_cpu_kernels_order():
+    """The runtime benchmark stores the deformable twin's DeformConv2d weights channels-last on the
+    CPU (the kernels' order; DeformConv2d's weight is standard like torchvision's), values and
+    outputs unchanged; the plain twin keeps its layout."""
+    from dcnbench.ops import DeformConv2d
+
+    twins = build_twins("deeplab", {"backbone": "scaled", "blocks": [1, 1, 1, 3], "width": 8})
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        want = {name: model(x) for name, model in twins.items()}
+        for name, model in twins.items():
+            kernel_weight_order(model)
+            torch.testing.assert_close(model(x), want[name], rtol=0, atol=0)
+    deformable = [m for m in twins["deformable"].modules() if isinstance(m, DeformConv2d)]
+    assert len(deformable) == 3 and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in deformable)
+    assert all(p.is_contiguous() for p in twins["plain"].parameters())

@@ -114,10 +114,11 @@ class DeformConv2d(nn.Module):
     learning rate (``offset_lr_mult`` = beta = 1, paper section 2.3). On the CPU without autograd,
     wide layers compute it as ``_conv_by_taps`` (same result up to float summation order, faster).
 
-    ``weight`` has torchvision's shape (out_channels, in_channels/groups, kh, kw), stored in the
-    order its device's kernels read without a per-call copy: on the CPU channels-last,
-    (out, kh, kw, in/groups), the native kernels' column order; elsewhere standard, the CUDA
-    kernels' order. ``copy_`` and ``load_state_dict`` keep the order, ``.to()`` sets the new device's.
+    ``weight`` is torchvision's: (out_channels, in_channels/groups, kh, kw), contiguous. The CPU
+    kernels read it channels-last, (out, kh, kw, in/groups), their column order, and copy a standard
+    one per call (9.4 MB for a 512-channel 3x3 layer, ~1 ms at 2 threads); PyTorch's
+    ``layer.to(memory_format=torch.channels_last)`` stores it so (kept through ``load_state_dict``
+    and ``copy_``), as for ``nn.Conv2d``.
     """
 
     offset_lr_mult = 1.0
@@ -144,8 +145,7 @@ class DeformConv2d(nn.Module):
         check_deform_conv2d_module(in_channels, out_channels, self.kernel_size, self.stride, self.padding,
                                    self.dilation, groups, offset_groups)
         self.groups, self.offset_groups, self.modulated = groups, offset_groups, modulated
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size,
-                                               memory_format=torch.channels_last))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         taps = self.kernel_size[0] * self.kernel_size[1]
         self.offset_conv = nn.Conv2d(
@@ -162,15 +162,6 @@ class DeformConv2d(nn.Module):
             nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         nn.init.zeros_(self.offset_conv.weight)
         nn.init.zeros_(self.offset_conv.bias)
-
-    def _apply(self, fn, recurse: bool = True) -> "DeformConv2d":
-        """``nn.Module._apply`` (``.to()``, ``.cuda()``, ``.double()``...), then the weight in its
-        device's kernel order (see the class docstring)."""
-        super()._apply(fn, recurse)
-        order = torch.channels_last if self.weight.device.type == "cpu" else torch.contiguous_format
-        if not self.weight.is_contiguous(memory_format=order):
-            self.weight.data = self.weight.data.contiguous(memory_format=order)
-        return self
 
     def forward(self, input: Tensor) -> Tensor:
         offset, mask = self.offsets(input)
