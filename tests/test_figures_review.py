@@ -167,3 +167,25 @@ def test_default_checkpoint_skips_one_trained_with_an_older_definition(tmp_path)
     config["train"] = {**config["train"], "lr": 2 * config["train"]["lr"]}
     (folder / "deeplab__res5a-c__seed0.json").write_text(json.dumps(config))
     assert default_checkpoint("figure5", "smoke", tmp_path) == (None, [folder / "deeplab__res5a-c__seed0.pt"])
+
+
+def test_saving_the_same_figure_twice_gives_the_same_bytes(tmp_path):
+    """`dcnbench figures` redraws committed figures: the PDF's creation date changed every run and
+    left the committed files modified in git."""
+    import time
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dcnbench.report.figures import save
+
+    contents = []
+    for run in range(2):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        paths = save(fig, tmp_path / str(run), "figure")
+        contents.append([p.read_bytes() for p in paths])
+        time.sleep(1.1)  # the PDF date has whole seconds
+    assert contents[0] == contents[1]

@@ -36,10 +36,12 @@ def _mpl():
 
 
 def save(fig, out_dir: Path, stem: str) -> list[Path]:
+    """``fig`` as ``<stem>.png`` and ``<stem>.pdf``; the same figure gives the same bytes (the PDF
+    carries no creation date), so redrawing committed figures leaves the tree clean."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None})
     _mpl().close(fig)
     return paths
 
