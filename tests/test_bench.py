@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from dcnbench.bench.ops import FIELDS, parse_shape, run_ops_benchmark
 from dcnbench.cli import main
+from dcnbench.bench.report import main as bench_report_main
 from dcnbench.bench.report import markers, read_rows, render_markdown, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,9 +18,17 @@ CPU_CSV = "results/bench/ops_cpu.csv"
 CUDA_CSV = "results/bench/ops_cuda.csv"
 
 
+def _checkout_copy(tmp_path: Path) -> Path:
+    """tmp_path as a checkout holding the committed benchmark CSVs."""
+    for name in (CPU_CSV, CUDA_CSV):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    return tmp_path
+
+
 def test_each_csv_owns_its_readme_block(tmp_path, monkeypatch):
     """Regenerating one CSV's block rewrites that block alone; text around and between blocks stays."""
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(_checkout_copy(tmp_path))
     readme = tmp_path / "README.md"
     cpu_start, cpu_end = markers(CPU_CSV)
     cuda_start, cuda_end = markers(CUDA_CSV)
@@ -29,6 +38,34 @@ def test_each_csv_owns_its_readme_block(tmp_path, monkeypatch):
     assert "old cpu" in text and "old cuda" not in text
     assert text.startswith("intro\n") and "\nbetween\n" in text and text.endswith("end\n")
     assert render_markdown(read_rows(CUDA_CSV), CUDA_CSV) in text
+
+
+def test_the_readme_block_is_found_however_the_csv_path_is_typed(tmp_path, monkeypatch):
+    """The block is named by the CSV's path relative to the README: a path typed as ./results/...,
+    absolute, or from another folder replaced the block as typed only, and appended a second
+    "## Performance" section otherwise."""
+    root = _checkout_copy(tmp_path)
+    start, end = markers(CPU_CSV)
+    (root / "README.md").write_text(f"intro\n## Performance\n{start}\nold\n{end}\nend\n")
+    (root / "sub").mkdir()
+    for cwd, csv_arg, readme_arg in [(root, "./" + CPU_CSV, "README.md"), (root / "sub", "../" + CPU_CSV, "../README.md"),
+                                     (ROOT, str(root / CPU_CSV), str(root / "README.md"))]:
+        monkeypatch.chdir(cwd)
+        bench_report_main([csv_arg, "--readme", readme_arg])
+        text = (root / "README.md").read_text()
+        assert text.count("## Performance") == 1 and text.count(start) == 1 and "old" not in text, text[:300]
+        assert text.endswith(f"{end}\nend\n")
+
+
+@pytest.mark.parametrize("content,error", [(None, "No such file"),
+                                           ("table,variant\n1,none\n", "is not a 'dcnbench bench ops' CSV: no column op")])
+def test_bench_report_names_a_csv_it_cannot_read(tmp_path, capsys, content, error):
+    path = tmp_path / "x.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        bench_report_main([str(path)])
+    assert exit_info.value.code == 2 and error in capsys.readouterr().err
 
 
 def test_cuda_block_names_the_card_and_float32_mode_and_skips_cpu_targets(monkeypatch):

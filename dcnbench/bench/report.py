@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,9 +29,17 @@ ROI_TARGET = 4.0
 MASK_TARGET = 1.10
 
 
+BENCH_COLUMNS = ("op", "implementation", "shape", "pass", "threads")
+
+
 def read_rows(path: Path | str) -> list[dict]:
+    """The rows of a ``dcnbench bench ops`` CSV; ValueError naming the file when it is not one."""
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        missing = [c for c in BENCH_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} is not a 'dcnbench bench ops' CSV: no column {', '.join(missing)}")
+        return list(reader)
 
 
 def _index(rows: Iterable[dict]) -> dict[tuple, dict]:
@@ -212,11 +221,15 @@ def render_tables(rows: list[dict]) -> list:
 
 
 def update_readme(readme: Path | str, csv_path: Path | str) -> None:
+    """Replace the CSV's block in ``readme`` (appended under a new "## Performance" heading when it
+    has none); the block is named by the CSV's path relative to the README's folder, however the
+    path was typed."""
     readme = Path(readme)
     text = readme.read_text()
     rows = read_rows(csv_path)
-    start, end = markers(str(csv_path))
-    block = f"{start}\n{render_markdown(rows, str(csv_path))}{end}"
+    name = Path(os.path.relpath(Path(csv_path).resolve(), readme.resolve().parent)).as_posix()
+    start, end = markers(name)
+    block = f"{start}\n{render_markdown(rows, name)}{end}"
     if start in text and end in text:
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
@@ -231,10 +244,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("csv", nargs="?", default="results/bench/ops_cpu.csv")
     parser.add_argument("--readme", help="README to update in place (between the CSV's bench markers)")
     args = parser.parse_args(argv)
-    if args.readme:
-        update_readme(args.readme, args.csv)
-    else:
-        print(render_markdown(read_rows(args.csv), args.csv))
+    try:
+        if args.readme:
+            update_readme(args.readme, args.csv)
+        else:
+            print(render_markdown(read_rows(args.csv), args.csv))
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":
