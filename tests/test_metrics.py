@@ -305,7 +305,7 @@ def test_dilation_by_object_and_stats_table():
 def test_table2_buckets_are_terciles_or_the_papers_sizes_and_the_paper_tier_uses_the_papers():
     """The same cells fall in other buckets at the paper's 96² / 224² px than at the objects'
     terciles; the paper tier's Table 2 runs ask for the paper's (the caption's split)."""
-    from dcnbench.runner.ablate import ablation_cells
+    from dcnbench.runner.experiment import expand_cells, load_experiment
     from dcnbench.runner.dilation import dilation_metrics
 
     eff = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
@@ -317,7 +317,7 @@ def test_table2_buckets_are_terciles_or_the_papers_sizes_and_the_paper_tier_uses
     assert terciles["effdil_res5a_large_mean"] == 2.0  # all three cells are above the upper tercile
     with pytest.raises(ValueError, match="dilation_buckets"):
         dilation_metrics(stats, "thirds")
-    (cell,) = ablation_cells(2, "paper", ["rfcn"], data_root="/")
+    (cell,) = expand_cells(load_experiment(2), "paper", ["rfcn"])
     assert cell.config["eval"]["dilation_buckets"] == "paper"
 
 

@@ -322,8 +322,37 @@ def test_data_root_for_a_synthetic_tier_is_refused_not_ignored():
     with pytest.raises(InvalidSetting, match="tier cpu trains on the synthetic benchmark") as info:
         ablation_cells(1, "cpu", ["deeplab"], data_root="/data")
     assert info.value.fields == ("data_root",)
-    (cell,) = ablation_cells(1, "paper", ["deeplab"], data_root="/data", variants=["none"])
-    assert cell.config["data"] == {"source": "voc_seg", "shorter_side": 360, "root": str(Path("/data").resolve())}
+
+
+def _resnet101_weights(path: Path) -> Path:
+    import torchvision
+
+    torch.save(torchvision.models.resnet101().state_dict(), path)
+    return path
+
+
+def test_paper_tier_needs_imagenet_weights_and_the_datasets_where_data_root_points(tmp_path):
+    """The paper tier without --weights trained ResNet-101 from scratch, silently (its frozen
+    BatchNorm keeps the statistics of the weights it loads); a --data-root without the datasets
+    started every run, each failing on its own. Both are now errors naming the option before any
+    run; with weights and a real VOC layout the cells get both."""
+    from test_data_loaders import _voc_seg_fixture
+
+    from dcnbench.runner.ablate import ablation_cells
+
+    with pytest.raises(InvalidSetting, match="tier paper trains ResNet from ImageNet weights") as info:
+        ablation_cells(1, "paper", ["deeplab"], data_root=str(tmp_path), variants=["none"])
+    assert info.value.fields == ("weights",)
+    weights = _resnet101_weights(tmp_path / "r101.pth")
+    with pytest.raises(InvalidSetting, match="deeplab__none__seed0 reads voc_seg: .*no dataset found") as info:
+        ablation_cells(1, "paper", ["deeplab"], data_root=str(tmp_path / "empty"), weights=str(weights),
+                       variants=["none"])
+    assert info.value.fields == ("data_root",)
+    _voc_seg_fixture(tmp_path / "voc")
+    (cell,) = ablation_cells(1, "paper", ["deeplab"], data_root=str(tmp_path / "voc"), weights=str(weights),
+                             variants=["none"])
+    assert cell.config["data"] == {"source": "voc_seg", "shorter_side": 360, "root": str((tmp_path / "voc").resolve())}
+    assert cell.config["model"]["weights"] == str(weights.resolve())
 
 
 def test_ablate_cli_refuses_data_root_for_a_synthetic_tier_before_running(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def ablation_cells(table: int, tier: str, tasks: list[str] | None = None, seeds:
     if not data_root and any(r and not c.config["data"].get("root") for c, r in zip(cells, real)):
         raise InvalidSetting(f"tier {tier} reads the real datasets (VOC, Cityscapes, COCO): give their root "
                              "(README, Real datasets)", "data_root")
+    if not weights and any(c.config["model"].get("backbone", "").startswith("resnet") for c in cells):
+        raise InvalidSetting(f"tier {tier} trains ResNet from ImageNet weights, as the paper (its frozen "
+                             "BatchNorm keeps the statistics of the weights it loads): give them (README, Models)",
+                             "weights")
     if weights:
         _check_weights(cells, weights, tier)
         digest = file_sha256(weights)
@@ -40,7 +45,28 @@ def ablation_cells(table: int, tier: str, tasks: list[str] | None = None, seeds:
             cell.config["data"]["root"] = str(Path(data_root).resolve())
         if weights:  # the digest too: a new file at the same path is another run (hashes, resume, reuse)
             cell.config["model"].update(weights=str(Path(weights).resolve()), weights_sha256=digest)
+    if data_root:
+        _check_datasets([c for c, r in zip(cells, real) if r])
     return cells
+
+
+def _check_datasets(cells: list[Cell]) -> None:
+    """InvalidSetting (naming --data-root) unless every real dataset the cells read is there."""
+    from dcnbench.data.datasets import DatasetNotFoundError
+
+    from .train import build_data
+
+    checked = set()
+    for cell in cells:
+        data = cell.config["data"]
+        key = (cell.config["task"] == "deeplab", json.dumps(data, sort_keys=True))
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            build_data(cell.config["task"], data)
+        except DatasetNotFoundError as exc:
+            raise InvalidSetting(f"{cell.name} reads {data['source']}: {exc}", "data_root") from exc
 
 
 def check_results_csv(out: str, cells: list[Cell], processes: int = 1) -> None:
