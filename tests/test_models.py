@@ -444,3 +444,21 @@ def test_block_names_follow_msra():
                      "res5": ["res5a", "res5b", "res5c"]}
     net = ResNetBackbone(DEPTHS[50], width=4, out_channels=0, placement="res5+res4b20-22")
     assert net.deformable_blocks == ["res4d", "res4e", "res4f", "res5a", "res5b", "res5c"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_images_of_another_channel_count_are_refused_naming_images(task):
+    """Every task takes RGB images, (N, 3, H, W) or a list of (3, H, W): another channel count is a
+    ValueError naming images, the expected shape and the one given (not the first conv's RuntimeError),
+    in training and in evaluation."""
+    model = tiny(task)
+    tgts = targets(1)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        for images, message in [(torch.rand(1, 1, SIZE, SIZE), r"images must be \(N, 3, H, W\), got shape \(1, 1, 64, 64\)"),
+                                (torch.rand(1, 4, SIZE, SIZE), r"images must be \(N, 3, H, W\), got shape \(1, 4, 64, 64\)"),
+                                ([torch.rand(1, SIZE, SIZE)], r"images in a list must be \(3, H, W\) tensors, got shapes \[\(1, 64, 64\)\]"),
+                                ([torch.rand(3, SIZE, SIZE), torch.rand(4, SIZE, SIZE)], r"got shapes \[\(3, 64, 64\), \(4, 64, 64\)\]")]:
+            with pytest.raises(ValueError, match=message):
+                model(images, tgts[:1] * (len(images) if isinstance(images, list) else 1))
+

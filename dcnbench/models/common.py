@@ -20,18 +20,19 @@ Targets = list[dict[str, Tensor]]
 
 
 def image_sizes(images: Tensor | Sequence[Tensor]) -> list[tuple[int, int]]:
-    """(H, W) of every image of an (N, C, H, W) tensor or a list of (C, H, W) tensors."""
+    """(H, W) of every image of an (N, 3, H, W) tensor or a list of (3, H, W) tensors (RGB: the
+    backbone's first conv takes 3 channels)."""
     if isinstance(images, Tensor):
-        if images.dim() != 4:
+        if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W), got shape {tuple(images.shape)}")
         return [tuple(images.shape[-2:])] * images.shape[0]
-    if len(images) == 0 or any(im.dim() != 3 for im in images) or len({im.shape[0] for im in images}) != 1:
+    if len(images) == 0 or any(im.dim() != 3 or im.shape[0] != 3 for im in images):
         raise ValueError(f"images in a list must be (3, H, W) tensors, got shapes {[tuple(im.shape) for im in images]}")
     return [tuple(im.shape[-2:]) for im in images]
 
 
 def to_batch(images: Tensor | Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
-    """(batch (N, C, H, W), per-image (H, W)) of a tensor, or of a list of images zero-padded
+    """(batch (N, 3, H, W), per-image (H, W)) of a tensor, or of a list of images zero-padded
     bottom/right to the largest height and width (as torchvision's detectors batch them; the
     padding moves no pixel, so boxes stay valid)."""
     sizes = image_sizes(images)
