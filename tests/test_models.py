@@ -462,3 +462,21 @@ def test_images_of_another_channel_count_are_refused_naming_images(task):
             with pytest.raises(ValueError, match=message):
                 model(images, tgts[:1] * (len(images) if isinstance(images, list) else 1))
 
+
+def test_deeplab_loss_refuses_a_mask_of_another_shape_or_with_labels_out_of_range():
+    """DeepLab's loss takes a mask (N, H, W) of logits (N, C+1, H, W) with labels 0..C or 255
+    (ignored); anything else is a ValueError naming mask, what it must be and what it is."""
+    model = tiny("deeplab", placement="none")  # C = 3: logits have 4 channels
+    logits = torch.randn(2, 4, SIZE, 48)
+    for mask in (torch.zeros(2, 32, 48, dtype=torch.long), torch.zeros(2, 1, SIZE, 48, dtype=torch.long)):
+        with pytest.raises(ValueError, match=rf"mask must be \(2, 64, 48\) \(logits \(2, 4, 64, 48\) without "
+                                             rf"the class axis\), got shape {re.escape(str(tuple(mask.shape)))}"):
+            model.loss(logits, mask)
+    for bad in (7, 4, -1, 254):
+        mask = torch.zeros(2, SIZE, 48, dtype=torch.long)
+        mask[1, 5, 6] = bad
+        with pytest.raises(ValueError, match=rf"mask labels must be in 0..3 or 255 \(ignored\), got {bad}"):
+            model.loss(logits, mask)
+    mask = torch.randint(0, 4, (2, SIZE, 48))
+    mask[:, :4] = 255
+    assert torch.isfinite(model.loss(logits, mask))

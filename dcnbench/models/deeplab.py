@@ -35,8 +35,17 @@ class DeepLab(nn.Module):
         return self.forward_raw(images)
 
     def loss(self, logits: Tensor, mask: Tensor) -> Tensor:
-        """logits (N, C+1, H, W), mask (N, H, W) int labels, 255 ignored; a mask that is all 255
-        gives a zero loss (still differentiable) instead of NaN."""
+        """logits (N, C+1, H, W), mask (N, H, W) int labels 0..C, 255 ignored (another shape or label
+        is a ValueError naming mask); a mask that is all 255 gives a zero loss (still differentiable)
+        instead of NaN."""
+        expected = (logits.shape[0], *logits.shape[2:])
+        if mask.shape != expected:
+            raise ValueError(f"mask must be {expected} (logits {tuple(logits.shape)} without the class axis), "
+                             f"got shape {tuple(mask.shape)}")
+        top = logits.shape[1] - 1
+        bad = mask[(mask != self.ignore_index) & ((mask < 0) | (mask > top))]
+        if bad.numel():
+            raise ValueError(f"mask labels must be in 0..{top} or {self.ignore_index} (ignored), got {bad[0].item()}")
         if not (mask != self.ignore_index).any():
             return 0 * logits.sum()
         return F.cross_entropy(logits, mask.long(), ignore_index=self.ignore_index)
