@@ -292,7 +292,9 @@ def run_runtime(
             continue
         raw_hw = tuple(max(1, round(v * scale)) for v in spec.raw_hw) if spec.name == "DeepLab@C" else spec.raw_hw
         hw = resized_hw(raw_hw, max(1, round(spec.shorter_side * scale)))
-        extra = {} if spec.task == "deeplab" else {"rpn_post_nms_top_n": (2000, proposals), "score_thresh": 0.0}
+        extra = {} if spec.task == "deeplab" else {"score_thresh": 0.0}
+        if spec.task in ("faster_rcnn", "rfcn"):  # the class-aware RPN makes no proposals
+            extra["rpn_post_nms_top_n"] = (2000, proposals)
         twins = {name: kernel_weight_order(m.to(dev)) for name, m in build_twins(spec.task, extra, weights).items()}
         raw = torch.randint(0, 256, (3, *raw_hw), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         log(f"{spec.name}: {raw_hw[0]}x{raw_hw[1]} -> {hw[0]}x{hw[1]}, plain and deformable alternating, "

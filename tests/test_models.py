@@ -10,6 +10,7 @@ from dcnbench.models import (
     PLACEMENTS, ResNetBackbone, build_model, count_parameters, deformable_layers, load_backbone_weights,
 )
 from dcnbench.models.backbone import DEPTHS
+from dcnbench.models.build import TASK_KEYS
 from dcnbench.models.rpn import RPN
 from dcnbench.ops import DeformConv2d, DeformPSRoIPool, DeformRoIPool, use_backend
 
@@ -20,7 +21,10 @@ TASKS = ["deeplab", "rpn", "faster_rcnn", "rfcn"]
 
 
 def tiny(task, **kw):
-    return build_model({**TINY, "task": task, **kw})
+    """The tiny network of ``task``, with the settings of TINY and ``kw`` that it uses (build_model
+    refuses the RPN's and the detection heads' settings for a task without that part)."""
+    cfg = {**TINY, **kw}
+    return build_model({k: v for k, v in cfg.items() if task in TASK_KEYS.get(k, (task,))} | {"task": task})
 
 
 def targets(n=2):
@@ -283,8 +287,8 @@ PINNED = {
 @pytest.mark.parametrize("task,placement", list(PINNED))
 def test_table4_parameter_counts_are_pinned(task, placement):
     with torch.device("meta"):
-        model = build_model({"task": task, "placement": placement, "num_classes": 20,
-                             "deformable_roi_pool": placement != "none"})
+        roi_pool = {"deformable_roi_pool": placement != "none"} if task in ("faster_rcnn", "rfcn") else {}
+        model = build_model({"task": task, "placement": placement, "num_classes": 20, **roi_pool})
     assert count_parameters(model) == PINNED[task, placement]
 
 
@@ -305,6 +309,28 @@ def test_build_model_rejects_unknown_keys():
         build_model({"task": "deeplab", "placment": "none"})
     with pytest.raises(ValueError, match="task must be"):
         build_model({"task": "segment"})
+
+
+@pytest.mark.parametrize("task,key,value,users", [
+    ("rpn", "deformable_roi_pool", True, ["faster_rcnn", "rfcn"]),
+    ("deeplab", "deformable_roi_pool", True, ["faster_rcnn", "rfcn"]),
+    ("deeplab", "rpn_pre_nms_top_n", [100, 50], ["faster_rcnn", "rfcn"]),
+    ("rpn", "rpn_post_nms_top_n", [100, 50], ["faster_rcnn", "rfcn"]),  # the class-aware RPN makes no proposals
+    ("deeplab", "anchor_sizes", [16, 32], ["rpn", "faster_rcnn", "rfcn"]),
+    ("deeplab", "score_thresh", 0.1, ["rpn", "faster_rcnn", "rfcn"]),
+    ("rpn", "roi_batch_size", 32, ["faster_rcnn", "rfcn"]),
+    ("rfcn", "fc_channels", 64, ["faster_rcnn"]),
+])
+def test_build_model_refuses_a_key_the_task_does_not_use(task, key, value, users):
+    """A setting of a part the task's network lacks (the RoI head's, the RPN's) is a ValueError naming
+    the key and the tasks that use it: it built the same network as without it, silently."""
+    cfg = {"task": task, "backbone": "scaled", "blocks": [1, 1, 1, 3], "width": 8, "num_classes": 3}
+    build_model(cfg)
+    with pytest.raises(ValueError, match=rf"config '{key}' is used by the tasks {re.escape(str(users))} only, "
+                                         rf"not by '{task}' \(it would be ignored\), got {key}={re.escape(repr(value))}"):
+        build_model({**cfg, key: value})
+    for user in users:  # the tasks that use it take it
+        build_model({**cfg, "task": user, key: value})
 
 
 def test_offset_param_groups_follow_the_paper_learning_rates():

@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from dcnbench.models import build_model, load_backbone_weights
+from dcnbench.models.build import TASK_KEYS
 from dcnbench.models.common import grid_anchors
 from dcnbench.models.rpn import RPN
 from dcnbench.ops import DeformConv2d
@@ -19,7 +20,10 @@ TINY = {"backbone": "scaled", "blocks": [1, 1, 1, 3], "width": 8, "num_classes":
 
 
 def tiny(task, **kw):
-    return build_model({**TINY, "task": task, **kw})
+    """The tiny network of ``task``, with the settings of TINY and ``kw`` that it uses (build_model
+    refuses the RPN's and the detection heads' settings for a task without that part)."""
+    cfg = {**TINY, **kw}
+    return build_model({k: v for k, v in cfg.items() if task in TASK_KEYS.get(k, (task,))} | {"task": task})
 
 
 def one_box():

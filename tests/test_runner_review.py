@@ -249,6 +249,9 @@ def test_a_cell_missing_a_training_setting_is_refused_before_any_run(tmp_path):
     ('train = { lr = "0.01" }', "train.lr must be a positive number, got '0.01'"),
     ('train = { momentum = 1.0 }', r"train.momentum must be a number in \[0, 1\), got 1.0"),
     ('model = { width = 0 }', "model config 'width' must be a positive integer, got 0"),
+    # a setting of the detection heads, in a variant of a table with DeepLab: it built DeepLab without it, silently
+    ('model = { deformable_roi_pool = true }',
+     r"model config 'deformable_roi_pool' is used by the tasks \['faster_rcnn', 'rfcn'\] only, not by 'deeplab'"),
     ('data = { num_train = 3 }', r"data.num_train \(3\) must be at least train.batch_size \(4\)"),  # the loop spun
 ])
 def test_a_bad_value_in_a_definition_is_refused_when_it_is_loaded(tmp_path, text, error):

@@ -1,6 +1,7 @@
 """``build_model(cfg)``: every network of the paper (and its scaled CPU family) from a plain dict.
 
-Config keys (all optional except ``task``):
+Config keys (all optional except ``task``; ``deformable_roi_pool`` and the keys from ``rpn_conv_channels``
+on set the RPN or the detection heads: a task without that part refuses them, see ``TASK_KEYS``):
 
 =====================  =============================================================================
 task                   "deeplab" | "rpn" (class-aware RPN) | "faster_rcnn" | "rfcn"
@@ -21,8 +22,8 @@ anchor_sizes           (128, 256, 512); scaled: (16, 32, 64, 128)
 aspect_ratios          (0.5, 1.0, 2.0)
 rpn_batch_size         anchors sampled per image for the RPN loss (256)
 rpn_ignore_cross_boundary  RPN training ignores anchors crossing the image border (True, Faster R-CNN)
-rpn_pre_nms_top_n      (train, test) proposals before NMS ((12000, 6000))
-rpn_post_nms_top_n     (train, test) proposals kept ((2000, 300); 300 as in Table 4)
+rpn_pre_nms_top_n      Faster R-CNN / R-FCN: (train, test) proposals before NMS ((12000, 6000))
+rpn_post_nms_top_n     Faster R-CNN / R-FCN: (train, test) proposals kept ((2000, 300); 300 as in Table 4)
 roi_batch_size         RoIs sampled per image for the detection head (128)
 fc_channels            Faster R-CNN fc width (1024; scaled: × width/64)
 pool_size              RoI pooling bins k (7)
@@ -54,6 +55,27 @@ KNOWN_KEYS = {
     "aspect_ratios", "rpn_batch_size", "rpn_ignore_cross_boundary", "rpn_pre_nms_top_n", "rpn_post_nms_top_n",
     "roi_batch_size", "fc_channels", "pool_size", "sampling_ratio", "score_thresh", "nms_thresh", "detections_per_img",
 }
+
+# Keys only some tasks use (every other known key is the backbone's, which every task has): key -> those tasks.
+# The class-aware RPN's anchors are its detections: it makes no proposals, so the RPN's top-n settings
+# are the two-stage detectors'.
+_RPN_TASKS, _ROI_TASKS = ("rpn", "faster_rcnn", "rfcn"), ("faster_rcnn", "rfcn")
+TASK_KEYS = {
+    **dict.fromkeys(("rpn_conv_channels", "anchor_sizes", "aspect_ratios", "rpn_batch_size",
+                     "rpn_ignore_cross_boundary", "score_thresh", "nms_thresh", "detections_per_img"), _RPN_TASKS),
+    **dict.fromkeys(("rpn_pre_nms_top_n", "rpn_post_nms_top_n", "deformable_roi_pool", "roi_batch_size", "pool_size",
+                     "sampling_ratio"), _ROI_TASKS),
+    "fc_channels": ("faster_rcnn",),
+}
+
+
+def check_task_keys(cfg: dict[str, Any], task: str) -> None:
+    """ValueError naming the first key of ``cfg`` that ``task`` does not use (``TASK_KEYS``), and the
+    tasks that use it: such a setting would be ignored silently."""
+    for key in cfg:
+        if key in TASK_KEYS and task not in TASK_KEYS[key]:
+            raise ValueError(f"config {key!r} is used by the tasks {list(TASK_KEYS[key])} only, not by {task!r} "
+                             f"(it would be ignored), got {key}={cfg[key]!r}")
 
 
 _POSITIVE_INTS = ("num_classes", "width", "dilation", "res4_dilation", "offset_groups", "rpn_batch_size",
@@ -113,13 +135,15 @@ def build_backbone(cfg: dict[str, Any]) -> ResNetBackbone:
 
 def build_model(cfg: dict[str, Any]) -> nn.Module:
     """A DeepLab, ClassAwareRPN, FasterRCNN or RFCN from a plain config dict (module docstring);
-    unknown keys and values of the wrong type or range raise a ValueError naming the key."""
+    unknown keys, keys the task does not use (``TASK_KEYS``) and values of the wrong type or range
+    raise a ValueError naming the key."""
     unknown = set(cfg) - KNOWN_KEYS
     if unknown:
         raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(KNOWN_KEYS)}")
     task = cfg.get("task")
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_task_keys(cfg, task)
     check_config(cfg)
     backbone = build_backbone(cfg)
     num_classes = cfg.get("num_classes", 20)

@@ -43,7 +43,7 @@ from dcnbench.evaluation.detection import DetectionEvaluator, check_area_ranges
 from dcnbench.evaluation.dilation import DilationStats
 from dcnbench.evaluation.segmentation import SegmentationMetric
 from dcnbench.models.backbone import load_backbone_weights
-from dcnbench.models.build import build_model, check_config
+from dcnbench.models.build import build_model, check_config, check_task_keys
 from dcnbench.ops import backend_for, offset_param_groups
 
 from . import distributed as dist
@@ -97,6 +97,7 @@ def check_settings(config: dict) -> None:
         if key in config[section] and not ok(config[section][key]):
             raise ValueError(f"{section}.{key} must be {what}, got {config[section][key]!r}")
     try:
+        check_task_keys(model_settings(config), MODEL_TASK[config["task"]])
         check_config(model_settings(config))
     except ValueError as exc:
         raise ValueError(f"model {exc}") from exc
