@@ -1,6 +1,7 @@
 """mIoU, VOC/COCO detection mAP and effective dilation: perfect scores, hand-computed cases, thresholds."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -75,6 +76,15 @@ def test_miou_accumulates_skips_absent_classes_and_takes_logits():
 # ---------------------------------------------------------------------------------------------
 # Detection
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_classes", [0, -1, 2.0, True, "21"])
+def test_segmentation_metric_needs_at_least_one_class(num_classes):
+    """SegmentationMetric(C) counts a C x C confusion matrix: C must be an integer >= 1 (0 was
+    accepted, and every update then failed on labels outside 0..-1)."""
+    with pytest.raises(ValueError, match=rf"num_classes must be an integer >= 1 .*got {re.escape(repr(num_classes))}"):
+        SegmentationMetric(num_classes)
+    assert SegmentationMetric(1).cm.shape == (1, 1)
 
 
 def _pred(boxes, scores, labels):
@@ -209,6 +219,41 @@ def test_unknown_area_ranges_are_refused_when_the_evaluator_is_made(area_ranges)
     DetectionEvaluator(6, area_ranges={"small": [0, 1], "medium": (1, 2), "large": (2, 1e10)})  # lists, as TOML gives
 
 
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"num_classes": 0}, "num_classes must be an integer >= 1 \\(the foreground classes C\\), got 0"),
+    ({"iou_thresholds": (1.5,)}, r"iou_thresholds must be a non-empty sequence of numbers in \(0, 1\], got \(1.5,\)"),
+    ({"iou_thresholds": (0.5, 0.0)}, r"iou_thresholds must be .* in \(0, 1\], got \(0.5, 0.0\)"),
+    ({"iou_thresholds": (float("nan"),)}, r"iou_thresholds must be .* got \(nan,\)"),
+    ({"iou_thresholds": ()}, r"iou_thresholds must be a non-empty sequence .* got \(\)"),
+    ({"iou_thresholds": "0.5"}, r"iou_thresholds must be .* got '0.5'"),
+])
+def test_detection_evaluator_refuses_a_bad_class_count_or_iou_threshold(kwargs, message):
+    """C >= 1 and IoU thresholds in (0, 1]: a threshold of 1.5 matched nothing and reported mAP 0 as
+    a result; 0 counted every overlapping detection as a hit."""
+    with pytest.raises(ValueError, match=message):
+        DetectionEvaluator(**{"num_classes": 3, **kwargs})
+    assert DetectionEvaluator(3, iou_thresholds=[1, 0.25]).iou_thresholds == (1.0, 0.25)
+
+
+def test_boxes_of_another_shape_are_refused_naming_the_entry():
+    """Boxes are (M, 4) (or empty): a (1, 3) prediction was numpy's 'cannot reshape array of size 3
+    into shape (4)', and a (4, 3) one was silently read as three boxes."""
+    ev = DetectionEvaluator(2, coco=False)
+    gt = _gt([[0, 0, 10, 10]], [1])
+    for shape in [(1, 3), (4, 3), (4,)]:
+        bad = {"boxes": torch.zeros(shape), "scores": torch.zeros(1), "labels": torch.ones(1, dtype=torch.long)}
+        with pytest.raises(ValueError, match=rf"predictions\[1\]\['boxes'\] must be \(M, 4\) boxes x1, y1, x2, y2, "
+                                             rf"got shape {re.escape(str(shape))}"):
+            ev.update([_pred([], [], []), bad], [gt, gt])
+        with pytest.raises(ValueError, match=rf"targets\[0\]\['boxes'\] must be \(M, 4\) .* got shape {re.escape(str(shape))}"):
+            ev.update([_pred([], [], [])], [{**gt, "boxes": torch.zeros(shape)}])
+    assert not ev.gts  # nothing of a refused batch was stored
+    ev.update([{"boxes": [], "scores": [], "labels": []}], [gt])  # no detections: any empty shape
+    assert ev.dets[0]["boxes"].shape == (0, 4)
+
+
+
 # ---------------------------------------------------------------------------------------------
 # Effective dilation
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +281,17 @@ def test_effective_dilation_hand_cases():
     two = torch.cat([torch.zeros(1, 18, 1, 1), (_grid() * 1.0).reshape(1, 18, 1, 1)], dim=1)
     assert effective_dilation(two, 1).item() == pytest.approx(1.5)
     assert effective_dilation(torch.zeros(1, 2 * 6, 1, 1), (1, 4), kernel=(2, 3)).item() == pytest.approx((3 * 1 + 4 * 4) / 7)
+
+
+def test_effective_dilation_needs_a_4d_offset():
+    """Offsets are (N, 2*G*kh*kw, H, W): a 3-D one was 'not enough values to unpack'; now a ValueError
+    naming offset and its shape."""
+    with pytest.raises(ValueError, match=r"offset must be 4-D, got shape \(18, 4, 4\)"):
+        effective_dilation(torch.zeros(18, 4, 4), 2)
+    with pytest.raises(ValueError, match=r"offset must be 4-D, got shape \(1, 1, 18, 4, 4\)"):
+        effective_dilation(torch.zeros(1, 1, 18, 4, 4), 2)
+    with pytest.raises(TypeError, match="offset must be a torch.Tensor, got ndarray"):
+        effective_dilation(np.zeros((1, 18, 4, 4)), 2)
 
 
 def test_object_area_map_and_categories():

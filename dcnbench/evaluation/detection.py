@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from torch import Tensor
 
-from dcnbench.errors import is_number
+from dcnbench.errors import is_int, is_number
 
 __all__ = [
     "COCO_AREA_RANGES",
@@ -121,6 +121,14 @@ def _np(x, dtype=None, shape=None) -> np.ndarray:
     return x.reshape(shape) if shape is not None else x
 
 
+def _boxes(x, name: str) -> np.ndarray:
+    """``x`` as a float64 (M, 4) array (an empty one of any shape: no boxes); another shape raises naming ``name``."""
+    arr = _np(x, np.float64)
+    if arr.size and (arr.ndim != 2 or arr.shape[1] != 4):
+        raise ValueError(f"{name} must be (M, 4) boxes x1, y1, x2, y2, got shape {arr.shape}")
+    return arr.reshape(-1, 4)
+
+
 def _scale_to_original(target: Mapping) -> tuple[float, float]:
     """(sx, sy) taking a target's boxes from its image (``"size"``) back to the file (``"orig_size"``)."""
     if "size" not in target or "orig_size" not in target:
@@ -148,8 +156,15 @@ class DetectionEvaluator:
         class_names: Sequence[str] | None = None,
     ):
         check_area_ranges(area_ranges)
+        if not (is_int(num_classes) and num_classes >= 1):
+            raise ValueError(f"num_classes must be an integer >= 1 (the foreground classes C), got {num_classes!r}")
+        thresholds = np.asarray(iou_thresholds)
+        if (thresholds.ndim != 1 or not thresholds.size or thresholds.dtype.kind not in "iuf"
+                or not ((thresholds > 0) & (thresholds <= 1)).all()):  # NaN fails too
+            raise ValueError(f"iou_thresholds must be a non-empty sequence of numbers in (0, 1], "
+                             f"got {iou_thresholds!r}")
         self.num_classes = num_classes
-        self.iou_thresholds = tuple(float(t) for t in iou_thresholds)
+        self.iou_thresholds = tuple(float(t) for t in thresholds)
         self.use_07_metric = use_07_metric
         self.area_ranges = area_ranges
         self.coco = coco
@@ -178,7 +193,7 @@ class DetectionEvaluator:
                     raise ValueError(f"targets[{i}]['image_id'] = {image_id} was already evaluated")
                 seen.add(image_id)
             sx, sy = _scale_to_original(tgt)
-            boxes = _np(tgt["boxes"], np.float64, (-1, 4)) * [sx, sy, sx, sy]
+            boxes = _boxes(tgt["boxes"], f"targets[{i}]['boxes']") * [sx, sy, sx, sy]
             k = len(boxes)
             gt = {
                 "boxes": boxes,
@@ -189,7 +204,7 @@ class DetectionEvaluator:
                 (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
             }
             det = {
-                "boxes": _np(pred["boxes"], np.float64, (-1, 4)) * [sx, sy, sx, sy],
+                "boxes": _boxes(pred["boxes"], f"predictions[{i}]['boxes']") * [sx, sy, sx, sy],
                 "scores": _np(pred["scores"], np.float64, (-1,)),
                 "labels": _np(pred["labels"], np.int64, (-1,)),
             }

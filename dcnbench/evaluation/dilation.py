@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dcnbench.ops._validate import require_tensor
+
 __all__ = [
     "CATEGORIES",
     "PAPER_AREA_THRESHOLDS",
@@ -48,7 +50,9 @@ def _pair(v) -> tuple[int, int]:
 
 
 def effective_dilation(offset: Tensor, dilation: int | Sequence[int] = 1, kernel: int | Sequence[int] = (3, 3)) -> Tensor:
-    """(N, H, W) mean distance between adjacent sampling locations (averaged over offset groups)."""
+    """(N, H, W) mean distance between adjacent sampling locations (averaged over offset groups) of a
+    floating-point ``offset`` (N, 2*G*kh*kw, H, W)."""
+    require_tensor(offset, "offset", 4)
     kh, kw = _pair(kernel)
     dh, dw = _pair(dilation)
     if kh * kw < 2:

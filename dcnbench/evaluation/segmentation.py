@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dcnbench.errors import is_int
+
 __all__ = ["SegmentationMetric", "confusion_matrix", "miou_from_confusion"]
 
 
@@ -65,6 +67,9 @@ class SegmentationMetric:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, class_names: tuple[str, ...] | None = None):
+        if not (is_int(num_classes) and num_classes >= 1):
+            raise ValueError(f"num_classes must be an integer >= 1 (the classes of the confusion matrix, background "
+                             f"included), got {num_classes!r}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.class_names = class_names
