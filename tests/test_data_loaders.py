@@ -323,3 +323,11 @@ def test_paper_transforms_sizes_and_collation():
     assert images.shape == (2, 3, 6, 5) and masks[0, 5, 0] == 255 and masks[1, 0, 4] == 255 and masks[1, 5, 2] == 1
     imgs, tgts = collate_detection(batch)
     assert len(imgs) == 2 and tgts[1]["mask"].shape == (6, 3)
+
+
+def test_an_unknown_dataset_name_lists_the_known_ones(tmp_path):
+    """build_dataset("synthetic") said only "unknown dataset 'synthetic'"; the error lists the names
+    it takes (synthetic data from a folder is synth_seg / synth_det)."""
+    with pytest.raises(ValueError, match=r"unknown dataset 'synthetic'; known: \['cityscapes', 'coco', 'synth_det', "
+                                         r"'synth_seg', 'voc_det', 'voc_seg'\]"):
+        build_dataset("synthetic", tmp_path, "train", train=True)

@@ -618,7 +618,7 @@ def build_dataset(
     elif name in _PAPER_KIND:
         kind, side = _PAPER_KIND[name], shorter_side
     else:
-        raise ValueError(f"unknown dataset {name!r}")
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted([*_PAPER_KIND, 'synth_seg', 'synth_det'])}")
     tf = paper_transforms(kind, train=train, normalize=normalize, shorter_side=side, max_side=max_side)
     if name in ("voc_seg", "synth_seg"):
         return VOCSegmentation(root, split, tf)
