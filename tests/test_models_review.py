@@ -157,6 +157,12 @@ def test_load_backbone_weights_names_a_file_it_cannot_read(tmp_path):
     with pytest.raises(ValueError, match="a whole model\\? save its state_dict\\(\\) instead") as err:
         load_backbone_weights(model, str(tmp_path / "module.pth"))
     assert isinstance(err.value.__cause__, pickle.UnpicklingError)
+    # A missing file (or a directory) is a ValueError naming the path too, as the README says (it was
+    # the bare FileNotFoundError that the callers' `except (ValueError, TypeError)` let through).
+    for path, reason in [(tmp_path / "missing.pth", "No such file or directory"), (tmp_path, "Is a directory")]:
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: cannot read the weights file \({reason}\)") as err:
+            load_backbone_weights(model, str(path))
+        assert isinstance(err.value.__cause__, OSError)
     int_keys = tmp_path / "int_keys.pth"
     torch.save({0: torch.zeros(1)}, int_keys)
     with pytest.raises(TypeError, match=f"{int_keys}: expected a state dict .* keys are not strings: \\[0\\]"):

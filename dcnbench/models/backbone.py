@@ -209,11 +209,11 @@ def _body_keys(backbone: ResNetBackbone) -> list[str]:
 
 def load_weights_file(path) -> object:
     """``torch.load(path, map_location="cpu", weights_only=True)`` (user files are untrusted); a file it
-    cannot read raises a ValueError naming it (a missing one the system's own error)."""
+    cannot read, a missing one included, raises a ValueError naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # missing file, permissions: the system's own message names the path
-        raise
+    except OSError as err:  # missing file, a directory, permissions
+        raise ValueError(f"{path}: cannot read the weights file ({err.strerror or err})") from err
     except pickle.UnpicklingError as err:  # not a pickle, or objects weights_only refuses
         raise ValueError(f"{path}: not a weights-only PyTorch checkpoint: torch.load(weights_only=True) refuses "
                          f"it (not a PyTorch file, or it pickles objects other than tensors and plain containers: "
@@ -231,7 +231,7 @@ def load_backbone_weights(model: nn.Module, path: str) -> None:
     ``{"model": ...}`` wrapper is unwrapped. Keys are checked strictly: the ImageNet classifier
     (``fc.*``) and BN ``num_batches_tracked`` counters are ignored; the offset convs (zero-init) and
     the 1×1 reduction conv are new layers the file does not hold. A file ``torch.load`` cannot read
-    with ``weights_only=True`` raises a ``ValueError`` naming it; one that is not a dict of tensors
+    with ``weights_only=True``, or a missing one, raises a ``ValueError`` naming it; one that is not a dict of tensors
     keyed by name a ``TypeError``; any other missing or unexpected key, or a shape mismatch, a
     ``ValueError`` that lists them.
     """
