@@ -184,7 +184,7 @@ def deform_conv2d_op(
     return _deform_conv2d_forward_kernels(input, offset, weight, bias, mask, stride, padding, dilation)
 
 
-def dense_weight(weight: Tensor) -> Tensor:
+def _dense_weight(weight: Tensor) -> Tensor:
     """``weight`` itself when dense in standard or channels-last order (the CPU kernels read a
     channels-last weight without a copy), else a standard contiguous copy."""
     if weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last):
@@ -198,7 +198,7 @@ def _optional_contiguous(t: Tensor | None) -> Tensor | None:
 
 def _conv_layouts(input, offset, weight, bias, mask) -> tuple:
     """The tensors in the layouts the kernels read (no copy of those already so)."""
-    return (input.contiguous(), offset.contiguous(), dense_weight(weight), _optional_contiguous(bias),
+    return (input.contiguous(), offset.contiguous(), _dense_weight(weight), _optional_contiguous(bias),
             _optional_contiguous(mask))
 
 
