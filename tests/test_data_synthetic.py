@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +145,7 @@ def test_cli_synth_matches_library_and_writes_only_under_out(tmp_path):
     ds = build_dataset("synth_det", out, "train", train=False, normalize=False)
     assert ds[0][0].shape == (3, 64, 64)
     bad = CliRunner().invoke(main, ["data", "synth", "--task", "seg", "--layout", "coco", "--out", str(tmp_path / "x")])
-    assert bad.exit_code != 0
+    assert bad.exit_code == 2 and "--task seg writes the VOC segmentation layout only" in bad.output, bad.output
 
 
 @pytest.mark.parametrize("args,error", [
@@ -188,15 +187,6 @@ def test_rewrite_only_into_the_same_dataset(tmp_path):
     result = CliRunner().invoke(main, ["data", "synth", "--num", "3", "--size", "32", "--out", str(tmp_path / "mine")])
     assert result.exit_code == 2 and "Invalid value for '--out'" in result.output and "holds other files" in result.output
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
-
-
-def test_generation_speed():
-    """Docstring claim: 2,000 images of 128 px in <= 30 s on one core (generation is ~2 ms each)."""
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    generate_samples(100, seed=0)
-    per_image = (time.perf_counter() - start) / 100
-    assert per_image * 2000 < 30 / 2  # leaves half the budget for PNG encoding
 
 
 def test_synth_interrupted_exits_130_saying_the_rerun_completes_it(tmp_path, monkeypatch):

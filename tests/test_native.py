@@ -554,7 +554,7 @@ def test_exported_roi_pooling_refuses_bad_boxes_when_it_runs(tmp_path):
 def test_roi_pooling_compiles_with_fullgraph(cpu_backend):
     """torch.compile(fullgraph=True) of the public RoI pooling: the value checks of the boxes ran
     in the traced code and broke the graph on their data-dependent branch; they now run inside the
-    op (kernels) or before the reference, where they still refuse a bad batch index."""
+    kernels' op, which still refuses a bad batch index (the compiled reference skips them)."""
     torch._dynamo.reset()
     x, rois = torch.randn(1, 8, 8, 8), torch.tensor([[0.0, 1, 1, 6, 6]])
     offset = 0.1 * torch.randn(1, 2, 2, 2)
@@ -569,8 +569,9 @@ def test_roi_pooling_compiles_with_fullgraph(cpu_backend):
 def test_roi_pooling_compiles_with_dynamic_floats(cpu_backend):
     """torch.compile(fullgraph=True, dynamic=True) of the RoI modules, and a compiled call taking
     spatial_scale as an argument that changes (recompiled with a symbolic float): the settings'
-    finite checks called math.isfinite on a symbolic float and broke the graph. They run inside the
-    op while tracing, where a bad value is still refused."""
+    finite checks called math.isfinite on a symbolic float and broke the graph. While tracing they
+    are left to the kernels' op, which still refuses a bad value (the compiled reference does not
+    check it)."""
     x, rois = torch.randn(2, 8, 10, 12), torch.tensor([[0, 1.0, 1, 15, 12], [1, 4, 2, 18, 18]])
     pool, ps_pool = DeformRoIPool(8, 3, 0.5, 2), DeformPSRoIPool(8, 2, 2, 0.5, 2)
     with torch.no_grad():

@@ -85,11 +85,15 @@ def test_pytest_runs_with_a_per_test_timeout(request):
     assert float(request.config.getini("timeout") or 0) > 0
 
 
-@pytest.mark.parametrize("args", [["ablate", "--table", "1", "--tier", "smoke"], ["table", "1"], ["figures"],
-                                  ["check", "--no-smoke"], ["runtime", "--params-only"]])
+@pytest.mark.parametrize("args", [["ablate", "--table", "1", "--tier", "smoke", "--out", "{tmp}"],
+                                  ["table", "1", "--out", "{tmp}"], ["figures", "--out", "{tmp}"],
+                                  ["check", "--no-smoke"], ["runtime", "--params-only", "--results-dir", "{tmp}"]])
 def test_commands_that_read_the_checkout_say_so_without_one(args, tmp_path, monkeypatch):
     """From a wheel (no experiments/ or results/ beside the package) these commands stop with one
-    clear error instead of a FileNotFoundError traceback, or `check` passing with nothing checked."""
+    clear error instead of a FileNotFoundError traceback, or `check` passing with nothing checked.
+    Outputs go under tmp_path: the commands' defaults are the checkout's results/, fixed at import,
+    which a regression would have written into."""
+    args = [a.format(tmp=tmp_path / "out") for a in args]
     from click.testing import CliRunner
 
     import dcnbench.report.paper as paper

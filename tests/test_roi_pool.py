@@ -233,11 +233,17 @@ def test_non_finite_offsets_skip_their_samples(cpu_backend, op, ps, value):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_offset_gradient_of_a_sample_an_ulp_inside_the_map_edge(cpu_backend, dtype):
+def test_offset_gradient_of_a_sample_an_ulp_inside_the_map_edge(dtype):
     """A sample at 0 < x < ulp(1)/2 (e.g. -0.2 + 0.2 rounding to 3e-17, or with zero offsets at
     these boxes) has its +1 derivative at ceil(x) = 1: the native PS kernel derived the corners from
-    1 - x, which rounds to 1, and gave 3.875 for -0.375 (float64) and gradients off by 0.01."""
+    1 - x, which rounds to 1, and gave 3.875 for -0.375 (float64) and gradients off by 0.01. The
+    native kernels against the reference's autograd (the reference against itself proved nothing)."""
     from dcnbench.ops import use_backend
+    from dcnbench.ops.dispatch import backend_status
+
+    ok, why = backend_status("native")
+    if not ok:
+        pytest.skip(f"native backend unavailable: {why}")
 
     if dtype == torch.float64:  # bin (0, 1)'s second x sample lands at 3.5e-17
         input = torch.arange(54, dtype=dtype).reshape(1, 9, 3, 2)
@@ -247,7 +253,8 @@ def test_offset_gradient_of_a_sample_an_ulp_inside_the_map_edge(cpu_backend, dty
         input = torch.rand(1, 9, 9, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
         rois, offset = torch.tensor([[0.0, 11.5, 0.5, 11.5, 3.5]], dtype=dtype), torch.zeros(1, 2, 3, 3, dtype=dtype)
         kw = dict(output_size=3, spatial_scale=0.3, sampling_ratio=4, gamma=0.1)
-    got = grads(deform_ps_roi_pool, input, rois, offset, kw, grad_out=torch.ones(1, 1, 3, 3, dtype=dtype))
+    with use_backend("native"):
+        got = grads(deform_ps_roi_pool, input, rois, offset, kw, grad_out=torch.ones(1, 1, 3, 3, dtype=dtype))
     with use_backend("reference"):
         want = grads(deform_ps_roi_pool, input, rois, offset, kw, grad_out=torch.ones(1, 1, 3, 3, dtype=dtype))
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)

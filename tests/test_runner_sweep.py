@@ -23,11 +23,21 @@ def test_lr_schedule_warms_up_then_steps_at_two_thirds():
     assert lr_factor(200, 300, 0) == 0.1
 
 
-def test_same_seed_gives_same_metrics():
+def test_same_seed_trains_the_same_weights_and_another_seed_others(tmp_path):
+    """A cell's seed fixes its run: the same seed gives bitwise the same trained weights and metrics,
+    another seed other weights (the smoke tier's mIoU alone is the same for every seed, so it could
+    not tell)."""
+    import torch
+
     cell = ablation_cells(1, "smoke", ["deeplab"])[3]
-    first = run_cell(cell.config, io.StringIO())
-    second = run_cell(cell.config, io.StringIO())
-    assert first["miou"] == second["miou"]
+    runs = []
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        metrics = run_cell({**cell.config, "seed": seed}, io.StringIO(), tmp_path / f"{name}.pt")
+        runs.append((metrics["miou"], torch.load(tmp_path / f"{name}.pt", weights_only=True)))
+    (miou_a, weights_a), (miou_b, weights_b), (_, weights_c) = runs
+    assert miou_a == miou_b and weights_a.keys() == weights_b.keys() == weights_c.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert not all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
 
 
 def test_ablate_writes_rows_and_resumes(tmp_path):

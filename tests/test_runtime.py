@@ -202,13 +202,13 @@ def test_runtime_refuses_a_file_in_its_results_dir_that_is_not_a_runtime_csv(tmp
     assert "Invalid value for '--results-dir'" in result.output and "runtime CSV" in result.output
 
 
-def test_a_bad_backend_in_the_environment_is_a_usage_error(monkeypatch):
+def test_a_bad_backend_in_the_environment_is_a_usage_error(monkeypatch, tmp_path):
     """DCNBENCH_BACKEND=bogus: every command stops with a usage error naming the variable and the
     choices (runtime gave a traceback, ablate failed every cell); the CLI's list is the library's."""
     from dcnbench.ops.dispatch import BACKENDS
 
     monkeypatch.setenv("DCNBENCH_BACKEND", "bogus")
-    result = CliRunner().invoke(main, ["runtime", "--params-only"])
+    result = CliRunner().invoke(main, ["runtime", "--params-only", "--results-dir", str(tmp_path)])
     assert result.exit_code == 2 and "DCNBENCH_BACKEND" in result.output and "'bogus'" in result.output
     assert all(name in result.output for name in BACKENDS)
 
