@@ -81,6 +81,13 @@ def _parsed_by(parse):
     return callback
 
 
+def _finite(value: float) -> float:
+    """A float option's value, NaN refused (click's FloatRange lets it through: it compares false)."""
+    if value != value:
+        raise ValueError("must be a number, got nan")
+    return value
+
+
 def _shapes(specs: tuple[str, ...]) -> dict | None:
     from dcnbench.bench.ops import parse_shape
 
@@ -249,11 +256,11 @@ def data() -> None:
 @click.option("--out", type=OutputDir(), required=True,
               help="Output folder (only it is written): new, empty, or holding this same dataset (else refused).")
 @click.option("--classes", type=click.IntRange(1, 10), default=6, show_default=True, help="Number of shape classes.")
-@click.option("--min-size", type=click.FloatRange(0, min_open=True),
+@click.option("--min-size", type=click.FloatRange(0, min_open=True), callback=_parsed_by(_finite),
               help="Smallest object extent in px, at least 3.91 (a 12-pixel disc) [default: size/16, at least 3.91].")
-@click.option("--max-size", type=click.FloatRange(0, min_open=True),
+@click.option("--max-size", type=click.FloatRange(0, min_open=True), callback=_parsed_by(_finite),
               help="Largest object extent in px, at most --size [default: 3/4 of size].")
-@click.option("--val-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+@click.option("--val-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True, callback=_parsed_by(_finite),
               help="The last fraction of images forms the val split: 0 all train, 1 all val, in between at "
                    "least one image in each (then --num must be at least 2).")
 @click.option("--layout", type=click.Choice(["voc", "coco"]), help="Disk layout [default: voc for seg, coco for det].")
@@ -286,7 +293,7 @@ def synth(task, num, size, seed, out, classes, min_size, max_size, val_fraction,
 @click.option("--params-only", is_flag=True, help="Only count parameters -> <results-dir>/table4_params.csv.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where to time the networks (auto: CUDA when available).")
-@click.option("--scale", type=click.FloatRange(0.01, 1.0), default=1.0, show_default=True,
+@click.option("--scale", type=click.FloatRange(0.01, 1.0), default=1.0, show_default=True, callback=_parsed_by(_finite),
               help="Shrink the paper's input sizes by this factor (quick runs).")
 @click.option("--repeats", type=click.IntRange(2), default=15, show_default=True,
               help="Rounds per model (plain and deformable alternate): 15 narrow the ratios' 90% intervals enough "

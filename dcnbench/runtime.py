@@ -44,7 +44,7 @@ PAPER_TABLE4 = Path(__file__).resolve().parents[1] / "results" / "paper" / "tabl
 VARIANTS = ("plain", "deformable")
 RUNTIME_COLUMNS = [
     "model", "variant", "device", "net_forward_s", "runtime_s", "repeats", "scale", "input_hw", "raw_hw",
-    "proposals", "params", "net_forward_min_s", "runtime_min_s", "net_forward_all_s", "runtime_all_s", "loadavg_1m", "backend", "threads", "float32_mode", "machine", "torch",
+    "proposals", "params", "net_forward_min_s", "runtime_min_s", "net_forward_all_s", "runtime_all_s", "loadavg_1m", "backend", "threads", "weights_sha256", "float32_mode", "machine", "torch",
     "git_commit", "date", "command",
 ]
 PARAMS_COLUMNS = ["model", "variant", "params", "torch", "git_commit", "date", "command"]
@@ -224,9 +224,23 @@ _ROW_KEY_COLUMNS = ("model", "variant", "device", "scale", "repeats", "backend")
 
 
 def _row_key(row: dict) -> tuple:
-    """What makes two runs the same measurement (resume): model, variant, device, scale, rounds, backend, threads."""
+    """What makes two runs the same measurement (resume): model, variant, device, scale, rounds, backend,
+    threads and the weights file's SHA-256 (empty: the seed-0 initialisation)."""
     return (row["model"], row["variant"], row["device"], f"{float(row['scale']):g}", str(row["repeats"]),
-            row["backend"], str(row.get("threads", "")))
+            row["backend"], str(row.get("threads", "")), row.get("weights_sha256") or "")
+
+
+def _store_rows(path: Path, new_rows: list[dict]) -> None:
+    """Put ``new_rows`` into runtime CSV ``path``, replacing rows of the same key and keeping every
+    other row: re-read and rewritten under the folder's lock, so runs into one folder at once keep
+    each other's rows (ablate's results do the same)."""
+    from dcnbench.runner.results import folder_lock
+
+    keys = {_row_key(r) for r in new_rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(path.parent):
+        rows = [r for r in _measured_rows(path) if _row_key(r) not in keys]
+        write_csv(path, rows + new_rows, RUNTIME_COLUMNS)
 
 
 def build_twins(task: str, extra: dict, weights: str | None = None) -> dict[str, torch.nn.Module]:
@@ -264,12 +278,15 @@ def run_runtime(
     on_round: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Measure every Table 4 model whose rows are not yet in ``out_csv`` (same device, scale,
-    repeats, backend and thread count); returns this configuration's rows, found and new. Plain and deformable
+    repeats, backend, thread count and weights); returns this configuration's rows, found and new. Plain and deformable
     are timed in alternation and their two rows appended (atomically) as soon as they are done.
     ``on_round(model)`` is called after each of a model's ``1 + repeats`` rounds (progress)."""
     from dcnbench.runner.results import command_line, git_commit, machine
 
+    from dcnbench.runner.train import file_sha256
+
     commit = git_commit()  # the code that runs: the tree may change during an hours-long run
+    weights_digest = file_sha256(weights) if weights else ""
     dev = torch.device(device)
     backend = backend_for(torch.empty(0, device=dev))
     float32_mode, machine_name = "", machine()
@@ -285,7 +302,8 @@ def run_runtime(
     result = []
     for spec in specs:
         keys = {v: _row_key({"model": spec.name, "variant": v, "device": dev.type, "scale": scale, "repeats": repeats,
-                             "backend": backend, "threads": torch.get_num_threads()}) for v in VARIANTS}
+                             "backend": backend, "threads": torch.get_num_threads(),
+                             "weights_sha256": weights_digest}) for v in VARIANTS}
         if all(k in done for k in keys.values()):
             log(f"{spec.name}: already measured, skipped")
             result += [done[k] for k in keys.values()]
@@ -314,15 +332,15 @@ def run_runtime(
                 "net_forward_min_s": _seconds(min(net)), "runtime_min_s": _seconds(min(total)),
                 "net_forward_all_s": " ".join(map(_seconds, net)), "runtime_all_s": " ".join(map(_seconds, total)),
                 "loadavg_1m": f"{load_before:.2f}/{load_after:.2f}",
-                "backend": backend, "threads": torch.get_num_threads(), "float32_mode": float32_mode, "machine": machine_name,
+                "backend": backend, "threads": torch.get_num_threads(), "weights_sha256": weights_digest,
+                "float32_mode": float32_mode, "machine": machine_name,
                 "torch": torch.__version__,
                 "git_commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "command": command_line(),
             }
             log(f"  {variant}: net forward {row['net_forward_s']} s, runtime {row['runtime_s']} s")
-            rows = [r for r in rows if _row_key(r) != keys[variant]] + [row]
             result.append(row)
-        write_csv(out_csv, rows, RUNTIME_COLUMNS)
+        _store_rows(out_csv, result[-len(VARIANTS):])
         del twins
     return result
 

@@ -249,3 +249,67 @@ def test_runtime_times_deformable_convs_with_weights_in_the_cpu_kernels_order():
     deformable = [m for m in twins["deformable"].modules() if isinstance(m, DeformConv2d)]
     assert len(deformable) == 3 and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in deformable)
     assert all(p.is_contiguous() for p in twins["plain"].parameters())
+
+
+def test_runs_into_one_folder_keep_each_others_rows_and_weights_are_part_of_the_key(tmp_path, monkeypatch):
+    """Two runtime runs into one folder at once lost rows: each wrote back the rows it had read at
+    its start. Rows are now merged under the folder's lock when written: a row another run wrote
+    meanwhile (injected here while this run times its models) is kept. A run with --weights is
+    another measurement than one with the seed-0 initialisation: it was skipped as "already
+    measured" and nothing in the CSV told them apart; the file's SHA-256 is a column and in the key."""
+    import torchvision
+
+    import dcnbench.runtime as runtime
+    from dcnbench.runner.train import file_sha256
+
+    out_csv = tmp_path / "table4_runtime_cpu_scale0.05.csv"
+    foreign = {c: "" for c in runtime.RUNTIME_COLUMNS} | {
+        "model": "R-FCN", "variant": "plain", "device": "cpu", "scale": "0.05", "repeats": "2", "backend": "native",
+        "threads": "1", "net_forward_s": "1.0", "runtime_s": "1.0"}
+    timed = runtime.time_models
+
+    def time_models_while_another_run_writes(*args, **kwargs):
+        runtime._store_rows(out_csv, [foreign])
+        return timed(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "time_models", time_models_while_another_run_writes)
+    runtime.run_runtime(out_csv, scale=0.05, repeats=2, models=["DeepLab@V"], log=lambda _: None)
+    first = read(out_csv)[1]
+    assert {(r["model"], r["variant"]) for r in first} == {("R-FCN", "plain"), ("DeepLab@V", "plain"),
+                                                          ("DeepLab@V", "deformable")}
+    assert all(r["weights_sha256"] == "" for r in first)
+    weights = tmp_path / "r101.pth"
+    torch.save(torchvision.models.resnet101().state_dict(), weights)
+    monkeypatch.setattr(runtime, "time_models", timed)
+    logs = []
+    new = runtime.run_runtime(out_csv, scale=0.05, repeats=2, models=["DeepLab@V"], weights=str(weights),
+                              log=logs.append)
+    assert not any("already measured" in line for line in logs)
+    assert [r["weights_sha256"] for r in new] == [file_sha256(weights)] * 2
+    rows = read(out_csv)[1]
+    assert len(rows) == 5 and first[0] in rows
+
+
+def test_table4_says_when_its_rows_come_from_runs_of_different_settings(tmp_path):
+    """Newest rows per model and variant may come from runs at other thread counts (or rounds,
+    backends, weights): the table showed them side by side without a word; a note now names the
+    settings that differ. Rows of one setting get no note."""
+    from dcnbench.report.tables import build_table4
+
+    header = "model,variant,device,net_forward_s,runtime_s,repeats,scale,backend,threads,date\n"
+    csv_path = tmp_path / "table4_runtime_cpu.csv"
+    rows = ("R-FCN,plain,cpu,0.20,0.30,15,1,native,1,2026-01-01T00:00:00Z\n"
+            "R-FCN,deformable,cpu,0.25,0.33,15,1,native,1,2026-01-01T00:00:00Z\n")
+    csv_path.write_text(header + rows)
+    assert not any("different settings" in note for note in build_table4(tmp_path).footnotes)
+    csv_path.write_text(header + rows + "DeepLab@V,plain,cpu,0.30,0.40,15,1,native,1024,2026-01-03T00:00:00Z\n"
+                        "DeepLab@V,deformable,cpu,0.33,0.44,15,1,native,1024,2026-01-03T00:00:00Z\n")
+    notes = [n for n in build_table4(tmp_path).footnotes if "different settings" in n]
+    assert len(notes) == 1 and "(threads 1, 1024)" in notes[0], notes
+
+
+def test_runtime_refuses_a_nan_scale(tmp_path):
+    """click's FloatRange lets NaN through (it compares false): --scale nan reached round() and
+    raised a traceback; a usage error now."""
+    result = CliRunner().invoke(main, ["runtime", "--scale", "nan", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "Invalid value for '--scale': must be a number, got nan" in result.output

@@ -564,6 +564,20 @@ def _runtime_rows(path: Path) -> tuple[list[dict], int]:
     return list(newest.values()), len(rows) - len(newest)
 
 
+_RUNTIME_SETTINGS = ("device", "repeats", "backend", "threads", "weights_sha256")
+
+
+def _mixed_settings(rows: list[dict]) -> str:
+    """The run settings in which ``rows`` differ, with their values ("threads 1, 1024"), or ""."""
+    parts = []
+    for column in _RUNTIME_SETTINGS:
+        values = sorted({r.get(column) or "" for r in rows})
+        if len(values) > 1:
+            shown = [v[:12] if column == "weights_sha256" else v for v in values]
+            parts.append(f"{column} {', '.join(v or 'none' for v in shown)}")
+    return "; ".join(parts)
+
+
 def build_table4(results_dir: Path | None = None, paper_dir: Path | None = None, tier: str = "cpu",
                  runtime_csv: Path | None = None) -> Rendered:
     """Table 4 beside our params (M) and times per device, with Ours/plain overhead ratios.
@@ -595,9 +609,10 @@ def build_table4(results_dir: Path | None = None, paper_dir: Path | None = None,
         except (KeyError, ValueError):
             continue
     devices: dict[str, dict[tuple, dict[str, list[float]]]] = {}
-    left_out = {}
+    left_out, mixed = {}, {}
     for path in runtime_files:
         rows_shown, left_out[path] = _runtime_rows(path)
+        mixed[path] = _mixed_settings(rows_shown)
         scale = _runtime_csv_scale(path)
         for r in rows_shown:
             dev = (r.get("device") or path.stem[len("table4_runtime_"):]) + ("" if scale == 1 else f", scale {scale:g}")
@@ -662,6 +677,8 @@ def build_table4(results_dir: Path | None = None, paper_dir: Path | None = None,
                        else "no runtime CSVs yet") + "."]
     notes += [f"{_rel(p)}: {n} row(s) left out (another scale, or an older run of the same model and variant)."
               for p, n in left_out.items() if n]
+    notes += [f"{_rel(p)}: the rows shown come from runs with different settings ({text}): their times do not "
+              f"compare across models." for p, text in mixed.items() if text]
     scales = {_runtime_csv_scale(p) for p in runtime_files} - {1.0}
     tier += "".join(f"_scale{s:g}" for s in sorted(scales))
     return Rendered(4, tier, f"Table 4: {TITLES[4]}", header, rows, notes, records)

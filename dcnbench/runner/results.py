@@ -131,7 +131,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path):
+def folder_lock(folder: Path):
     """Exclusive ``flock`` on ``folder`` (no lock file; a no-op without ``fcntl``)."""
     if fcntl is None:
         yield
@@ -169,7 +169,7 @@ def append_row(path: Path, row: dict) -> bool:
     Columns are the union of the existing ones and the row's, key first, provenance last.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(path.parent):
+    with folder_lock(path.parent):
         existing = read_rows(path)
         if run_key(row) in {run_key(r) for r in existing}:
             return False
