@@ -240,7 +240,8 @@ def _store_rows(path: Path, new_rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(path.parent):
         rows = [r for r in _measured_rows(path) if _row_key(r) not in keys]
-        write_csv(path, rows + new_rows, RUNTIME_COLUMNS)
+        extra = [c for r in rows for c in r if c not in RUNTIME_COLUMNS and c is not None]  # a user's own columns
+        write_csv(path, rows + new_rows, RUNTIME_COLUMNS + list(dict.fromkeys(extra)))
 
 
 def build_twins(task: str, extra: dict, weights: str | None = None) -> dict[str, torch.nn.Module]:
@@ -360,6 +361,12 @@ def _measured_rows(path: Path) -> list[dict]:
     if lacking:
         raise InvalidSetting(f"{path} is not a runtime CSV (no column {', '.join(lacking)}): move it or choose "
                              "another folder", "results_dir")
+    for line, row in enumerate(rows, start=2):
+        try:
+            _row_key(row)
+        except (TypeError, ValueError) as exc:  # a short line (None), a scale that is not a number
+            raise InvalidSetting(f"{path} line {line} is not a runtime row ({exc}): fix or move it, or choose "
+                                 "another folder", "results_dir") from exc
     return rows
 
 

@@ -313,3 +313,26 @@ def test_runtime_refuses_a_nan_scale(tmp_path):
     raised a traceback; a usage error now."""
     result = CliRunner().invoke(main, ["runtime", "--scale", "nan", "--results-dir", str(tmp_path)])
     assert result.exit_code == 2 and "Invalid value for '--scale': must be a number, got nan" in result.output
+
+
+@pytest.mark.parametrize("line", ["R-FCN,plain,cpu,x,2,native", "R-FCN,plain"], ids=["scale-not-a-number", "short"])
+def test_runtime_names_a_hand_edited_row_it_cannot_resume_from(tmp_path, line):
+    """A row whose key cannot be read (a scale that is not a number, a short line) is a usage error
+    naming --results-dir and the line, before anything is timed (a ValueError / TypeError traceback)."""
+    (tmp_path / "table4_runtime_cpu_scale0.05.csv").write_text(
+        "model,variant,device,scale,repeats,backend\nR-FCN,deformable,cpu,0.05,2,native\n" + line + "\n")
+    result = CliRunner().invoke(main, ["runtime", "--scale", "0.05", "--repeats", "2", "--model", "DeepLab@V",
+                                       "--results-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "--results-dir" in result.output and "line 3 is not a runtime row" in result.output
+
+
+def test_runtime_keeps_columns_a_user_added_to_its_csv(tmp_path):
+    """Rows are rewritten with the runtime columns and any column the user added (it was dropped)."""
+    import dcnbench.runtime as runtime
+
+    path = tmp_path / "table4_runtime_cpu.csv"
+    path.write_text("model,variant,device,scale,repeats,backend,note\nR-FCN,plain,cpu,1,2,native,rerun me\n")
+    runtime._store_rows(path, [{"model": "R-FCN", "variant": "deformable", "device": "cpu", "scale": "1",
+                                "repeats": "2", "backend": "native"}])
+    columns, rows = read(path)
+    assert columns[-1] == "note" and [r["note"] for r in rows] == ["rerun me", ""]
