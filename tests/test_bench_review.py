@@ -3,6 +3,8 @@ Table 4 from named CSVs."""
 
 import csv
 import io
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from rich.console import Console
 from dcnbench.bench import ops
 from dcnbench.bench.report import evaluate_targets
 from dcnbench.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read(path):
@@ -221,3 +225,38 @@ def test_time_case_rotates_which_implementation_runs_first():
     rounds = ["".join(calls[i:i + 4]) for i in range(0, 32, 4)]
     assert rounds == ["abcd", "bcda", "cdab", "dabc"] * 2
     assert {name: n for name, (_, n) in result.items()} == dict.fromkeys("abcd", 8)
+
+
+def test_memory_case_child_ends_when_bench_ops_is_killed(tmp_path):
+    """SIGTERM to `bench ops` while a memory case runs left the case's process running as an orphan
+    (it runs up to minutes); the child now ends itself within a second of its parent's end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    parent = textwrap.dedent(f"""
+        import dcnbench.bench.ops as ops
+        ops._MEMORY_SCRIPT += "\\nimport os\\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\\ntime.sleep(60)\\n"
+        ops.memory_case("inputs-only", 1, (1, 4, 4, 4, 4, 1))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, "the memory case never started"
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:  # gone, or a zombie (ended, not yet reaped by its new parent)
+            if "\tZ" in Path(f"/proc/{child}/status").read_text().split("State:")[1].splitlines()[0]:
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the memory case outlived bench ops")

@@ -283,6 +283,8 @@ _MEMORY_SCRIPT = """
 import json, sys, time, torch
 import torch.nn.functional as F
 from dcnbench.ops import deform_conv2d, use_backend
+from dcnbench.runner.sweep import exit_with_parent
+exit_with_parent({parent})  # a parent killed by SIGTERM leaves no orphan running the case
 torch.set_num_threads({threads})
 n, c, h, w, o, d = {dims}
 impl = {impl!r}
@@ -313,7 +315,7 @@ print(json.dumps({{"ms": ms, "peak_rss_mb": int(hwm) / 1024}}))
 
 def memory_case(impl: str, threads: int, dims) -> dict[str, float]:
     """Run the batch-64 case in a fresh process; its wall time (second run) and peak RSS."""
-    script = _MEMORY_SCRIPT.format(threads=threads, dims=tuple(dims), impl=impl)
+    script = _MEMORY_SCRIPT.format(threads=threads, dims=tuple(dims), impl=impl, parent=os.getpid())
     env = dict(os.environ)
     env.pop("DCNBENCH_BACKEND", None)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1800)

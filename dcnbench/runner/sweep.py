@@ -157,13 +157,13 @@ def worker_pool(jobs: int) -> ProcessPoolExecutor:
     """``jobs`` spawned worker processes that end themselves when this process is gone (killed by
     SIGTERM or SIGKILL, which leave it no time to stop them), instead of running on as orphans."""
     return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Worker initializer: a daemon thread that ends this process within a second of ``parent``'s end;
-    Ctrl-C (SIGINT to the whole process group) is left to the parent, which stops the workers (an
-    idle worker printed a KeyboardInterrupt traceback)."""
+def exit_with_parent(parent: int) -> None:
+    """For a child process (sweep workers, bench ops' memory case): a daemon thread that ends this
+    process within a second of ``parent``'s end; Ctrl-C (SIGINT to the whole process group) is left
+    to the parent, which stops its children (an idle worker printed a KeyboardInterrupt traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
