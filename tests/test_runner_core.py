@@ -102,8 +102,12 @@ def test_ablate_bad_choices_are_usage_errors_before_any_run(tmp_path, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
-def test_dilation_stats_refuse_batches_of_mixed_image_sizes():
-    """Table 2's area maps are per batch: a padded batch of mixed sizes would count padding as background."""
+def test_dilation_stats_of_a_mixed_size_batch_equal_those_of_its_images_one_by_one():
+    """A batch of real images of different sizes (VOC) runs one group per size: it failed after
+    training ("needs batches of one image size"), and a padded batch would count padding as
+    background. Object areas are in the annotated image's pixels: a resized image's object keeps
+    the bucket it has at its file's size."""
+    import pandas
     import torch
 
     from dcnbench.models import build_model
@@ -111,10 +115,25 @@ def test_dilation_stats_refuse_batches_of_mixed_image_sizes():
 
     model = build_model({"task": "rfcn", "num_classes": 3, "backbone": "scaled", "blocks": [1, 1, 1, 3], "width": 8,
                          "placement": "res5a-c"})
-    target = {"boxes": torch.tensor([[2.0, 2.0, 20.0, 20.0]]), "labels": torch.tensor([1])}
-    batch = ([torch.rand(3, 32, 32), torch.rand(3, 32, 48)], [target, target])
-    with pytest.raises(ValueError, match=r"one image size, got \[\(32, 32\), \(32, 48\)\]"):
-        dilation_stats(model, [batch])
+    for module in model.modules():
+        if hasattr(module, "offset_conv"):
+            torch.nn.init.normal_(module.offset_conv.weight, std=0.5)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 96), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[2.0, 2.0, 40.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[8.0, 4.0, 60.0, 50.0], [0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1, 2])},
+               {"boxes": torch.tensor([[20.0, 20.0, 30.0, 30.0]]), "labels": torch.tensor([2])}]
+    mixed = dilation_stats(model, [(images, targets)])
+    one_by_one = dilation_stats(model, [([image], [target]) for image, target in zip(images, targets)])
+    for buckets in ("terciles", "paper"):  # equal up to the order of the sums (a group per size first)
+        pandas.testing.assert_frame_equal(mixed.summary(buckets), one_by_one.summary(buckets), rtol=1e-12)
+    # An image shown at half its file's size: its 38 x 38 px box is 76 x 76 px (5776 px^2) in the file.
+    halved = [{**targets[0], "size": torch.tensor([64, 64]), "orig_size": torch.tensor([128, 128])}]
+    scaled = dilation_stats(model, [([images[0]], halved)]).summary("paper").set_index(["layer", "category"])
+    counts = {category: int(scaled.xs(category, level="category")["count"].sum()) for category in ("small", "medium")}
+    assert counts["small"] > 0 and counts["medium"] == 0
+    halved[0]["orig_size"] = torch.tensor([256, 256])  # 152 x 152 px in the file: medium
+    scaled = dilation_stats(model, [([images[0]], halved)]).summary("paper").set_index(["layer", "category"])
+    assert int(scaled.xs("medium", level="category")["count"].sum()) > 0
 
 
 def test_real_data_sources_take_the_class_count_from_the_dataset(tmp_path):

@@ -358,6 +358,34 @@ def test_paper_tier_needs_imagenet_weights_and_the_datasets_where_data_root_poin
     assert cell.config["model"]["weights"] == str(weights.resolve())
 
 
+def test_paper_tier_rows_show_in_the_paper_tier_table(tmp_path):
+    """The rows of a paper-tier sweep never matched `dcnbench table --tier paper`: their config hash
+    holds the dataset root and weights file the sweep was given, which the table's hashes of the
+    experiment files cannot. Rows carry a definition_hash without them, which the table matches;
+    rows of one cell from two weights files are refused, not averaged."""
+    from dcnbench.report.tables import load_ours
+    from dcnbench.runner.results import append_row
+    from dcnbench.runner.sweep import _row
+
+    from test_data_loaders import _voc_seg_fixture
+
+    from dcnbench.runner.ablate import ablation_cells
+
+    _voc_seg_fixture(tmp_path / "voc")
+    (cell,) = ablation_cells(1, "paper", ["deeplab"], data_root=str(tmp_path / "voc"),
+                             weights=str(_resnet101_weights(tmp_path / "r101.pth")), variants=["none"])
+    csv_path = tmp_path / "out" / "table1_paper.csv"
+    append_row(csv_path, _row(cell, {"miou": 70.0}, "abc"))
+    ours = load_ours(1, "paper", csv_path)
+    assert ours.rows_used == 1 and ours.stats[("deeplab", "none", "miou")].mean == 70.0
+    other = Cell(cell.table, cell.tier, cell.task, cell.variant, 1,
+                 {**cell.config, "seed": 1, "model": {**cell.config["model"], "weights_sha256": "0" * 64}})
+    assert other.definition_hash == cell.definition_hash and other.config_hash != cell.config_hash
+    append_row(csv_path, _row(other, {"miou": 60.0}, "abc"))
+    with pytest.raises(ValueError, match="deeplab/none with different datasets or weights files"):
+        load_ours(1, "paper", csv_path)
+
+
 def test_ablate_cli_refuses_data_root_for_a_synthetic_tier_before_running(tmp_path):
     """The CLI's check before any run sees --data-root: a usage error naming it (exit 2), no traceback."""
     from click.testing import CliRunner

@@ -129,7 +129,7 @@ def _boxes(x, name: str) -> np.ndarray:
     return arr.reshape(-1, 4)
 
 
-def _scale_to_original(target: Mapping) -> tuple[float, float]:
+def scale_to_original(target: Mapping) -> tuple[float, float]:
     """(sx, sy) taking a target's boxes from its image (``"size"``) back to the file (``"orig_size"``)."""
     if "size" not in target or "orig_size" not in target:
         return 1.0, 1.0
@@ -192,7 +192,7 @@ class DetectionEvaluator:
                 if image_id in seen:
                     raise ValueError(f"targets[{i}]['image_id'] = {image_id} was already evaluated")
                 seen.add(image_id)
-            sx, sy = _scale_to_original(tgt)
+            sx, sy = scale_to_original(tgt)
             boxes = _boxes(tgt["boxes"], f"targets[{i}]['boxes']") * [sx, sy, sx, sy]
             k = len(boxes)
             gt = {

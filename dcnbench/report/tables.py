@@ -135,18 +135,19 @@ def row_problems(rows: list[dict], table: int, tier: str) -> list[str]:
 
 
 def load_ours(table: int, tier: str, csv_path: Path | None = None, spec: dict | None = None) -> Ours:
-    """Per (task, variant, metric) seed statistics of the results rows matching the current configs.
+    """Per (task, variant, metric) seed statistics of the results rows matching the current configs
+    (their ``definition_hash``: the dataset root and weights file a sweep was given do not count).
     Raises ValueError when the CSV has :func:`row_problems` (e.g. a CSV of another table or tier, or
-    a run twice, which would be counted twice), or when the matching rows were run by different
+    a run twice, which would be counted twice), when the matching rows were run by different
     process counts (``--nproc``): with plain BatchNorm their numbers differ, so they are neither
-    averaged nor set side by side."""
+    averaged nor set side by side; or when one cell's rows come from different datasets or weights."""
     from dcnbench.runner.experiment import expand_cells, load_experiment
     from dcnbench.runner.results import KEY_COLUMNS, PROVENANCE_COLUMNS, processes, read_rows
 
     spec = spec or load_experiment(table)
     cells = expand_cells(spec, tier)
     defined = list(dict.fromkeys((c.task, c.variant) for c in cells))
-    hashes = {(c.task, c.variant): c.config_hash for c in cells}
+    hashes = {(c.task, c.variant): c.definition_hash for c in cells}
     path = csv_path or results_csv(table, tier)
     rows = read_rows(path)
     if not rows and path.is_file():
@@ -159,9 +160,11 @@ def load_ours(table: int, tier: str, csv_path: Path | None = None, spec: dict | 
     values: dict[tuple[str, str, str], list[float]] = {}
     used = 0
     counts = set()
-    for r in rows:
-        if hashes.get((r.get("task"), r.get("variant"))) != r.get("config_hash"):
+    local_inputs: dict[tuple[str, str], set[str]] = {}
+    for r in rows:  # rows before the definition_hash column: their config has no local inputs
+        if hashes.get((r.get("task"), r.get("variant"))) != (r.get("definition_hash") or r.get("config_hash")):
             continue
+        local_inputs.setdefault((r["task"], r["variant"]), set()).add(r.get("config_hash"))
         used += 1
         counts.add(processes(r))
         for metric, text in r.items():
@@ -177,6 +180,11 @@ def load_ours(table: int, tier: str, csv_path: Path | None = None, spec: dict | 
         raise ValueError(f"{path} holds runs by {sorted(counts)} processes: their numbers are not comparable "
                          "(plain BatchNorm normalises over each process's share of the batch); keep one process "
                          "count per results CSV (ablate --out)")
+    mixed = sorted(f"{task}/{variant}" for (task, variant), inputs in local_inputs.items() if len(inputs) > 1)
+    if mixed:
+        raise ValueError(f"{path} holds runs of {', '.join(mixed)} with different datasets or weights files "
+                         "(--data-root, --weights: other config hashes of one definition): the table does not "
+                         "average them; keep one per results CSV (ablate --out)")
     stats = {k: Stat.of(v) for k, v in values.items()}
     return Ours(stats, defined, len(rows), used, path)
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dcnbench.evaluation.detection import scale_to_original
 from dcnbench.evaluation.dilation import DilationStats, effective_dilation, object_area_map, record_offsets
 from dcnbench.models.backbone import block_name
 
@@ -23,27 +24,37 @@ def res5_layer_name(module_name: str, num_blocks: int) -> str | None:
 
 @torch.no_grad()
 def dilation_stats(model: nn.Module, loader: DataLoader, device: torch.device | None = None) -> DilationStats:
-    """The res5 effective dilations over a loader's images (run on ``device``, default the CPU); every
-    batch must hold images of one size."""
+    """The res5 effective dilations over a loader's images (run on ``device``, default the CPU). A
+    batch's images of different sizes run as one group per size (a padded batch would count its
+    padding as background). Object areas are in the annotated image's pixels (a target's
+    ``orig_size`` over its ``size``), as the detection evaluator's size classes: an object keeps its
+    bucket whatever the resizing."""
     model.eval()
     num_blocks = len(model.backbone.layer4)
     stats = DilationStats()
     with record_offsets(model) as records:
         for images, targets in loader:
-            sizes = {tuple(image.shape[-2:]) for image in images}
-            if len(sizes) != 1:  # a padded batch would count its padding as background
-                raise ValueError(f"dilation_stats needs batches of one image size, got {sorted(sizes)}")
-            model([image.to(device) for image in images] if device is not None else images)
-            (size,) = sizes
-            area_maps = torch.stack([object_area_map(t["boxes"], size) for t in targets])
-            boxes = torch.cat([t["boxes"] for t in targets])
-            object_areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-            for name, (offset, dilation, kernel) in records.items():
-                layer = res5_layer_name(name, num_blocks)
-                if layer is not None:
-                    stats.update(layer, effective_dilation(offset, dilation, kernel), area_maps, object_areas,
-                                 stride=model.backbone.output_stride)
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i, image in enumerate(images):
+                groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+            for size, members in groups.items():
+                group = [images[i] for i in members]
+                model([image.to(device) for image in group] if device is not None else group)
+                areas = [_annotated_areas(targets[i]) for i in members]
+                area_maps = torch.stack([object_area_map(targets[i]["boxes"], size, a) for i, a in zip(members, areas)])
+                for name, (offset, dilation, kernel) in records.items():
+                    layer = res5_layer_name(name, num_blocks)
+                    if layer is not None:
+                        stats.update(layer, effective_dilation(offset, dilation, kernel), area_maps, torch.cat(areas),
+                                     stride=model.backbone.output_stride)
     return stats
+
+
+def _annotated_areas(target: dict) -> torch.Tensor:
+    """(M,) areas of a target's boxes in the annotated image's pixels."""
+    boxes = torch.as_tensor(target["boxes"], dtype=torch.float64).reshape(-1, 4)
+    sx, sy = scale_to_original(target)
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * (sx * sy)
 
 
 def check_dilation_buckets(buckets: object) -> None:

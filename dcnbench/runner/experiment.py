@@ -44,6 +44,7 @@ SECTION_KEYS = {
 REQUIRED = {"train": ("iters", "batch_size", "lr"),  # synthetic data also needs the SynthConfig keys
             "synthetic": ("size", "num_train", "num_val", "classes", "min_object", "max_object")}
 TABLE_KEYS = {"table", "title", "tasks", "baseline", "variants", "tiers"}
+LOCAL_INPUTS = {"data": ("root",), "model": ("weights", "weights_sha256")}  # given to a sweep, not defined by it
 VARIANT_KEYS = {"name", "paper_row", "tasks", *SECTIONS}
 TIER_KEYS = {"seeds", "task", *SECTIONS}
 
@@ -63,6 +64,16 @@ class Cell:
     def config_hash(self) -> str:
         """12 hex digits over everything that defines the run except the seed."""
         return _digest({k: v for k, v in self.config.items() if k != "seed"})
+
+    @property
+    def definition_hash(self) -> str:
+        """12 hex digits over the cell as the experiment files define it: the config hash's content
+        without the local inputs a sweep adds (the dataset root, the weights file and its SHA-256).
+        The tables pick the rows of the current definitions by it."""
+        config = {k: v for k, v in self.config.items() if k != "seed"}
+        for section, keys in LOCAL_INPUTS.items():
+            config[section] = {k: v for k, v in config[section].items() if k not in keys}
+        return _digest(config)
 
     @property
     def run_hash(self) -> str:

@@ -30,7 +30,8 @@ except ImportError:  # Windows: no folder lock
     fcntl = None
 
 KEY_COLUMNS = ["table", "tier", "task", "variant", "seed"]
-PROVENANCE_COLUMNS = ["wall_s", "device", "threads", "backend", "config_hash", "run_hash", "reused_from", "command",
+PROVENANCE_COLUMNS = ["wall_s", "device", "threads", "backend", "config_hash", "definition_hash", "run_hash",
+                      "reused_from", "command",
                       "git_commit", "date", "machine", "torch"]
 
 

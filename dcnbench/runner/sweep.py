@@ -176,7 +176,8 @@ def exit_with_parent(parent: int) -> None:
 
 def _row(cell: Cell, metrics: dict, commit: str) -> dict:
     return {"table": cell.table, "tier": cell.tier, "task": cell.task, "variant": cell.variant,
-            "seed": cell.seed, **metrics, "config_hash": cell.config_hash, "run_hash": cell.run_hash,
+            "seed": cell.seed, **metrics, "config_hash": cell.config_hash, "definition_hash": cell.definition_hash,
+            "run_hash": cell.run_hash,
             **provenance(commit)}
 
 
@@ -198,7 +199,7 @@ def _reuse_identical_runs(cells: list[Cell], csv_path: Path, sources: list[Path]
             continue
         source, row = finished[(cell.run_hash, cell.seed)]
         append_row(csv_path, {**row, "table": cell.table, "tier": cell.tier, "variant": cell.variant,
-                              "config_hash": cell.config_hash,
+                              "config_hash": cell.config_hash, "definition_hash": cell.definition_hash,
                               "reused_from": f"{source.name}:{row['variant']}:seed{row['seed']}"})
         console.print(f"reused {cell.name}: the same run as {row['variant']} in {source.name}")
 

@@ -305,14 +305,14 @@ def run_cell(config: dict, log: TextIO, checkpoint: Path | None = None) -> dict:
     log.write(f"config {json.dumps(config, sort_keys=True)}\n")
     log.write(f"train {len(train_set)} / val {len(val_set)} images, {sum(p.numel() for p in model.parameters())} params\n")
     train(model, task, train_set, config["train"], seed, log)
+    if checkpoint is not None and dist.is_main():  # saved before evaluating: a failure there keeps the training
+        save_checkpoint(model, config, checkpoint)
     metrics = evaluate(model, task, val_set, num_classes, config["eval"])
     if config["eval"].get("effective_dilation"):
         loader = _loader(val_set, task, config["eval"].get("batch_size", 1), False, 0)
         stats = DilationStats.merged(dist.gather(dilation_stats(model, loader, dist.device())))
         buckets = config["eval"].get("dilation_buckets", "terciles")
         metrics.update(dist.broadcast(dilation_metrics(stats, buckets) if dist.is_main() else {}))
-    if checkpoint is not None and dist.is_main():
-        save_checkpoint(model, config, checkpoint)
     log.write(f"metrics {json.dumps(metrics)}\n")
     probe = next(model.parameters())
     device = str(probe.device) + (f" x{dist.world_size()}" if dist.is_distributed() else "")
