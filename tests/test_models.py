@@ -506,3 +506,39 @@ def test_deeplab_loss_refuses_a_mask_of_another_shape_or_with_labels_out_of_rang
     mask = torch.randint(0, 4, (2, SIZE, 48))
     mask[:, :4] = 255
     assert torch.isfinite(model.loss(logits, mask))
+
+
+@pytest.mark.parametrize("task", ["faster_rcnn", "rfcn"])
+def test_quantized_plain_roi_pooling_is_the_released_codes_baseline(task):
+    """plain_roi_pool "quantized" pools as the released code's plain detectors: max RoI pooling
+    (Faster R-CNN) and PS RoI pooling (R-FCN) over integer-pixel bins, torchvision's roi_pool and
+    ps_roi_pool; "bilinear" (default) is the deformable op without offsets, which differs. The paper
+    tier's plain detectors use it; the cpu tier's keep the default."""
+    import torchvision
+
+    from dcnbench.models import build_model
+    from dcnbench.runner.experiment import expand_cells, load_experiment
+
+    cfg = {"task": task, "num_classes": 3, "backbone": "scaled", "blocks": [1, 1, 1, 3], "width": 8, "placement": "none"}
+    quantized = build_model({**cfg, "plain_roi_pool": "quantized"}).eval()
+    bilinear = build_model(cfg).eval()
+    bilinear.load_state_dict(quantized.state_dict())
+    feature = torch.randn(1, quantized.backbone.out_channels, 6, 7)
+    rois = [torch.tensor([[3.0, 5.0, 70.0, 60.0], [10.0, 1.0, 40.5, 33.3]])]
+    scale, k = quantized.spatial_scale, quantized.pool_size
+    with torch.no_grad():
+        got = quantized.roi_head(feature, rois)
+        if task == "faster_rcnn":
+            pooled = torchvision.ops.roi_pool(feature, rois, k, scale).flatten(1)
+            x = torch.relu(quantized.fc7(torch.relu(quantized.fc6(pooled))))
+            want = quantized.cls_score(x), quantized.bbox_pred(x)
+        else:
+            want = tuple(torchvision.ops.ps_roi_pool(maps(feature), rois, k, scale).mean(dim=(2, 3))
+                         for maps in (quantized.cls_maps, quantized.box_maps))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+        assert not torch.allclose(bilinear.roi_head(feature, rois)[0], got[0])
+    tier_task = {"faster_rcnn": "faster", "rfcn": "rfcn"}[task]
+    for tier, expected in (("paper", "quantized"), ("cpu", None)):
+        cells = expand_cells(load_experiment(1), tier, [tier_task], variants=["none"])
+        assert cells and all(c.config["model"].get("plain_roi_pool") == expected for c in cells)

@@ -14,6 +14,9 @@ placement              Table 1 row: "none", "res5c", "res5b-c", "res5a-c" (defau
                        or a list of block names ("res5c", "res4b22", ...)
 offset_groups          offset groups of the deformable convs (1)
 deformable_roi_pool    Faster R-CNN / R-FCN: deformable (PS) RoI pooling (False)
+plain_roi_pool         Faster R-CNN / R-FCN without deformable pooling: "bilinear" (default: the deformable
+                       op without offsets, S×S bilinear samples averaged) or "quantized" (the released
+                       code's baselines: max RoI pooling, average PS RoI pooling over integer-pixel bins)
 frozen_bn              FrozenBatchNorm2d (default for ResNet-50/101/152) or BatchNorm2d (scaled)
 freeze_at              stages with fixed weights, counting the stem as 1 (0; paper tier: 2, conv1 and res2)
 feature_channels       1×1 reduction after res5 (1024; 256 for Faster R-CNN; scaled: × width/64)
@@ -44,7 +47,7 @@ from dcnbench.errors import is_int, is_number
 
 from .backbone import DEPTHS, ResNetBackbone
 from .deeplab import DeepLab
-from .faster_rcnn import FasterRCNN
+from .faster_rcnn import PLAIN_ROI_POOLS, FasterRCNN
 from .rfcn import RFCN
 from .rpn import ClassAwareRPN
 
@@ -54,6 +57,7 @@ KNOWN_KEYS = {
     "offset_groups", "deformable_roi_pool", "frozen_bn", "freeze_at", "feature_channels", "rpn_conv_channels", "anchor_sizes",
     "aspect_ratios", "rpn_batch_size", "rpn_ignore_cross_boundary", "rpn_pre_nms_top_n", "rpn_post_nms_top_n",
     "roi_batch_size", "fc_channels", "pool_size", "sampling_ratio", "score_thresh", "nms_thresh", "detections_per_img",
+    "plain_roi_pool",
 }
 
 # Keys only some tasks use (every other known key is the backbone's, which every task has): key -> those tasks.
@@ -63,8 +67,8 @@ _RPN_TASKS, _ROI_TASKS = ("rpn", "faster_rcnn", "rfcn"), ("faster_rcnn", "rfcn")
 TASK_KEYS = {
     **dict.fromkeys(("rpn_conv_channels", "anchor_sizes", "aspect_ratios", "rpn_batch_size",
                      "rpn_ignore_cross_boundary", "score_thresh", "nms_thresh", "detections_per_img"), _RPN_TASKS),
-    **dict.fromkeys(("rpn_pre_nms_top_n", "rpn_post_nms_top_n", "deformable_roi_pool", "roi_batch_size", "pool_size",
-                     "sampling_ratio"), _ROI_TASKS),
+    **dict.fromkeys(("rpn_pre_nms_top_n", "rpn_post_nms_top_n", "deformable_roi_pool", "plain_roi_pool",
+                     "roi_batch_size", "pool_size", "sampling_ratio"), _ROI_TASKS),
     "fc_channels": ("faster_rcnn",),
 }
 
@@ -108,6 +112,8 @@ def check_config(cfg: dict[str, Any]) -> None:
     for key in _FRACTIONS:
         if key in cfg and not (is_number(cfg[key]) and 0 <= cfg[key] <= 1):
             fail(key, "a number in [0, 1]")
+    if cfg.get("plain_roi_pool", "bilinear") not in PLAIN_ROI_POOLS:
+        fail("plain_roi_pool", f"one of {PLAIN_ROI_POOLS}")
     placement = cfg.get("placement", "none")
     names = isinstance(placement, Sequence) and all(isinstance(n, str) for n in placement)
     if not isinstance(placement, str) and not names:
@@ -164,7 +170,8 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
     if task == "rpn":
         return ClassAwareRPN(backbone, num_classes, rpn, **post)
     head = {
-        "deformable_roi_pool": cfg.get("deformable_roi_pool", False), "pool_size": cfg.get("pool_size", 7),
+        "deformable_roi_pool": cfg.get("deformable_roi_pool", False),
+        "plain_roi_pool": cfg.get("plain_roi_pool", "bilinear"), "pool_size": cfg.get("pool_size", 7),
         "sampling_ratio": cfg.get("sampling_ratio", 4), "rpn": rpn,
         "roi_batch_size": cfg.get("roi_batch_size", 128), **post,
     }

@@ -8,6 +8,7 @@ RPN on conv4 (as in Ren et al. / He et al.); 7×7 RoI pooling on the feature ext
 from __future__ import annotations
 
 import torch
+import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 
@@ -83,15 +84,23 @@ class RoIDetector(nn.Module):
         return {**raw["losses"], "loss_cls": cls_loss, "loss_box": box_loss}
 
 
+PLAIN_ROI_POOLS = ("bilinear", "quantized")
+
+
 class FasterRCNN(RoIDetector):
-    """Faster R-CNN, light head: RoI pooling (k×k) -> fc 1024 -> fc 1024 -> cls (C+1), box 4(C+1)."""
+    """Faster R-CNN, light head: RoI pooling (k×k) -> fc 1024 -> fc 1024 -> cls (C+1), box 4(C+1).
+
+    Without deformable pooling, ``plain_roi_pool`` "bilinear" averages S×S bilinear samples per bin
+    (the deformable op without offsets); "quantized" is the released code's baseline, max pooling
+    over integer-pixel bins (``torchvision.ops.roi_pool``)."""
 
     def __init__(self, backbone: ResNetBackbone, num_classes: int, deformable_roi_pool: bool = False,
                  pool_size: int = 7, sampling_ratio: int = 4, gamma: float = 0.1, representation: int = 1024,
-                 **kwargs) -> None:
+                 plain_roi_pool: str = "bilinear", **kwargs) -> None:
         super().__init__(backbone, num_classes, **kwargs)
         c = backbone.out_channels
         self.pool_size, self.sampling_ratio, self.gamma = pool_size, sampling_ratio, gamma
+        self.plain_roi_pool = plain_roi_pool
         self.roi_pool = (DeformRoIPool(c, pool_size, self.spatial_scale, sampling_ratio, gamma)
                          if deformable_roi_pool else None)
         self.fc6 = nn.Linear(c * pool_size * pool_size, representation)
@@ -106,6 +115,8 @@ class FasterRCNN(RoIDetector):
     def roi_head(self, feature: Tensor, rois: list[Tensor]) -> tuple[Tensor, Tensor]:
         if self.roi_pool is not None:
             pooled = self.roi_pool(feature, rois)
+        elif self.plain_roi_pool == "quantized":
+            pooled = torchvision.ops.roi_pool(feature, rois, self.pool_size, self.spatial_scale)
         else:
             pooled = deform_roi_pool(feature, rois, None, self.pool_size, self.spatial_scale, self.sampling_ratio, self.gamma)
         x = torch.relu(self.fc6(pooled.flatten(1)))

@@ -9,6 +9,7 @@ RPN on conv4, training and detection as :class:`RoIDetector`.
 
 from __future__ import annotations
 
+import torchvision
 from torch import Tensor, nn
 
 from dcnbench.ops import DeformPSRoIPool, deform_ps_roi_pool
@@ -19,10 +20,12 @@ from .faster_rcnn import RoIDetector
 
 class RFCN(RoIDetector):
     def __init__(self, backbone: ResNetBackbone, num_classes: int, deformable_roi_pool: bool = False,
-                 pool_size: int = 7, sampling_ratio: int = 4, gamma: float = 0.1, **kwargs) -> None:
+                 pool_size: int = 7, sampling_ratio: int = 4, gamma: float = 0.1, plain_roi_pool: str = "bilinear",
+                 **kwargs) -> None:
         super().__init__(backbone, num_classes, **kwargs)
         c, k2 = backbone.out_channels, pool_size * pool_size
         self.pool_size, self.sampling_ratio, self.gamma = pool_size, sampling_ratio, gamma
+        self.plain_roi_pool = plain_roi_pool  # "quantized": the released code's PS RoI pooling, integer-pixel bins
         self.cls_maps = nn.Conv2d(c, k2 * (num_classes + 1), 1)
         self.box_maps = nn.Conv2d(c, k2 * 4, 1)
         for conv in (self.cls_maps, self.box_maps):
@@ -38,6 +41,8 @@ class RFCN(RoIDetector):
     def _pool(self, module: DeformPSRoIPool | None, maps: Tensor, feature: Tensor, rois: list[Tensor]) -> Tensor:
         if module is not None:
             return module(maps, feature, rois)
+        if self.plain_roi_pool == "quantized":
+            return torchvision.ops.ps_roi_pool(maps, rois, self.pool_size, self.spatial_scale)
         return deform_ps_roi_pool(maps, rois, None, self.pool_size, self.spatial_scale, self.sampling_ratio, self.gamma)
 
     def roi_head(self, feature: Tensor, rois: list[Tensor]) -> tuple[Tensor, Tensor]:
