@@ -410,9 +410,9 @@ def through_custom_op() -> bool:
 
 def deform_conv2d_kernels(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
                           stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
-    """Deformable convolution on the kernels of the tensors' device, with autograd (the tensors are
-    made dense first, so that autograd keeps the dense ones for the backward)."""
-    args = (*_conv_layouts(input, offset, weight, bias, mask), stride, padding, dilation)
+    """Deformable convolution on the kernels of the tensors' device, with autograd (the kernels'
+    functions make the tensors dense)."""
+    args = (input, offset, weight, bias, mask, stride, padding, dilation)
     if through_custom_op():
         return deform_conv2d_op(*args)
     if not records_graph(input, offset, weight, bias, mask):
@@ -423,9 +423,9 @@ def deform_conv2d_kernels(input: Tensor, offset: Tensor, weight: Tensor, bias: T
 def deform_roi_pool_kernels(input: Tensor, rois: Tensor, offset: Tensor | None, output_size: list[int],
                             spatial_scale: float, sampling_ratio: int, gamma: float,
                             position_sensitive: bool) -> Tensor:
-    """Deformable (PS) RoI pooling on the kernels of the tensors' device, with autograd (the tensors are
-    made contiguous first, so that autograd keeps contiguous ones for the backward)."""
-    args = (input.contiguous(), rois.contiguous(), _optional_contiguous(offset), output_size, spatial_scale, sampling_ratio, gamma, position_sensitive)
+    """Deformable (PS) RoI pooling on the kernels of the tensors' device, with autograd (the kernels'
+    functions make the tensors contiguous)."""
+    args = (input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, position_sensitive)
     if through_custom_op():
         return deform_roi_pool_op(*args)
     if not records_graph(input, offset):
