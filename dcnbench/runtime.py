@@ -283,7 +283,6 @@ def run_runtime(
     are timed in alternation and their two rows appended (atomically) as soon as they are done.
     ``on_round(model)`` is called after each of a model's ``1 + repeats`` rounds (progress)."""
     from dcnbench.runner.results import command_line, git_commit, machine
-
     from dcnbench.runner.train import file_sha256
 
     commit = git_commit()  # the code that runs: the tree may change during an hours-long run
