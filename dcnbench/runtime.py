@@ -260,11 +260,11 @@ def build_twins(task: str, extra: dict, weights: str | None = None) -> dict[str,
 def kernel_weight_order(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with its deformable convs' weights in the order their kernels read: channels-last on
     the CPU (else the kernels copy each 512-channel res5 weight, 9.4 MB, per call), standard on CUDA.
-    A layout, as a deployment would store them; values unchanged. (Their offset convs go
-    channels-last too; at Table 4's sizes they run as one matmul whose weight is copied either way.)"""
+    A layout, as a deployment would store them; values unchanged. The offset convs keep theirs (a
+    channels-last one would turn F.conv2d's output, the offsets, channels-last)."""
     for module in model.modules():
         if isinstance(module, DeformConv2d) and module.weight.device.type == "cpu":
-            module.to(memory_format=torch.channels_last)
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
     return model
 
 

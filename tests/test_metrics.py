@@ -393,3 +393,13 @@ def test_record_offsets_from_deformable_layers():
     assert eff.shape == (2, 9, 9) and not torch.allclose(eff, torch.full_like(eff, 2.0))
     model(x)  # hooks are gone after the block
     assert len(layer._forward_pre_hooks) == 0
+
+
+def test_object_area_map_refuses_boxes_that_are_not_m_by_4():
+    """A (4, 3) boxes tensor was read as three boxes (reshape(-1, 4)), as the evaluator did before it
+    checked; the same check now names the argument. No boxes (empty) is an empty map."""
+    from dcnbench.evaluation.dilation import object_area_map
+
+    with pytest.raises(ValueError, match=r"boxes must be \(M, 4\) boxes x1, y1, x2, y2, got shape \(4, 3\)"):
+        object_area_map(torch.zeros(4, 3), (8, 8))
+    assert object_area_map(torch.zeros(0, 4), (4, 4)).sum() == 0

@@ -362,7 +362,8 @@ def test_paper_tier_rows_show_in_the_paper_tier_table(tmp_path):
     """The rows of a paper-tier sweep never matched `dcnbench table --tier paper`: their config hash
     holds the dataset root and weights file the sweep was given, which the table's hashes of the
     experiment files cannot. Rows carry a definition_hash without them, which the table matches;
-    rows of one cell from two weights files are refused, not averaged."""
+    rows of one cell from two weights files are refused, not averaged; a weights file moved to
+    another path is the same file (hashed by its SHA-256, not its path)."""
     from dcnbench.report.tables import load_ours
     from dcnbench.runner.results import append_row
     from dcnbench.runner.sweep import _row
@@ -372,8 +373,16 @@ def test_paper_tier_rows_show_in_the_paper_tier_table(tmp_path):
     from dcnbench.runner.ablate import ablation_cells
 
     _voc_seg_fixture(tmp_path / "voc")
-    (cell,) = ablation_cells(1, "paper", ["deeplab"], data_root=str(tmp_path / "voc"),
-                             weights=str(_resnet101_weights(tmp_path / "r101.pth")), variants=["none"])
+    weights = _resnet101_weights(tmp_path / "r101.pth")
+    (cell,) = ablation_cells(1, "paper", ["deeplab"], data_root=str(tmp_path / "voc"), weights=str(weights),
+                             variants=["none"])
+    moved = tmp_path / "moved" / "r101.pth"  # the same bytes elsewhere: the same run (hashed by SHA-256)
+    moved.parent.mkdir()
+    weights.rename(moved)
+    (again,) = ablation_cells(1, "paper", ["deeplab"], data_root=str(tmp_path / "voc"), weights=str(moved),
+                              variants=["none"])
+    assert again.config["model"]["weights"] != cell.config["model"]["weights"]
+    assert (again.config_hash, again.run_hash) == (cell.config_hash, cell.run_hash)
     csv_path = tmp_path / "out" / "table1_paper.csv"
     append_row(csv_path, _row(cell, {"miou": 70.0}, "abc"))
     ours = load_ours(1, "paper", csv_path)

@@ -236,7 +236,7 @@ def test_runtime_refuses_a_thread_count_torch_cannot_take(tmp_path):
 def test_runtime_times_deformable_convs_with_weights_in_the_cpu_kernels_order():
     """The runtime benchmark stores the deformable twin's DeformConv2d weights channels-last on the
     CPU (the kernels' order; DeformConv2d's weight is standard like torchvision's), values and
-    outputs unchanged; the plain twin keeps its layout."""
+    outputs unchanged; their offset convs and the plain twin keep their layout."""
     from dcnbench.ops import DeformConv2d
 
     twins = build_twins("deeplab", {"backbone": "scaled", "blocks": [1, 1, 1, 3], "width": 8})
@@ -248,6 +248,7 @@ def test_runtime_times_deformable_convs_with_weights_in_the_cpu_kernels_order():
             torch.testing.assert_close(model(x), want[name], rtol=0, atol=0)
     deformable = [m for m in twins["deformable"].modules() if isinstance(m, DeformConv2d)]
     assert len(deformable) == 3 and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in deformable)
+    assert all(m.offset_conv.weight.is_contiguous() for m in deformable)
     assert all(p.is_contiguous() for p in twins["plain"].parameters())
 
 

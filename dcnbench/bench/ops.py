@@ -283,7 +283,7 @@ _MEMORY_SCRIPT = """
 import json, sys, time, torch
 import torch.nn.functional as F
 from dcnbench.ops import deform_conv2d, use_backend
-from dcnbench.runner.sweep import exit_with_parent
+from dcnbench.runner.parent import exit_with_parent
 exit_with_parent({parent})  # a parent killed by SIGTERM leaves no orphan running the case
 torch.set_num_threads({threads})
 n, c, h, w, o, d = {dims}

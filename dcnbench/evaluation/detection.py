@@ -121,7 +121,7 @@ def _np(x, dtype=None, shape=None) -> np.ndarray:
     return x.reshape(shape) if shape is not None else x
 
 
-def _boxes(x, name: str) -> np.ndarray:
+def boxes_array(x, name: str) -> np.ndarray:
     """``x`` as a float64 (M, 4) array (an empty one of any shape: no boxes); another shape raises naming ``name``."""
     arr = _np(x, np.float64)
     if arr.size and (arr.ndim != 2 or arr.shape[1] != 4):
@@ -193,7 +193,7 @@ class DetectionEvaluator:
                     raise ValueError(f"targets[{i}]['image_id'] = {image_id} was already evaluated")
                 seen.add(image_id)
             sx, sy = scale_to_original(tgt)
-            boxes = _boxes(tgt["boxes"], f"targets[{i}]['boxes']") * [sx, sy, sx, sy]
+            boxes = boxes_array(tgt["boxes"], f"targets[{i}]['boxes']") * [sx, sy, sx, sy]
             k = len(boxes)
             gt = {
                 "boxes": boxes,
@@ -204,7 +204,7 @@ class DetectionEvaluator:
                 (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
             }
             det = {
-                "boxes": _boxes(pred["boxes"], f"predictions[{i}]['boxes']") * [sx, sy, sx, sy],
+                "boxes": boxes_array(pred["boxes"], f"predictions[{i}]['boxes']") * [sx, sy, sx, sy],
                 "scores": _np(pred["scores"], np.float64, (-1,)),
                 "labels": _np(pred["labels"], np.int64, (-1,)),
             }

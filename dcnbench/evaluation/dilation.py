@@ -79,8 +79,10 @@ def object_area_map(boxes: Tensor, image_size: tuple[int, int], areas: Tensor | 
 
     ``boxes`` (K, 4) xyxy in pixels; ``areas`` defaults to the box areas (the paper's criterion).
     """
+    from .detection import boxes_array
+
     h, w = image_size
-    boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    boxes = torch.from_numpy(boxes_array(boxes, "boxes"))
     if areas is None:
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     areas = torch.as_tensor(areas, dtype=torch.float64).reshape(-1)

@@ -556,12 +556,10 @@ def default_checkpoint(kind: str, tier: str, root: Path | None = None) -> tuple[
 
 
 def _definition(config: object) -> object:
-    """A cell config without what a run adds to it (seed, dataset root, weights file)."""
-    from dcnbench.runner.train import model_settings
+    """A saved cell config as the experiment files define it (``train.definition``), None when it is
+    not a cell config."""
+    from dcnbench.runner.train import definition
 
     if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("data", "model")):
         return None
-    out = {k: v for k, v in config.items() if k != "seed"}
-    out["data"] = {k: v for k, v in config["data"].items() if k != "root"}
-    out["model"] = model_settings(config)
-    return out
+    return definition(config)

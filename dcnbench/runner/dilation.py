@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dcnbench.evaluation.detection import scale_to_original
+from dcnbench.evaluation.detection import boxes_array, scale_to_original
 from dcnbench.evaluation.dilation import DilationStats, effective_dilation, object_area_map, record_offsets
 from dcnbench.models.backbone import block_name
 
@@ -52,7 +52,7 @@ def dilation_stats(model: nn.Module, loader: DataLoader, device: torch.device | 
 
 def _annotated_areas(target: dict) -> torch.Tensor:
     """(M,) areas of a target's boxes in the annotated image's pixels."""
-    boxes = torch.as_tensor(target["boxes"], dtype=torch.float64).reshape(-1, 4)
+    boxes = torch.from_numpy(boxes_array(target["boxes"], "target['boxes']"))
     sx, sy = scale_to_original(target)
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * (sx * sy)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dcnbench.errors import InvalidSetting
 from dcnbench.models.build import KNOWN_KEYS as MODEL_KEYS
-from dcnbench.runner.train import check_settings
+from dcnbench.runner.train import check_settings, definition
 
 TASKS = ("deeplab", "rpn", "faster", "rfcn")
 TIERS = ("smoke", "cpu", "paper")
@@ -44,7 +44,6 @@ SECTION_KEYS = {
 REQUIRED = {"train": ("iters", "batch_size", "lr"),  # synthetic data also needs the SynthConfig keys
             "synthetic": ("size", "num_train", "num_val", "classes", "min_object", "max_object")}
 TABLE_KEYS = {"table", "title", "tasks", "baseline", "variants", "tiers"}
-LOCAL_INPUTS = {"data": ("root",), "model": ("weights", "weights_sha256")}  # given to a sweep, not defined by it
 VARIANT_KEYS = {"name", "paper_row", "tasks", *SECTIONS}
 TIER_KEYS = {"seeds", "task", *SECTIONS}
 
@@ -61,26 +60,27 @@ class Cell:
     config: dict = field(hash=False, compare=False)
 
     @property
+    def _hashed(self) -> dict:
+        """The config as the hashes read it: a weights file by its SHA-256 alone (its path may move)."""
+        return {**self.config, "model": {k: v for k, v in self.config["model"].items() if k != "weights"}}
+
+    @property
     def config_hash(self) -> str:
         """12 hex digits over everything that defines the run except the seed."""
-        return _digest({k: v for k, v in self.config.items() if k != "seed"})
+        return _digest({k: v for k, v in self._hashed.items() if k != "seed"})
 
     @property
     def definition_hash(self) -> str:
-        """12 hex digits over the cell as the experiment files define it: the config hash's content
-        without the local inputs a sweep adds (the dataset root, the weights file and its SHA-256).
-        The tables pick the rows of the current definitions by it."""
-        config = {k: v for k, v in self.config.items() if k != "seed"}
-        for section, keys in LOCAL_INPUTS.items():
-            config[section] = {k: v for k, v in config[section].items() if k not in keys}
-        return _digest(config)
+        """12 hex digits over the cell as the experiment files define it (:func:`definition`: no
+        dataset root, weights file or digest). The tables pick the rows of the current definitions by it."""
+        return _digest(definition(self.config))
 
     @property
     def run_hash(self) -> str:
         """12 hex digits over what the run computes: task and the four sections. Two cells of
         different tables (Table 3's atrous-2 and Table 1's none) with the same run hash and seed
         are the same run; the sweep reuses one's row for the other."""
-        return _digest({k: self.config[k] for k in ("task", *SECTIONS)})
+        return _digest({k: self._hashed[k] for k in ("task", *SECTIONS)})
 
     @property
     def key(self) -> tuple[str, str, int, str]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
-import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -19,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import distributed as dist
 from .experiment import Cell
+from .parent import exit_with_parent
 from .results import (KEY_COLUMNS, PROVENANCE_COLUMNS, append_row, claim_file, cpu_budget, finished_keys, git_commit,
                       processes, provenance, read_rows)
 
@@ -158,20 +157,6 @@ def worker_pool(jobs: int) -> ProcessPoolExecutor:
     SIGTERM or SIGKILL, which leave it no time to stop them), instead of running on as orphans."""
     return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                initializer=exit_with_parent, initargs=(os.getpid(),))
-
-
-def exit_with_parent(parent: int) -> None:
-    """For a child process (sweep workers, bench ops' memory case): a daemon thread that ends this
-    process within a second of ``parent``'s end; Ctrl-C (SIGINT to the whole process group) is left
-    to the parent, which stops its children (an idle worker printed a KeyboardInterrupt traceback)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _row(cell: Cell, metrics: dict, commit: str) -> dict:

@@ -67,6 +67,15 @@ def model_settings(config: dict) -> dict:
     return {k: v for k, v in config["model"].items() if k not in WEIGHTS_KEYS}
 
 
+def definition(config: dict) -> dict:
+    """A cell's ``config`` as the experiment files define it: without the seed and the local inputs a
+    sweep is given (the dataset root, the weights file and its digest)."""
+    out = {k: v for k, v in config.items() if k != "seed"}
+    out["data"] = {k: v for k, v in config["data"].items() if k != "root"}
+    out["model"] = model_settings(config)
+    return out
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file's bytes (read in 1 MB blocks)."""
     digest = hashlib.sha256()
