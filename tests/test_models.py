@@ -539,6 +539,7 @@ def test_quantized_plain_roi_pooling_is_the_released_codes_baseline(task):
             torch.testing.assert_close(g, w)
         assert not torch.allclose(bilinear.roi_head(feature, rois)[0], got[0])
     tier_task = {"faster_rcnn": "faster", "rfcn": "rfcn"}[task]
-    for tier, expected in (("paper", "quantized"), ("cpu", None)):
+    for tier, expected, thresh in (("paper", "quantized", 0.001), ("cpu", None, None)):
         cells = expand_cells(load_experiment(1), tier, [tier_task], variants=["none"])
         assert cells and all(c.config["model"].get("plain_roi_pool") == expected for c in cells)
+        assert all(c.config["model"].get("score_thresh") == thresh for c in cells)  # the release's test threshold
