@@ -314,10 +314,12 @@ def test_build_model_rejects_unknown_keys():
 @pytest.mark.parametrize("task,key,value,users", [
     ("rpn", "deformable_roi_pool", True, ["faster_rcnn", "rfcn"]),
     ("deeplab", "deformable_roi_pool", True, ["faster_rcnn", "rfcn"]),
-    ("deeplab", "rpn_pre_nms_top_n", [100, 50], ["faster_rcnn", "rfcn"]),
-    ("rpn", "rpn_post_nms_top_n", [100, 50], ["faster_rcnn", "rfcn"]),  # the class-aware RPN makes no proposals
-    ("deeplab", "anchor_sizes", [16, 32], ["rpn", "faster_rcnn", "rfcn"]),
+    ("deeplab", "rpn_pre_nms_top_n", [100, 50], ["faster_rcnn", "rfcn", "proposals"]),
+    # the class-aware RPN makes no proposals
+    ("rpn", "rpn_post_nms_top_n", [100, 50], ["faster_rcnn", "rfcn", "proposals"]),
+    ("deeplab", "anchor_sizes", [16, 32], ["rpn", "faster_rcnn", "rfcn", "proposals"]),
     ("deeplab", "score_thresh", 0.1, ["rpn", "faster_rcnn", "rfcn"]),
+    ("proposals", "score_thresh", 0.1, ["rpn", "faster_rcnn", "rfcn"]),  # the proposal network detects nothing
     ("rpn", "roi_batch_size", 32, ["faster_rcnn", "rfcn"]),
     ("rfcn", "fc_channels", 64, ["faster_rcnn"]),
 ])
@@ -543,3 +545,21 @@ def test_quantized_plain_roi_pooling_is_the_released_codes_baseline(task):
         cells = expand_cells(load_experiment(1), tier, [tier_task], variants=["none"])
         assert cells and all(c.config["model"].get("plain_roi_pool") == expected for c in cells)
         assert all(c.config["model"].get("score_thresh") == thresh for c in cells)  # the release's test threshold
+
+
+def test_proposal_network_trains_on_conv4_and_proposes_with_the_train_or_test_top_n():
+    """The RPN stage of the fixed-proposal ablations: RPN losses in training, per-image (P, 4) boxes
+    inside the image in evaluation (at most the train or test post-NMS top-n), and res5 never runs."""
+    model = tiny("proposals", placement="none")
+    model.backbone.layer4.register_forward_hook(lambda *_: pytest.fail("res5 ran"))
+    losses = model(torch.randn(2, 3, SIZE, SIZE), targets())
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_box"} and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.rpn.cls_logits.weight.grad.abs().sum() > 0 and model.backbone.layer3[0].conv1.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        test = model([torch.randn(3, SIZE, SIZE + 16), torch.randn(3, SIZE - 8, SIZE)])
+        train = model(torch.randn(1, 3, SIZE, SIZE), for_training=True)
+    assert len(test) == 2 and all(p.shape[1] == 4 and 0 < len(p) <= 32 for p in test)
+    assert (test[1][:, 3] <= SIZE - 8).all() and (test[0][:, 2] <= SIZE + 16).all()
+    assert 32 < len(train[0]) <= 64

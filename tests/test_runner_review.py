@@ -25,7 +25,7 @@ from dcnbench.runner.results import PROVENANCE_COLUMNS, claim_file, read_rows
 ROOT = Path(__file__).resolve().parents[1]  # subprocesses import dcnbench from the checkout
 
 
-def fake_run(config, log_path, checkpoint, threads):
+def fake_run(config, log_path, checkpoint, threads, proposals_dir):
     """A stand-in for a training run (imported by the spawned workers): variant "boom" kills its
     own worker process, as the out-of-memory killer would; the others take 0.3 s."""
     if config["variant"] == "boom":

@@ -2,9 +2,10 @@
 
 Every transform is a callable ``(image, target) -> (image, target)`` where ``image`` is a float
 tensor (3, H, W) and ``target`` a dict that may hold ``"mask"`` (H, W) long with 255 = ignore,
-``"boxes"`` (K, 4) float xyxy in pixels and ``"areas"`` (K,).  Masks are resized by nearest
-neighbour, boxes and areas scaled with the image, and ``"size"`` (H, W) follows the image
-(``"orig_size"`` keeps the file's, so the evaluator can map boxes and areas back to it).
+``"boxes"`` (K, 4) float xyxy in pixels, ``"areas"`` (K,) and ``"proposals"`` (P, 4) float xyxy
+(fixed region proposals, see :mod:`dcnbench.runner.proposals`).  Masks are resized by nearest
+neighbour, boxes, proposals and areas scaled and flipped with the image, and ``"size"`` (H, W)
+follows the image (``"orig_size"`` keeps the file's, so the evaluator can map boxes and areas back to it).
 
 Paper settings: images resized to a shorter side of 360 px (PASCAL VOC segmentation), 1024 px
 (Cityscapes) or 600 px (detection), and horizontally flipped at random in training; see
@@ -38,6 +39,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAPER_SHORTER_SIDE = {"voc_seg": 360, "cityscapes": 1024, "detection": 600}
 PAPER_MAX_SIDE = {"detection": 1000}  # the cited detectors' cap on the longer side (Faster R-CNN, R-FCN)
+BOX_KEYS = ("boxes", "proposals")  # target entries of (K, 4) xyxy pixel boxes that follow the image
 
 Transform = Callable[[Tensor, dict], tuple[Tensor, dict]]
 
@@ -82,9 +84,9 @@ class ResizeShorterSide:
             mask = target["mask"][None, None].float()
             target["mask"] = F.interpolate(mask, size=(nh, nw), mode="nearest-exact")[0, 0].long()
         sx, sy = nw / w, nh / h
-        if "boxes" in target:
-            scale = torch.tensor([sx, sy, sx, sy], dtype=target["boxes"].dtype)
-            target["boxes"] = target["boxes"] * scale
+        for key in BOX_KEYS:
+            if key in target:
+                target[key] = target[key] * torch.tensor([sx, sy, sx, sy], dtype=target[key].dtype)
         if "areas" in target:
             target["areas"] = target["areas"] * (sx * sy)
         if "size" in target:
@@ -107,14 +109,15 @@ class RandomHorizontalFlip:
 
 
 def hflip(image: Tensor, target: dict) -> tuple[Tensor, dict]:
-    """Mirror left-right: image, mask and boxes (x1' = W - x2, x2' = W - x1)."""
+    """Mirror left-right: image, mask, boxes and proposals (x1' = W - x2, x2' = W - x1)."""
     w = image.shape[-1]
     target = dict(target)
     if "mask" in target:
         target["mask"] = target["mask"].flip(-1)
-    if "boxes" in target:
-        b = target["boxes"]
-        target["boxes"] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
+    for key in BOX_KEYS:
+        if key in target:
+            b = target[key]
+            target[key] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
     return image.flip(-1), target
 
 

@@ -160,10 +160,14 @@ class ResNetBackbone(nn.Module):
             block.conv2 = DeformConv2d.from_conv(block.conv2, offset_groups=offset_groups)
         return names
 
+    def conv4(self, x: Tensor) -> Tensor:
+        """Image (N, 3, H, W) -> conv4 features (N, 16w, H/16, W/16) (H/8 at output stride 8)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))
+
     def body(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Image (N, 3, H, W) -> (conv4 (N, 16w, H/16, W/16), conv5 (N, 32w, H/16, W/16)) at output stride 16."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c4 = self.layer3(self.layer2(self.layer1(x)))
+        c4 = self.conv4(x)
         return c4, self.layer4(c4)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -4,7 +4,8 @@ Config keys (all optional except ``task``; ``deformable_roi_pool`` and the keys 
 on set the RPN or the detection heads: a task without that part refuses them, see ``TASK_KEYS``):
 
 =====================  =============================================================================
-task                   "deeplab" | "rpn" (class-aware RPN) | "faster_rcnn" | "rfcn"
+task                   "deeplab" | "rpn" (class-aware RPN) | "faster_rcnn" | "rfcn" | "proposals" (Faster
+                       R-CNN's RPN alone, on conv4: the fixed proposals of the paper's VOC ablations)
 num_classes            C, the foreground classes (VOC: 20); heads output C+1 (background = 0)
 backbone               "resnet101" (default), "resnet50", "resnet152" or "scaled"
 blocks, width          scaled family: blocks per stage (default [1, 1, 2, 3]), stem width (16)
@@ -25,8 +26,9 @@ anchor_sizes           (128, 256, 512); scaled: (16, 32, 64, 128)
 aspect_ratios          (0.5, 1.0, 2.0)
 rpn_batch_size         anchors sampled per image for the RPN loss (256)
 rpn_ignore_cross_boundary  RPN training ignores anchors crossing the image border (True, Faster R-CNN)
-rpn_pre_nms_top_n      Faster R-CNN / R-FCN: (train, test) proposals before NMS ((12000, 6000))
-rpn_post_nms_top_n     Faster R-CNN / R-FCN: (train, test) proposals kept ((2000, 300); 300 as in Table 4)
+rpn_pre_nms_top_n      Faster R-CNN / R-FCN / proposals: (train, test) proposals before NMS ((12000, 6000))
+rpn_post_nms_top_n     Faster R-CNN / R-FCN / proposals: (train, test) proposals kept ((2000, 300); 300 as in
+                       Table 4)
 roi_batch_size         RoIs sampled per image for the detection head (128)
 fc_channels            Faster R-CNN fc width (1024; scaled: × width/64)
 pool_size              RoI pooling bins k (7)
@@ -49,9 +51,9 @@ from .backbone import DEPTHS, ResNetBackbone
 from .deeplab import DeepLab
 from .faster_rcnn import PLAIN_ROI_POOLS, FasterRCNN
 from .rfcn import RFCN
-from .rpn import ClassAwareRPN
+from .rpn import ClassAwareRPN, ProposalNetwork
 
-TASKS = ("deeplab", "rpn", "faster_rcnn", "rfcn")
+TASKS = ("deeplab", "rpn", "faster_rcnn", "rfcn", "proposals")
 KNOWN_KEYS = {
     "task", "num_classes", "backbone", "blocks", "width", "output_stride", "res4_dilation", "dilation", "placement",
     "offset_groups", "deformable_roi_pool", "frozen_bn", "freeze_at", "feature_channels", "rpn_conv_channels", "anchor_sizes",
@@ -62,13 +64,15 @@ KNOWN_KEYS = {
 
 # Keys only some tasks use (every other known key is the backbone's, which every task has): key -> those tasks.
 # The class-aware RPN's anchors are its detections: it makes no proposals, so the RPN's top-n settings
-# are the two-stage detectors'.
-_RPN_TASKS, _ROI_TASKS = ("rpn", "faster_rcnn", "rfcn"), ("faster_rcnn", "rfcn")
+# are the two-stage detectors' and the proposal network's, which detects nothing.
+_DETECTORS, _ROI_TASKS = ("rpn", "faster_rcnn", "rfcn"), ("faster_rcnn", "rfcn")
 TASK_KEYS = {
     **dict.fromkeys(("rpn_conv_channels", "anchor_sizes", "aspect_ratios", "rpn_batch_size",
-                     "rpn_ignore_cross_boundary", "score_thresh", "nms_thresh", "detections_per_img"), _RPN_TASKS),
-    **dict.fromkeys(("rpn_pre_nms_top_n", "rpn_post_nms_top_n", "deformable_roi_pool", "plain_roi_pool",
-                     "roi_batch_size", "pool_size", "sampling_ratio"), _ROI_TASKS),
+                     "rpn_ignore_cross_boundary"), (*_DETECTORS, "proposals")),
+    **dict.fromkeys(("score_thresh", "nms_thresh", "detections_per_img"), _DETECTORS),
+    **dict.fromkeys(("rpn_pre_nms_top_n", "rpn_post_nms_top_n"), (*_ROI_TASKS, "proposals")),
+    **dict.fromkeys(("deformable_roi_pool", "plain_roi_pool", "roi_batch_size", "pool_size", "sampling_ratio"),
+                    _ROI_TASKS),
     "fc_channels": ("faster_rcnn",),
 }
 
@@ -140,7 +144,7 @@ def build_backbone(cfg: dict[str, Any]) -> ResNetBackbone:
 
 
 def build_model(cfg: dict[str, Any]) -> nn.Module:
-    """A DeepLab, ClassAwareRPN, FasterRCNN or RFCN from a plain config dict (module docstring);
+    """A DeepLab, ClassAwareRPN, FasterRCNN, RFCN or ProposalNetwork from a plain config dict (module docstring);
     unknown keys, keys the task does not use (``TASK_KEYS``) and values of the wrong type or range
     raise a ValueError naming the key."""
     unknown = set(cfg) - KNOWN_KEYS
@@ -169,6 +173,8 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
     post = {k: cfg[k] for k in ("score_thresh", "nms_thresh", "detections_per_img") if k in cfg}
     if task == "rpn":
         return ClassAwareRPN(backbone, num_classes, rpn, **post)
+    if task == "proposals":
+        return ProposalNetwork(backbone, num_classes, rpn)
     head = {
         "deformable_roi_pool": cfg.get("deformable_roi_pool", False),
         "plain_roi_pool": cfg.get("plain_roi_pool", "bilinear"), "pool_size": cfg.get("pool_size", 7),

@@ -116,10 +116,11 @@ class RPN(nn.Module):
 
     @torch.no_grad()
     def proposals(self, logits: Tensor, deltas: Tensor, anchors: Tensor,
-                  image_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+                  image_sizes: Sequence[tuple[int, int]], for_training: bool | None = None) -> list[Tensor]:
         """Top objectness (1 - P(background)) anchors, decoded, clipped to their image's (H, W),
-        NMS'd: per image (P, 4). Objectness is computed in float32 at least (float64 stays)."""
-        mode = 0 if self.training else 1
+        NMS'd: per image (P, 4). Objectness is computed in float32 at least (float64 stays).
+        ``for_training`` picks the (train, test) top-n settings, default by ``self.training``."""
+        mode = 0 if (self.training if for_training is None else for_training) else 1
         pre, post = self.pre_nms_top_n[mode], self.post_nms_top_n[mode]
         objectness = 1 - F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)[..., 0]
         out = []
@@ -174,3 +175,32 @@ class ClassAwareRPN(nn.Module):
         if self.training:
             return self.rpn.loss(raw["logits"], raw["deltas"], raw["anchors"], targets, raw["image_sizes"])
         return self.postprocess(raw)
+
+
+class ProposalNetwork(nn.Module):
+    """Faster R-CNN's RPN trained on its own (the first stage of Ren et al.'s 4-step training): the
+    backbone to conv4 and a 2-way :class:`RPN`, without feature sharing. The paper's VOC detector
+    ablations (section 4.1) train it first and give Faster R-CNN and R-FCN its proposals, fixed.
+
+    forward(images, targets=None, for_training=None): training -> {"loss_rpn_cls", "loss_rpn_box"};
+    eval -> per-image (P, 4) proposals, with the RPN's train top-n settings when ``for_training``
+    (the proposals a detector trains on) and its test settings otherwise. Images and targets as for
+    :class:`~dcnbench.models.faster_rcnn.RoIDetector`; res5 and the reduction conv are built (the
+    backbone's weights file fills them) but never run.
+    """
+
+    def __init__(self, backbone: ResNetBackbone, num_classes: int, rpn: dict | None = None) -> None:
+        super().__init__()
+        self.backbone, self.num_classes = backbone, num_classes  # C: the training labels are checked in 1..C
+        self.rpn = RPN(backbone.conv4_channels, backbone.output_stride, num_classes=1, **(rpn or {}))
+
+    def forward(self, images: Tensor | list[Tensor], targets: Targets | None = None, for_training: bool | None = None):
+        if self.training:
+            check_targets(targets, images, self.num_classes)
+        images, sizes = to_batch(images)
+        c4 = self.backbone.conv4(images)
+        logits, deltas = self.rpn.head(c4)
+        anchors = self.rpn.anchors(c4)
+        if self.training:
+            return self.rpn.loss(logits, deltas, anchors, targets, sizes)
+        return self.rpn.proposals(logits, deltas, anchors, sizes, for_training)

@@ -136,7 +136,7 @@ def run_ablation(table: int, tier: str, tasks: list[str], seeds: int | None, job
     console.print(f"Table {table}, tier {tier}: {len(cells)} runs -> {csv_path}")
     others = _other_tables(out_dir, csv_path, tier)
     report = run_sweep(cells, csv_path, out_dir / "logs" / csv_path.stem, out_dir / "checkpoints" / csv_path.stem,
-                       jobs, console, reuse_from=others)
+                       jobs, console, reuse_from=others, proposals_dir=out_dir / "proposals")
     console.print(f"{report.ran} ran, {report.skipped} already done, {len(report.failed)} failed")
     print_summary(csv_path, cells, console)
     dist.shutdown()

@@ -19,15 +19,13 @@ otherwise fail only after the cell had trained).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dcnbench.errors import InvalidSetting
 from dcnbench.models.build import KNOWN_KEYS as MODEL_KEYS
-from dcnbench.runner.train import check_settings, definition
+from dcnbench.runner.train import check_settings, config_digest, definition
 
 TASKS = ("deeplab", "rpn", "faster", "rfcn")
 TIERS = ("smoke", "cpu", "paper")
@@ -38,7 +36,7 @@ SECTION_KEYS = {
     "data": {"source", "size", "num_train", "num_val", "classes", "min_object", "max_object", "seed", "root",
              "shorter_side", "max_side"},
     "model": (MODEL_KEYS - {"task", "num_classes"}) | {"weights"},
-    "train": {"iters", "batch_size", "lr", "momentum", "weight_decay", "warmup_iters"},
+    "train": {"iters", "batch_size", "lr", "momentum", "weight_decay", "warmup_iters", "fixed_proposals"},
     "eval": {"batch_size", "area_ranges", "effective_dilation", "dilation_buckets", "voc07_metric"},
 }
 REQUIRED = {"train": ("iters", "batch_size", "lr"),  # synthetic data also needs the SynthConfig keys
@@ -67,20 +65,20 @@ class Cell:
     @property
     def config_hash(self) -> str:
         """12 hex digits over everything that defines the run except the seed."""
-        return _digest({k: v for k, v in self._hashed.items() if k != "seed"})
+        return config_digest({k: v for k, v in self._hashed.items() if k != "seed"})
 
     @property
     def definition_hash(self) -> str:
         """12 hex digits over the cell as the experiment files define it (:func:`definition`: no
         dataset root, weights file or digest). The tables pick the rows of the current definitions by it."""
-        return _digest(definition(self.config))
+        return config_digest(definition(self.config))
 
     @property
     def run_hash(self) -> str:
         """12 hex digits over what the run computes: task and the four sections. Two cells of
         different tables (Table 3's atrous-2 and Table 1's none) with the same run hash and seed
         are the same run; the sweep reuses one's row for the other."""
-        return _digest({k: self._hashed[k] for k in ("task", *SECTIONS)})
+        return config_digest({k: self._hashed[k] for k in ("task", *SECTIONS)})
 
     @property
     def key(self) -> tuple[str, str, int, str]:
@@ -93,10 +91,6 @@ class Cell:
 
 def _file_safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
-
-
-def _digest(payload: dict) -> str:
-    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _merge(base: dict, override: dict) -> dict:

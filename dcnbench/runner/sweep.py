@@ -29,7 +29,7 @@ class SweepReport:
     failed: list[tuple[str, str]]  # (cell name, log path)
 
 
-def _run_in_worker(config: dict, log_path: Path, checkpoint: Path, threads: int) -> dict:
+def _run_in_worker(config: dict, log_path: Path, checkpoint: Path, threads: int, proposals_dir: Path) -> dict:
     """Worker entry: fixed thread count, log to file, return metrics + run provenance."""
     import torch
 
@@ -39,7 +39,7 @@ def _run_in_worker(config: dict, log_path: Path, checkpoint: Path, threads: int)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         try:
-            metrics = run_cell(config, log, checkpoint)
+            metrics = run_cell(config, log, checkpoint, proposals_dir)
         except Exception:
             log.write(traceback.format_exc())
             raise
@@ -49,7 +49,8 @@ def _run_in_worker(config: dict, log_path: Path, checkpoint: Path, threads: int)
 
 
 def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: Path, jobs: int = 1,
-              console: Console | None = None, reuse_from: list[Path] = ()) -> SweepReport:
+              console: Console | None = None, reuse_from: list[Path] = (),
+              proposals_dir: Path | None = None) -> SweepReport:
     """Run every cell not already in ``csv_path``; append one row per finished run.
 
     Only rows run by as many processes as this sweep (``dist.world_size()``) count, here and below:
@@ -57,7 +58,8 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
     A cell whose run (same run hash and seed) already finished in one of the ``reuse_from`` CSVs is
     not run again: that row is copied with this cell's table, variant and config hash, its own
     provenance kept, and ``reused_from`` naming the source. Each run logs to ``log_dir/<cell>.log``
-    and saves its weights to ``checkpoint_dir/<cell>.pt``. Cells run in ``jobs`` spawned worker
+    and saves its weights to ``checkpoint_dir/<cell>.pt``; cells with fixed proposals share their RPN
+    stages in ``proposals_dir`` (default ``checkpoint_dir/proposals``). Cells run in ``jobs`` spawned worker
     processes with ``cpu_budget() // jobs`` threads apiece (:func:`~.results.cpu_budget`); only this
     process writes the CSV. A failing cell is logged and reported; the others go on. A worker that
     dies (killed, out of memory) takes the runs in flight with it: each of them is rerun alone, and
@@ -67,10 +69,11 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
     """
     console = console or Console()
     commit = git_commit()
+    proposals_dir = proposals_dir or checkpoint_dir / "proposals"
     if dist.is_main():
         _reuse_identical_runs(cells, csv_path, reuse_from, console)
     if dist.is_distributed():
-        return _run_sweep_distributed(cells, csv_path, log_dir, checkpoint_dir, console, commit)
+        return _run_sweep_distributed(cells, csv_path, log_dir, checkpoint_dir, console, commit, proposals_dir)
     done = finished_keys(_same_world(read_rows(csv_path)))
     todo = [c for c in cells if c.key not in done]
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +104,7 @@ def run_sweep(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: 
                         continue
                     try:
                         future = pool.submit(_run_in_worker, cell.config, log_path,
-                                             checkpoint_dir / f"{cell.name}.pt", threads)
+                                             checkpoint_dir / f"{cell.name}.pt", threads, proposals_dir)
                     except BrokenProcessPool:  # a worker died since the last wait
                         os.close(claim)
                         queue.insert(0, (cell, alone))
@@ -190,7 +193,7 @@ def _reuse_identical_runs(cells: list[Cell], csv_path: Path, sources: list[Path]
 
 
 def _run_sweep_distributed(cells: list[Cell], csv_path: Path, log_dir: Path, checkpoint_dir: Path,
-                           console: Console, commit: str) -> SweepReport:
+                           console: Console, commit: str, proposals_dir: Path) -> SweepReport:
     """Under torchrun: every rank runs the cells one after the other, in this process.
 
     Rank 0 reads the CSV and sends the todo list to all; it alone writes rows, checkpoints and
@@ -204,7 +207,7 @@ def _run_sweep_distributed(cells: list[Cell], csv_path: Path, log_dir: Path, che
     threads = max(1, cpu_budget() // dist.local_world_size())
     for i, cell in enumerate(todo, 1):
         log_path = log_dir / (f"{cell.name}.log" if main else f"{cell.name}.rank{dist.rank()}.log")
-        metrics = _run_in_worker(cell.config, log_path, checkpoint_dir / f"{cell.name}.pt", threads)
+        metrics = _run_in_worker(cell.config, log_path, checkpoint_dir / f"{cell.name}.pt", threads, proposals_dir)
         if main:
             append_row(csv_path, _row(cell, metrics, commit))
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "wall_s")

@@ -49,7 +49,7 @@ from dcnbench.ops import backend_for, offset_param_groups
 from . import distributed as dist
 from .dilation import check_dilation_buckets, dilation_metrics, dilation_stats
 
-MODEL_TASK = {"deeplab": "deeplab", "rpn": "rpn", "faster": "faster_rcnn", "rfcn": "rfcn"}
+MODEL_TASK = {"deeplab": "deeplab", "rpn": "rpn", "faster": "faster_rcnn", "rfcn": "rfcn", "proposals": "proposals"}
 REAL_SPLITS = {  # dataset source -> (train split, validation split)
     "voc_seg": ("train_aug", "val"),
     "cityscapes": ("train", "val"),
@@ -74,6 +74,11 @@ def definition(config: dict) -> dict:
     out["data"] = {k: v for k, v in config["data"].items() if k != "root"}
     out["model"] = model_settings(config)
     return out
+
+
+def config_digest(payload: dict) -> str:
+    """12 hex digits of SHA-1 over ``payload`` as sorted-key JSON (the cells' config hashes)."""
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -101,10 +106,14 @@ def check_settings(config: dict) -> None:
         ("eval", "batch_size", "a positive integer", lambda v: is_int(v) and v >= 1),
         ("eval", "effective_dilation", "true or false", lambda v: isinstance(v, bool)),
         ("eval", "voc07_metric", "true or false", lambda v: isinstance(v, bool)),
+        ("train", "fixed_proposals", "true or false", lambda v: isinstance(v, bool)),
     )
     for section, key, what, ok in rules:
         if key in config[section] and not ok(config[section][key]):
             raise ValueError(f"{section}.{key} must be {what}, got {config[section][key]!r}")
+    if config["train"].get("fixed_proposals") and config["task"] not in ("faster", "rfcn"):
+        raise ValueError(f"train.fixed_proposals is for the two-stage detectors (faster, rfcn), not {config['task']!r}, "
+                         f"which make no proposals")
     try:
         check_task_keys(model_settings(config), MODEL_TASK[config["task"]])
         check_config(model_settings(config))
@@ -196,6 +205,12 @@ def lr_factor(iteration: int, iters: int, warmup_iters: int) -> float:
     return 1.0 if iteration < math.ceil(2 * iters / 3) else 0.1
 
 
+def _fixed_proposals(targets: list[dict]) -> dict:
+    """``{"proposals": [...]}`` when the targets carry fixed proposals (:mod:`.proposals`), else ``{}``:
+    the keyword arguments of a detector's call."""
+    return {"proposals": [t["proposals"] for t in targets]} if targets and "proposals" in targets[0] else {}
+
+
 def train_loss(model: nn.Module, task: str, batch, forward: nn.Module | None = None) -> Tensor:
     """The batch's training loss; ``forward`` is the module to call (the DDP wrapper), default ``model``."""
     forward = forward or model
@@ -203,8 +218,8 @@ def train_loss(model: nn.Module, task: str, batch, forward: nn.Module | None = N
         images, masks = batch
         return model.loss(forward(images), masks)
     images, targets = batch
-    targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-    return sum(forward(images, targets).values())
+    boxes = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+    return sum(forward(images, boxes, **_fixed_proposals(targets)).values())
 
 
 def train(model: nn.Module, task: str, dataset: Dataset, cfg: dict, seed: int, log: TextIO) -> None:
@@ -256,7 +271,8 @@ def evaluate(model: nn.Module, task: str, dataset: Dataset, num_classes: int, cf
         return {"miou": 100 * metric.compute()["miou"]}
     predictions, targets = [], []
     for images, batch_targets in loader:
-        predictions += [{k: v.to(cpu) for k, v in p.items()} for p in model(_to(images, device))]
+        detections = model(_to(images, device), **_to(_fixed_proposals(batch_targets), device))
+        predictions += [{k: v.to(cpu) for k, v in p.items()} for p in detections]
         targets += batch_targets
     if dist.is_distributed():  # all images, in dataset order, on rank 0
         predictions, targets = dist.unshard(dist.gather(predictions)), dist.unshard(dist.gather(targets))
@@ -297,19 +313,35 @@ def save_checkpoint(model: nn.Module, config: dict, path: Path) -> None:
     os.replace(settings, path.with_suffix(".json"))
 
 
-def run_cell(config: dict, log: TextIO, checkpoint: Path | None = None) -> dict:
-    """Train and evaluate one cell; save its weights to ``checkpoint`` (and the config beside it)."""
-    check_settings(config)
-    task, seed = config["task"], config["seed"]
-    torch.manual_seed(seed)
-    train_set, val_set, num_classes = build_data(task, config["data"])
-    model = build_model({**model_settings(config), "task": MODEL_TASK[task], "num_classes": num_classes})
+def load_weights(model: nn.Module, config: dict) -> None:
+    """The backbone weights file of a cell's ``config`` (if any) into ``model``; ValueError when the
+    file's SHA-256 is no longer the one the sweep recorded."""
     if config["model"].get("weights"):
         expected = config["model"].get("weights_sha256")
         if expected and file_sha256(config["model"]["weights"]) != expected:
             raise ValueError(f"{config['model']['weights']} changed since the sweep started (its SHA-256 is no "
                              f"longer {expected[:12]}...): rerun to train with the new file")
         load_backbone_weights(model, config["model"]["weights"])
+
+
+def run_cell(config: dict, log: TextIO, checkpoint: Path | None = None, proposals_dir: Path | None = None) -> dict:
+    """Train and evaluate one cell; save its weights to ``checkpoint`` (and the config beside it).
+    A cell with ``train.fixed_proposals`` first gets its RPN stage's proposals, cached in
+    ``proposals_dir`` (:mod:`.proposals`)."""
+    check_settings(config)
+    task, seed = config["task"], config["seed"]
+    torch.manual_seed(seed)
+    train_set, val_set, num_classes = build_data(task, config["data"])
+    if config["train"].get("fixed_proposals"):
+        from .proposals import WithProposals, fixed_proposals  # it trains through this module
+
+        if proposals_dir is None:
+            raise ValueError("train.fixed_proposals needs a folder for the RPN stage: pass proposals_dir")
+        boxes = fixed_proposals(config, train_set, val_set, num_classes, proposals_dir, log)
+        train_set, val_set = WithProposals(train_set, boxes["train"]), WithProposals(val_set, boxes["val"])
+        torch.manual_seed(seed)  # the detector starts from the same state whether the stage ran now or before
+    model = build_model({**model_settings(config), "task": MODEL_TASK[task], "num_classes": num_classes})
+    load_weights(model, config)
     model.to(dist.device())
     log.write(f"config {json.dumps(config, sort_keys=True)}\n")
     log.write(f"train {len(train_set)} / val {len(val_set)} images, {sum(p.numel() for p in model.parameters())} params\n")
