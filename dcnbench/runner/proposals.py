@@ -148,7 +148,6 @@ class WithProposals(Dataset):
             raise ValueError(f"got {len(proposals)} proposal sets for a dataset of {len(dataset)} images")
         self.dataset, self.proposals = _with_transforms(dataset, None), proposals
         self.transforms = dataset.transforms
-        self.num_classes = getattr(dataset, "num_classes", None)
 
     def __len__(self) -> int:
         return len(self.dataset)
