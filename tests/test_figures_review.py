@@ -169,6 +169,20 @@ def test_default_checkpoint_skips_one_trained_with_an_older_definition(tmp_path)
     assert default_checkpoint("figure5", "smoke", tmp_path) == (None, [folder / "deeplab__res5a-c__seed0.pt"])
 
 
+def test_default_checkpoint_of_figure6_finds_the_runners_file_of_a_variant_named_with_a_plus(tmp_path):
+    """Before: Figure 6's candidates were the file names ("deform-conv_roi-pool"), which expand_cells
+    refused as variant names: `dcnbench figures` failed once such a checkpoint was there."""
+    from dcnbench.report.figures import default_checkpoint
+    from dcnbench.runner.experiment import expand_cells, load_experiment
+
+    (cell,) = expand_cells(load_experiment(3), "smoke", ["rfcn"], 1, ["deform-conv+roi-pool"])
+    folder = tmp_path / "table3_smoke"
+    folder.mkdir()
+    (folder / "rfcn__deform-conv_roi-pool__seed0.pt").write_bytes(b"weights")
+    (folder / "rfcn__deform-conv_roi-pool__seed0.json").write_text(json.dumps(cell.config))
+    assert default_checkpoint("figure6", "smoke", tmp_path) == (folder / "rfcn__deform-conv_roi-pool__seed0.pt", [])
+
+
 def test_saving_the_same_figure_twice_gives_the_same_bytes(tmp_path):
     """`dcnbench figures` redraws committed figures: the PDF's creation date changed every run and
     left the committed files modified in git."""

@@ -537,14 +537,14 @@ def default_checkpoint(kind: str, tier: str, root: Path | None = None) -> tuple[
     if kind == "figure5":
         candidates = [(2, "rfcn", "res5a-c"), (1, "rfcn", "res5a-c"), (1, "deeplab", "res5a-c"), (3, "rfcn", "deform-conv")]
     else:
-        candidates = [(3, "rfcn", "deform-conv_roi-pool"), (3, "faster", "deform-conv_roi-pool"),
+        candidates = [(3, "rfcn", "deform-conv+roi-pool"), (3, "faster", "deform-conv+roi-pool"),
                       (3, "rfcn", "deform-roi-pool")]
     stale = []
     for table, task, variant in candidates:
-        path = root / f"table{table}_{tier}" / f"{task}__{variant}__seed0.pt"
+        (cell,) = expand_cells(load_experiment(table), tier, [task], 1, [variant])
+        path = root / f"table{table}_{tier}" / f"{cell.name}.pt"  # the runner's file name
         if not path.is_file():
             continue
-        (cell,) = expand_cells(load_experiment(table), tier, [task], 1, [variant])
         try:
             saved = json.loads(path.with_suffix(".json").read_text())
         except (OSError, ValueError):
