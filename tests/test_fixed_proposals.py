@@ -62,7 +62,8 @@ def test_every_detector_cell_of_a_seed_shares_one_rpn_stage(tmp_path):
     config = cells[0].config
     stage = stage_config(config)
     assert stage["task"] == "proposals" and stage["model"]["placement"] == "none"
-    assert stage["train"] == config["train"] and stage["data"] == config["data"]
+    assert config["train"]["fixed_proposals"] and stage["data"] == config["data"]
+    assert stage["train"] == {k: v for k, v in config["train"].items() if k != "fixed_proposals"}
     wider = {**config, "model": {**config["model"], "width": 16}}
     anchors = {**config, "model": {**config["model"], "anchor_sizes": [8, 16]}}
     assert len({stage_folder(c, tmp_path) for c in (config, wider, anchors)}) == 3

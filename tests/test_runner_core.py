@@ -28,7 +28,8 @@ def test_merge_order_tier_then_task_then_variant():
     assert by_variant["atrous-6"].config["model"]["dilation"] == 6
     assert by_variant["deform-roi-pool"].config["model"]["deformable_roi_pool"] is True
     tier = load_experiment(3)["tiers"]["cpu"]
-    assert by_variant["atrous-6"].config["train"] == tier["train"]
+    assert by_variant["atrous-6"].config["train"] == {**tier["train"], **tier["task"]["faster"]["train"]}
+    assert by_variant["atrous-6"].config["train"]["fixed_proposals"] is True  # the task's override
     assert [c.seed for c in cells if c.variant == "atrous-2"] == [0, 1]
 
 

@@ -39,9 +39,9 @@ from dcnbench.data.transforms import Compose, RandomHorizontalFlip
 from dcnbench.models.build import TASK_KEYS, build_model
 
 from . import distributed as dist
+from .experiment import Cell
 from .results import folder_lock
-from .train import (WEIGHTS_KEYS, _loader, _to, config_digest, load_weights, model_settings, save_checkpoint,
-                    train)
+from .train import WEIGHTS_KEYS, _loader, _to, load_weights, model_settings, save_checkpoint, train
 
 # The stage's model: the cell's backbone to conv4 (its depth, widths, strides, BatchNorm, frozen stages,
 # weights) and RPN settings. Without the detector's keys and without the res5-only ones (placement,
@@ -60,11 +60,11 @@ def stage_config(config: dict) -> dict:
 
 
 def stage_folder(config: dict, cache_dir: Path) -> Path:
-    """``cache_dir/rpn_<hash>_seed<N>``: the hash covers the stage config but the seed and the weights
-    file's path (its SHA-256 counts), as a cell's config hash."""
+    """``cache_dir/rpn_<hash>_seed<N>``: the stage's config hash, as a cell's (all but the seed, the
+    weights file by its SHA-256 and not its path)."""
     stage = stage_config(config)
-    hashed = {**stage, "model": {k: v for k, v in stage["model"].items() if k != "weights"}}
-    return cache_dir / f"rpn_{config_digest({k: v for k, v in hashed.items() if k != 'seed'})}_seed{stage['seed']}"
+    cell = Cell(0, "", stage["task"], "rpn", stage["seed"], stage)
+    return cache_dir / f"rpn_{cell.config_hash}_seed{cell.seed}"
 
 
 def fixed_proposals(config: dict, train_set: Dataset, val_set: Dataset, num_classes: int, cache_dir: Path,
