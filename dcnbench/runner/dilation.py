@@ -24,7 +24,8 @@ def res5_layer_name(module_name: str, num_blocks: int) -> str | None:
 
 @torch.no_grad()
 def dilation_stats(model: nn.Module, loader: DataLoader, device: torch.device | None = None) -> DilationStats:
-    """The res5 effective dilations over a loader's images (run on ``device``, default the CPU). A
+    """The res5 effective dilations over a loader's images (their backbone's forward, on ``device``,
+    default the CPU; the heads do not run: with fixed proposals they would need them). A
     batch's images of different sizes run as one group per size (a padded batch would count its
     padding as background). Object areas are in the annotated image's pixels (a target's
     ``orig_size`` over its ``size``), as the detection evaluator's size classes: an object keeps its
@@ -38,8 +39,8 @@ def dilation_stats(model: nn.Module, loader: DataLoader, device: torch.device | 
             for i, image in enumerate(images):
                 groups.setdefault(tuple(image.shape[-2:]), []).append(i)
             for size, members in groups.items():
-                group = [images[i] for i in members]
-                model([image.to(device) for image in group] if device is not None else group)
+                batch = torch.stack([images[i] for i in members])
+                model.backbone(batch.to(device) if device is not None else batch)  # res5's offsets are all it needs
                 areas = [_annotated_areas(targets[i]) for i in members]
                 area_maps = torch.stack([object_area_map(targets[i]["boxes"], size, a) for i, a in zip(members, areas)])
                 for name, (offset, dilation, kernel) in records.items():
