@@ -189,12 +189,20 @@ def bench_ops(shapes, threads, device, repeats, with_reference, no_roi, no_memor
 def ablate(table, tasks, variants, tier, seeds, jobs, out, data_root, weights, nproc) -> None:
     """Rerun an ablation of the paper: one CSV row per finished run, resumable."""
     _require_checkout()
+    from dcnbench.runner import distributed as dist
     from dcnbench.runner.ablate import ablation_cells, check_results_csv, run_ablation
     from dcnbench.errors import InvalidSetting
 
+    # Under torchrun (the command relaunched by --nproc) rank 0 alone builds and checks the cells (it
+    # opens the datasets and hashes the weights file, which the launching process did too) and sends
+    # them to the others; a usage error ends rank 0, and torchrun then stops the rest.
+    main = not dist.init_from_env() or dist.is_main()
     try:  # before any run or launch
-        cells = ablation_cells(table, tier, list(tasks), seeds, data_root, weights, variants=list(variants))
-        check_results_csv(out, cells, nproc or int(os.environ.get("WORLD_SIZE", "1")))  # a torchrun rank: its job's
+        cells = None
+        if main:
+            cells = ablation_cells(table, tier, list(tasks), seeds, data_root, weights, variants=list(variants))
+            check_results_csv(out, cells, nproc or int(os.environ.get("WORLD_SIZE", "1")))  # a torchrun rank: its job's
+        cells = dist.broadcast(cells)
     except InvalidSetting as exc:
         raise _usage_error(exc) from exc
     uneven = sorted({c.config["train"]["batch_size"] for c in cells if nproc and c.config["train"]["batch_size"] % nproc})
@@ -206,7 +214,7 @@ def ablate(table, tasks, variants, tier, seeds, jobs, out, data_root, weights, n
             raise SystemExit(_relaunch_under_torchrun(click.get_current_context(), nproc))
     with _exit_130_on_interrupt(f"the finished runs are in {out}/table{table}_{tier}.csv; the same command "
                                 "resumes with the others"):
-        failed = run_ablation(table, tier, list(tasks), seeds, jobs, out, data_root, weights, variants=list(variants))
+        failed = run_ablation(cells, jobs, out)
     if failed:
         raise SystemExit(1)
 

@@ -551,3 +551,24 @@ def test_output_defaults_are_the_checkouts_results_whatever_the_working_folder()
     bench_out = {p.name: p.default for p in main.commands["bench"].commands["ops"].params}["out"]
     assert bench_out == str(RESULTS_DIR / "bench")
     assert RESULTS_DIR.is_absolute() and (RESULTS_DIR / "paper").is_dir()
+
+
+def test_under_torchrun_only_rank_0_builds_and_checks_the_cells(monkeypatch):
+    """Before: every rank (and the launching process) opened the datasets and hashed the weights file
+    in ablation_cells' checks before the first run; now rank 0 does and sends the cells."""
+    from click.testing import CliRunner
+
+    import dcnbench.runner.ablate as ablate
+    from dcnbench.cli import main
+    from dcnbench.runner import distributed as dist
+
+    sent, received = ablate.ablation_cells(1, "smoke", ["deeplab"]), []
+    monkeypatch.setattr(dist, "init_from_env", lambda: True)
+    monkeypatch.setattr(dist, "is_main", lambda: False)
+    monkeypatch.setattr(dist, "broadcast", lambda obj: sent if obj is None else pytest.fail("rank 1 sent cells"))
+    monkeypatch.setattr(ablate, "ablation_cells", lambda *a, **k: pytest.fail("rank 1 built the cells"))
+    monkeypatch.setattr(ablate, "check_results_csv", lambda *a, **k: pytest.fail("rank 1 checked the CSVs"))
+    monkeypatch.setattr(ablate, "run_ablation", lambda cells, jobs, out: received.append(cells) or [])
+    result = CliRunner().invoke(main, ["ablate", "--table", "1", "--tier", "smoke", "--task", "deeplab"])
+    assert result.exit_code == 0, result.output
+    assert received == [sent]

@@ -240,10 +240,10 @@ def _run_smoke(table: int, seeds: int, jobs: int, out: Path) -> tuple[list[dict]
     """Run (or resume) the smoke tier of a table into ``out``; progress goes to stderr."""
     from rich.console import Console
 
-    from dcnbench.runner.ablate import run_ablation
+    from dcnbench.runner.ablate import ablation_cells, run_ablation
     from dcnbench.runner.results import read_rows
 
-    failed = run_ablation(table, "smoke", [], seeds, jobs, str(out), console=Console(stderr=True))
+    failed = run_ablation(ablation_cells(table, "smoke", seeds=seeds), jobs, str(out), console=Console(stderr=True))
     return read_rows(out / f"table{table}_smoke.csv"), failed
 
 
@@ -553,10 +553,11 @@ def _run_probe(table: int, task: str, variant: str, jobs: int, out: Path) -> lis
     """Run the cpu-tier cell (seed 0) into ``out``; its rows. Progress goes to stderr."""
     from rich.console import Console
 
-    from dcnbench.runner.ablate import run_ablation
+    from dcnbench.runner.ablate import ablation_cells, run_ablation
     from dcnbench.runner.results import read_rows
 
-    run_ablation(table, "cpu", [task], 1, jobs, str(out), console=Console(stderr=True), variants=[variant])
+    run_ablation(ablation_cells(table, "cpu", [task], 1, variants=[variant]), jobs, str(out),
+                 console=Console(stderr=True))
     return read_rows(out / f"table{table}_cpu.csv")
 
 

@@ -121,16 +121,16 @@ def _check_weights(cells: list[Cell], weights: str, tier: str) -> None:
         raise InvalidSetting(f"the weights do not fit tier {tier}'s backbone: {exc}", "weights") from exc
 
 
-def run_ablation(table: int, tier: str, tasks: list[str], seeds: int | None, jobs: int, out: str,
-                 data_root: str | None = None, weights: str | None = None, console: Console | None = None,
-                 variants: list[str] | None = None) -> list[tuple[str, str]]:
-    """Run (or resume) the sweep into ``<out>/table<N>_<tier>.csv``; returns the failed cells.
+def run_ablation(cells: list[Cell], jobs: int, out: str, console: Console | None = None) -> list[tuple[str, str]]:
+    """Run (or resume) the sweep of ``cells`` (one table and tier, from :func:`ablation_cells`) into
+    ``<out>/table<N>_<tier>.csv``; returns the failed cells.
 
-    Under torchrun every rank calls this; each cell then trains data-parallel and rank 0 reports.
+    Under torchrun every rank calls this with the same cells; each cell then trains data-parallel
+    and rank 0 reports.
     """
     dist.init_from_env()
     console = console or Console(quiet=not dist.is_main())
-    cells = ablation_cells(table, tier, tasks, seeds, data_root, weights, variants)
+    table, tier = cells[0].table, cells[0].tier
     out_dir = Path(out)
     csv_path = out_dir / f"table{table}_{tier}.csv"
     console.print(f"Table {table}, tier {tier}: {len(cells)} runs -> {csv_path}")
