@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from dcnbench.data.transforms import Compose, RandomHorizontalFlip
+from dcnbench.evaluation.detection import scale_to_original
 from dcnbench.models.build import TASK_KEYS, build_model
 
 from . import distributed as dist
@@ -120,9 +121,8 @@ def _propose(model: nn.Module, dataset: Dataset, batch_size: int, for_training: 
     out = []
     for images, targets in _loader(dataset, "proposals", batch_size, False, 0):
         for boxes, target in zip(model(_to(images, dist.device()), for_training=for_training), targets):
-            (h, w), (orig_h, orig_w) = target["size"].tolist(), target["orig_size"].tolist()
-            scale = torch.tensor([orig_w / w, orig_h / h, orig_w / w, orig_h / h])
-            out.append(boxes.cpu().float() * scale)
+            sx, sy = scale_to_original(target)
+            out.append(boxes.cpu().float() * torch.tensor([sx, sy, sx, sy]))
     return dist.unshard(dist.gather(out)) if dist.is_distributed() else out
 
 
